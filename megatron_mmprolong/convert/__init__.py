@@ -1,0 +1,1 @@
+"""Hugging Face <-> Megatron-Core weights of Qwen2.5-VL."""

@@ -1,0 +1,154 @@
+"""Numerical parity between this model and transformers' Qwen2_5_VLForConditionalGeneration on
+the same multimodal inputs: several images of different sizes, a video clip, and the same
+samples packed into one THD sequence (compared with each sample run alone)."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from torch import Tensor
+
+from megatron_mmprolong.config import Qwen25VLConfig
+
+
+@dataclass
+class Sample:
+    input_ids: Tensor  # [1, seq]
+    pixel_values: Tensor | None = None
+    image_grid_thw: Tensor | None = None
+    pixel_values_videos: Tensor | None = None
+    video_grid_thw: Tensor | None = None
+    second_per_grid_ts: Tensor | None = None
+
+
+def make_sample(
+    config: Qwen25VLConfig,
+    generator: torch.Generator,
+    images: list[tuple[int, int, int]] = (),
+    videos: list[tuple[int, int, int]] = (),
+    seconds_per_grid: float = 0.5,
+    text_tokens: int = 6,
+) -> Sample:
+    """Random text around each image/video (grids in patch units), vision_start/end markers."""
+    ids = config.tokens
+    special = min(ids.image, ids.video, ids.vision_start, ids.vision_end)
+    merge2 = config.vision.spatial_merge_size**2
+
+    def text(n):
+        return torch.randint(0, special, (n,), generator=generator).tolist()
+
+    tokens = text(text_tokens)
+    for grids, pad in ((images, ids.image), (videos, ids.video)):
+        for t, h, w in grids:
+            tokens += [ids.vision_start] + [pad] * (t * h * w // merge2) + [ids.vision_end] + text(text_tokens)
+
+    def pixels(grids):
+        if not grids:
+            return None, None
+        patches = sum(t * h * w for t, h, w in grids)
+        values = torch.randn(patches, config.vision.patch_dim, generator=generator)
+        return values, torch.tensor(grids, dtype=torch.long)
+
+    pixel_values, image_grid = pixels(list(images))
+    video_values, video_grid = pixels(list(videos))
+    return Sample(
+        input_ids=torch.tensor([tokens]),
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid,
+        pixel_values_videos=video_values,
+        video_grid_thw=video_grid,
+        second_per_grid_ts=torch.full((len(videos),), seconds_per_grid) if videos else None,
+    )
+
+
+def default_samples(config: Qwen25VLConfig, seed: int = 0) -> list[Sample]:
+    """Two samples: text + two images of different sizes (windows that do not divide the grid)
+    + a 4-frame video; and text + one image."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        make_sample(config, generator, images=[(1, 12, 20), (1, 6, 10)], videos=[(4, 8, 12)]),
+        make_sample(config, generator, images=[(1, 10, 8)]),
+    ]
+
+
+def pack(samples: list[Sample]) -> tuple[Sample, PackedSeqParams]:
+    """Concatenate samples into one packed sequence with its cu_seqlens."""
+
+    def cat(field):
+        parts = [getattr(s, field) for s in samples if getattr(s, field) is not None]
+        return torch.cat(parts) if parts else None
+
+    lengths = torch.tensor([s.input_ids.shape[1] for s in samples])
+    cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    params = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+        max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()),
+    )
+    packed = Sample(
+        input_ids=torch.cat([s.input_ids for s in samples], dim=1),
+        pixel_values=cat("pixel_values"),
+        image_grid_thw=cat("image_grid_thw"),
+        pixel_values_videos=cat("pixel_values_videos"),
+        video_grid_thw=cat("video_grid_thw"),
+        second_per_grid_ts=cat("second_per_grid_ts"),
+    )
+    return packed, params
+
+
+def our_logits(model, sample: Sample, packed_seq_params: PackedSeqParams | None = None) -> Tensor:
+    return model(
+        sample.input_ids,
+        pixel_values=sample.pixel_values,
+        image_grid_thw=sample.image_grid_thw,
+        pixel_values_videos=sample.pixel_values_videos,
+        video_grid_thw=sample.video_grid_thw,
+        second_per_grid_ts=sample.second_per_grid_ts,
+        packed_seq_params=packed_seq_params,
+    )
+
+
+def hf_logits(hf_model, sample: Sample) -> Tensor:
+    inputs = dict(
+        input_ids=sample.input_ids,
+        pixel_values=sample.pixel_values,
+        image_grid_thw=sample.image_grid_thw,
+        pixel_values_videos=sample.pixel_values_videos,
+        video_grid_thw=sample.video_grid_thw,
+        second_per_grid_ts=sample.second_per_grid_ts,
+    )
+    if "mm_token_type_ids" in inspect.signature(hf_model.forward).parameters:
+        config = hf_model.config
+        ids = sample.input_ids
+        inputs["mm_token_type_ids"] = (ids == config.image_token_id).int() + 2 * (
+            ids == config.video_token_id
+        ).int()
+    return hf_model(**inputs).logits
+
+
+def compare(ours: Tensor, reference: Tensor) -> dict[str, float]:
+    ours, reference = ours.float(), reference.float()
+    return {
+        "max_abs_logit_diff": (ours - reference).abs().max().item(),
+        "top1_agreement": (ours.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+    }
+
+
+@torch.no_grad()
+def run_parity(model, hf_model, config: Qwen25VLConfig, seed: int = 0) -> dict:
+    """Logit differences for each sample alone and for the packed batch of both."""
+    samples = default_samples(config, seed)
+    reference = [hf_logits(hf_model, s) for s in samples]
+    report = {"samples": []}
+    for sample, ref in zip(samples, reference):
+        report["samples"].append(compare(our_logits(model, sample), ref))
+    packed, params = pack(samples)
+    report["packed"] = compare(our_logits(model, packed, params), torch.cat(reference, dim=1))
+    everything = report["samples"] + [report["packed"]]
+    report["max_abs_logit_diff"] = max(r["max_abs_logit_diff"] for r in everything)
+    report["top1_agreement"] = min(r["top1_agreement"] for r in everything)
+    report["tokens"] = int(packed.input_ids.shape[1])
+    return report

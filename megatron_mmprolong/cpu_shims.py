@@ -1,0 +1,144 @@
+"""Every workaround that lets Megatron-Core 0.16 run on a machine without CUDA, in one place.
+
+Applied by `runtime.initialize` only when `torch.cuda.is_available()` is false; on GPUs nothing
+here runs. Each shim names the call sites it exists for (`CALL_SITES`); tests/test_cpu_shims.py
+fails when an upgraded megatron-core moves one, so a shim never silently outlives its reason.
+The model code itself has no CPU branches: it owns its rotary embeddings and attention.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_MEGATRON_CORE = ("0.16.1", "0.17")  # [min, max)
+
+
+@dataclass(frozen=True)
+class CallSite:
+    module: str
+    snippet: str
+    function: str | None = None  # None: anywhere in the module
+
+
+# Modules that allocate buffers with `device=torch.cuda.current_device()` or call
+# `torch.cuda.synchronize()`; their global name `torch` is rebound to a proxy (below).
+_TORCH_PROXY_MODULES = (
+    # sequence-parallel all-gather / reduce-scatter buffers
+    "megatron.core.tensor_parallel.mappings",
+    # sequence-parallel backward of the linear layers
+    "megatron.core.tensor_parallel.layers",
+    # pipeline send/recv buffers and the post-batch synchronize
+    "megatron.core.pipeline_parallel.p2p_communication",
+    # DDP gradient (and distributed-optimizer parameter) buffers
+    "megatron.core.distributed.param_and_grad_buffer",
+    # failure flag all-reduced at the end of a distributed-checkpoint save
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    # synchronize after the non-blocking tensor copy of a checkpoint save
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+)
+
+CALL_SITES: tuple[CallSite, ...] = (
+    CallSite("megatron.core.tensor_parallel.mappings", "device=torch.cuda.current_device()",
+             "_gather_along_first_dim"),
+    CallSite("megatron.core.tensor_parallel.mappings", "device=torch.cuda.current_device()",
+             "_reduce_scatter_along_first_dim"),
+    CallSite("megatron.core.tensor_parallel.layers", "device=torch.cuda.current_device()",
+             "LinearWithGradAccumulationAndAsyncCommunication.backward"),
+    CallSite("megatron.core.pipeline_parallel.p2p_communication", "torch.cuda.current_device()"),
+    CallSite("megatron.core.pipeline_parallel.p2p_communication", "torch.cuda.synchronize()"),
+    CallSite("megatron.core.distributed.param_and_grad_buffer", "torch.cuda.current_device()"),
+    CallSite("megatron.core.dist_checkpointing.strategies.state_dict_saver",
+             "torch.cuda.current_device()"),
+    CallSite("megatron.core.dist_checkpointing.strategies.filesystem_async",
+             "torch.cuda.synchronize()"),
+    # Activation recompute saves and restores the CUDA RNG state.
+    CallSite("megatron.core.tensor_parallel.random", "torch.cuda.random.get_rng_state",
+             "_get_cuda_rng_state"),
+    CallSite("megatron.core.tensor_parallel.random", "_get_cuda_rng_state(",
+             "_get_all_rng_states"),
+    CallSite("megatron.core.tensor_parallel.random", "_set_cuda_rng_state(",
+             "_set_all_rng_states"),
+    # The default RNG tracker seeds and forks CUDA generators.
+    CallSite("megatron.core.tensor_parallel.random", "torch.cuda.get_rng_state()",
+             "CudaRNGStatesTracker.add"),
+)
+
+
+class _CudaOnCpu:
+    """`torch.cuda` as seen by the proxied modules: the current device is the CPU and
+    synchronize is a no-op; everything else is the real `torch.cuda`."""
+
+    @staticmethod
+    def current_device() -> torch.device:
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(*args, **kwargs) -> None:
+        return None
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnCpu(types.ModuleType):
+    cuda = _CudaOnCpu()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_applied = False
+
+
+def apply() -> None:
+    """Install the shims (idempotent). Call only on machines without CUDA."""
+    global _applied
+    if _applied:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_shims.apply() must not run on a machine with CUDA")
+    proxy = _TorchOnCpu("torch")
+    for name in _TORCH_PROXY_MODULES:
+        importlib.import_module(name).torch = proxy
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # Recompute (CheckpointFunction) snapshots "the CUDA RNG"; on CPU that is the CPU generator.
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    _applied = True
+
+
+def seed_rng_tracker(seed: int) -> None:
+    """CPU stand-in for `model_parallel_cuda_manual_seed`: the inference tracker's fork() is a
+    no-op, so dropout in tensor-parallel regions draws from the CPU generator. Dropout is 0 in
+    Qwen2.5-VL, so no numbers depend on it."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    torch.manual_seed(seed)
+
+
+def check_call_sites() -> list[str]:
+    """Call sites that moved (empty when every shim still has its reason)."""
+    problems = []
+    for site in CALL_SITES:
+        module = importlib.import_module(site.module)
+        target = module
+        if site.function:
+            for part in site.function.split("."):
+                target = getattr(target, part, None)
+                if target is None:
+                    break
+        if target is None:
+            problems.append(f"{site.module}.{site.function} no longer exists")
+            continue
+        if site.snippet not in inspect.getsource(target):
+            where = f"{site.module}.{site.function}" if site.function else site.module
+            problems.append(f"{where} no longer contains {site.snippet!r}")
+    return problems

@@ -1,0 +1,1 @@
+"""Qwen2.5-VL built from Megatron-Core specs."""

@@ -1,0 +1,70 @@
+"""Build a Qwen25VLModel for a parallel layout: the one place that turns the model
+configuration, the backend and the precision into Megatron-Core TransformerConfigs."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from megatron_mmprolong.config import (
+    ParallelConfig,
+    Qwen25VLConfig,
+    language_transformer_config,
+    merger_transformer_config,
+    vision_transformer_config,
+)
+from megatron_mmprolong.model.qwen25vl import Qwen25VLModel
+from megatron_mmprolong.model.specs import Backend, default_backend
+
+
+def build_model(
+    config: Qwen25VLConfig,
+    parallel: ParallelConfig = ParallelConfig(),
+    *,
+    backend: Backend | None = None,
+    params_dtype: torch.dtype = torch.float32,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    meta: bool = False,
+    **transformer_overrides: Any,
+) -> Qwen25VLModel:
+    """Needs Megatron-Core's parallel state (`runtime.initialize`). With `meta=True` the
+    parameters live on the meta device: shapes and counts without memory."""
+    config.validate()
+    config.validate_parallel(parallel)
+    backend = backend or default_backend()
+    on_gpu = torch.cuda.is_available() and not meta
+    common = dict(
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=not meta,
+        apply_rope_fusion=backend == "te",
+    )
+    common.update(transformer_overrides)
+    device_context = torch.device("meta") if meta else contextlib.nullcontext()
+    with device_context:
+        model = Qwen25VLModel(
+            config,
+            language_config=language_transformer_config(config, parallel, **common),
+            vision_config=vision_transformer_config(config, parallel, **common),
+            merger_config=merger_transformer_config(config, parallel, **common),
+            backend=backend,
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+        )
+    if on_gpu:
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def count_parameters(model: Qwen25VLModel) -> dict[str, int]:
+    """Parameter counts; a tied output layer counts once, as in transformers."""
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for p in model.vision_model.parameters()) if model.vision_model else 0
+    return {"total": total, "vision": vision, "language": total - vision}

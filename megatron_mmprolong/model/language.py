@@ -1,0 +1,99 @@
+"""The Qwen2.5-VL language model (a Qwen2 decoder with M-RoPE) as a Megatron LanguageModule."""
+
+from __future__ import annotations
+
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megatron_mmprolong.config import TextConfig
+from megatron_mmprolong.model.rotary import MRopeEmbedding
+from megatron_mmprolong.model.specs import Backend, language_block_spec
+
+
+class LanguageModel(LanguageModule):
+    """Embedding (first pipeline stage), decoder layers, final norm and output layer (last stage).
+
+    The embedding does not scatter to sequence-parallel regions by itself: vision features are
+    merged into the full sequence first (see Qwen25VLModel).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        text: TextConfig,
+        backend: Backend,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+    ):
+        super().__init__(config=config)
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vp_stage = vp_stage
+        self.share_embeddings_and_output_weights = text.tie_word_embeddings
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config,
+                vocab_size=text.vocab_size,
+                max_sequence_length=text.max_position_embeddings,
+                position_embedding_type="none",
+                scatter_to_sequence_parallel=False,
+            )
+        self.rotary = MRopeEmbedding(text.head_dim, text.rope_theta, text.mrope_section)
+        self.decoder = TransformerBlock(
+            config,
+            language_block_spec(backend, config, vp_stage),
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+        )
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                text.vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                gather_output=False,
+                skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights,
+            )
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """[batch, seq] token ids -> [seq, batch, hidden]."""
+        return self.embedding(input_ids=input_ids, position_ids=None)
+
+    def forward(
+        self,
+        decoder_input: Tensor | None,
+        position_ids: Tensor,
+        packed_seq_params: PackedSeqParams | None = None,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """Hidden states (not the last stage), logits [batch, seq, vocab] (no labels) or the
+        per-token loss [batch, seq] (labels, vocabulary-parallel cross entropy)."""
+        hidden = self.decoder(
+            decoder_input,
+            attention_mask=None,
+            rotary_pos_emb=self.rotary(position_ids),
+            packed_seq_params=packed_seq_params,
+        )
+        if not self.post_process:
+            return hidden
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        if labels is not None:
+            return self.compute_language_model_loss(labels, logits)
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+        return logits.transpose(0, 1).contiguous()

@@ -1,0 +1,156 @@
+"""Process groups, device choice and seeds.
+
+One entry point, `initialize`, for every launcher: torchrun (RANK/WORLD_SIZE/LOCAL_RANK/
+MASTER_ADDR/MASTER_PORT), srun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_JOB_NODELIST) or a
+plain `python` (one process). NCCL on GPUs, gloo plus the CPU shims without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_mmprolong import cpu_shims
+from megatron_mmprolong.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+
+def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist and "MASTER_ADDR" not in env:
+            raise RuntimeError("SLURM launch without SLURM_JOB_NODELIST or MASTER_ADDR")
+        job_id = int(env.get("SLURM_JOB_ID", 0))
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
+            # Same port on every task of the job, different for jobs sharing a node.
+            master_port=int(env.get("MASTER_PORT", 20000 + job_id % 40000)),
+            launcher="slurm",
+        )
+    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: 'gpu[007-009,012],cpu1' -> 'gpu007'."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot parse Slurm node list {nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int
+    world_size: int
+    parallel: ParallelConfig
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def initialize(
+    parallel: ParallelConfig = ParallelConfig(),
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+    environ: dict[str, str] | None = None,
+) -> Runtime:
+    """Start the process group (if needed), Megatron-Core's model-parallel groups and seeds."""
+    from megatron.core import parallel_state
+
+    env = launch_env(environ)
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank)
+        device = torch.device("cuda", env.local_rank)
+    else:
+        cpu_shims.apply()
+        device = torch.device("cpu")
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    world_size = dist.get_world_size()
+    model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel * parallel.context_parallel
+    if world_size % model_parallel:
+        raise RuntimeError(
+            f"world size {world_size} is not a multiple of TP x PP x CP = {model_parallel}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
+        context_parallel_size=parallel.context_parallel,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    set_seed(seed)
+    return Runtime(device=device, rank=dist.get_rank(), world_size=world_size, parallel=parallel)
+
+
+def set_seed(seed: int) -> None:
+    """Python, NumPy and torch seeds plus Megatron's tensor-parallel RNG tracker."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        cpu_shims.seed_rng_tracker(seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
