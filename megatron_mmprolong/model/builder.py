@@ -7,6 +7,7 @@ import contextlib
 from typing import Any
 
 import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_mmprolong.config import (
     ParallelConfig,
@@ -46,6 +47,8 @@ def build_model(
         apply_rope_fusion=backend == "te",
     )
     common.update(transformer_overrides)
+    # The vision encoder shares the language model's groups until vision TP may differ.
+    pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     device_context = torch.device("meta") if meta else contextlib.nullcontext()
     with device_context:
         model = Qwen25VLModel(
@@ -54,6 +57,8 @@ def build_model(
             vision_config=vision_transformer_config(config, parallel, **common),
             merger_config=merger_transformer_config(config, parallel, **common),
             backend=backend,
+            pg_collection=pg_collection,
+            vision_pg_collection=pg_collection,
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,

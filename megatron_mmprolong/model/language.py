@@ -6,6 +6,7 @@ from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
@@ -27,11 +28,12 @@ class LanguageModel(LanguageModule):
         config: TransformerConfig,
         text: TextConfig,
         backend: Backend,
+        pg_collection: ProcessGroupCollection,
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: int | None = None,
     ):
-        super().__init__(config=config)
+        super().__init__(config=config, pg_collection=pg_collection)
         self.pre_process = pre_process
         self.post_process = post_process
         self.vp_stage = vp_stage
@@ -43,6 +45,7 @@ class LanguageModel(LanguageModule):
                 max_sequence_length=text.max_position_embeddings,
                 position_embedding_type="none",
                 scatter_to_sequence_parallel=False,
+                tp_group=pg_collection.tp,
             )
         self.rotary = MRopeEmbedding(text.head_dim, text.rope_theta, text.mrope_section)
         self.decoder = TransformerBlock(
@@ -50,6 +53,7 @@ class LanguageModel(LanguageModule):
             language_block_spec(backend, config, vp_stage),
             pre_process=pre_process,
             post_process=post_process,
+            pg_collection=pg_collection,
             vp_stage=vp_stage,
         )
         if post_process:
@@ -61,6 +65,7 @@ class LanguageModel(LanguageModule):
                 bias=False,
                 gather_output=False,
                 skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights,
+                tp_group=pg_collection.tp,
             )
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
@@ -95,5 +100,5 @@ class LanguageModel(LanguageModule):
         logits, _ = self.output_layer(hidden, weight=weight)
         if labels is not None:
             return self.compute_language_model_loss(labels, logits)
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
         return logits.transpose(0, 1).contiguous()

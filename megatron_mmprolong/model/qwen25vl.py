@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
@@ -26,6 +27,8 @@ class Qwen25VLModel(MegatronModule):
         vision_config: TransformerConfig,
         merger_config: TransformerConfig,
         backend: Backend,
+        pg_collection: ProcessGroupCollection,
+        vision_pg_collection: ProcessGroupCollection,
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: int | None = None,
@@ -36,10 +39,12 @@ class Qwen25VLModel(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.vision_model = (
-            VisionEncoder(config.vision, vision_config, merger_config, backend) if pre_process else None
+            VisionEncoder(config.vision, vision_config, merger_config, backend, vision_pg_collection)
+            if pre_process
+            else None
         )
         self.language_model = LanguageModel(
-            language_config, config.text, backend, pre_process, post_process, vp_stage
+            language_config, config.text, backend, pg_collection, pre_process, post_process, vp_stage
         )
 
     def set_input_tensor(self, input_tensor) -> None:

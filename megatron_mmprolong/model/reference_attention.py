@@ -1,8 +1,10 @@
-"""Core attention of the local backend: torch SDPA with explicit masks.
+"""Core attention of the local backend: torch SDPA, no Transformer Engine.
 
-A numerical reference for machines without Transformer Engine (CPU tests, parity checks), not a
-fast path: packed (THD) batches get a [tokens, tokens] block-diagonal mask from cu_seqlens. On
-GPUs the TE backend runs the same segments with fused variable-length kernels.
+A numerical reference for machines without TE (CPU tests, parity checks). Packed (THD) batches
+are attended segment by segment without any [tokens, tokens] mask: segments of equal length
+(the many same-sized vision windows, the packed samples) are stacked into one SDPA batch, so
+the loop runs over distinct lengths, never over windows. On GPUs the TE backend runs the same
+segments with its fused variable-length kernels.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+from torch import Tensor
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
@@ -57,33 +60,32 @@ class ReferenceCoreAttention(MegatronModule):
     ):
         causal = (attn_mask_type or self.attn_mask_type) in _CAUSAL
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            # [t, heads, dim] -> [1, heads, t, dim]
-            q, k, v = (x.unsqueeze(0).transpose(1, 2) for x in (query, key, value))
-            allowed = _segment_mask(packed_seq_params.cu_seqlens_q, q.shape[2], causal)
-        else:
-            # [s, b, heads, dim] -> [b, heads, s, dim]
-            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-            allowed = _causal_mask(q.shape[2], q.device) if causal else None
+            out = self._packed(query, key, value, packed_seq_params.cu_seqlens_q, causal)
+            return out.reshape(out.shape[0], -1)  # [t, heads * dim]
+        # [s, b, heads, dim] -> [b, heads, s, dim]
+        out = self._sdpa(*(x.permute(1, 2, 0, 3) for x in (query, key, value)), causal)
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+        """[batch, heads, seq, dim] attention with query groups expanded."""
         if self.groups != self.heads:
             k = k.repeat_interleave(self.heads // self.groups, dim=1)
             v = v.repeat_interleave(self.heads // self.groups, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, scale=self.softmax_scale,
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            return out.squeeze(0).transpose(0, 1).reshape(out.shape[2], -1)
-        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
-
-def _causal_mask(length: int, device) -> torch.Tensor:
-    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
-
-
-def _segment_mask(cu_seqlens: torch.Tensor, length: int, causal: bool) -> torch.Tensor:
-    positions = torch.arange(length, device=cu_seqlens.device)
-    segment = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
-    allowed = segment.unsqueeze(0) == segment.unsqueeze(1)
-    if causal:
-        allowed &= _causal_mask(length, cu_seqlens.device)
-    return allowed
+    def _packed(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causal: bool) -> Tensor:
+        """[t, heads, dim] tokens of back-to-back segments -> attention within each segment."""
+        starts = cu_seqlens[:-1].long()
+        lengths = cu_seqlens.diff().long()
+        if int(cu_seqlens[-1]) != q.shape[0]:
+            raise ValueError(f"cu_seqlens cover {int(cu_seqlens[-1])} tokens, the batch has {q.shape[0]}")
+        parts, order = [], []
+        for length in torch.unique(lengths[lengths > 0]).tolist():
+            index = (starts[lengths == length].unsqueeze(1) + torch.arange(length, device=q.device)).reshape(-1)
+            stacked = [x[index].view(-1, length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v)]
+            parts.append(self._sdpa(*stacked, causal).transpose(1, 2).reshape(index.numel(), self.heads, -1))
+            order.append(index)
+        return torch.cat(parts)[torch.argsort(torch.cat(order))]

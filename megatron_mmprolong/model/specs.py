@@ -82,7 +82,9 @@ def backend_modules(backend: Backend) -> BackendModules:
     raise ValueError(f"unknown backend {backend!r}; expected 'te' or 'local'")
 
 
-def _layer_spec(backend: Backend, attention: type, mask: AttnMaskType) -> ModuleSpec:
+def _layer_spec(
+    backend: Backend, attention: type, mask: AttnMaskType, config: TransformerConfig
+) -> ModuleSpec:
     m = backend_modules(backend)
     fused = m.fused_norm_column_linear
     return ModuleSpec(
@@ -104,6 +106,7 @@ def _layer_spec(backend: Backend, attention: type, mask: AttnMaskType) -> Module
             pre_mlp_layernorm=IdentityOp if fused else m.norm,
             mlp=ModuleSpec(
                 module=MLP,
+                params={"ffn_hidden_size": config.ffn_hidden_size},
                 submodules=MLPSubmodules(linear_fc1=fused or m.column_linear, linear_fc2=m.row_linear),
             ),
             mlp_bda=get_bias_dropout_add,
@@ -121,7 +124,7 @@ def _layer_spec(backend: Backend, attention: type, mask: AttnMaskType) -> Module
 def language_block_spec(
     backend: Backend, config: TransformerConfig, vp_stage: int | None = None
 ) -> TransformerBlockSubmodules:
-    layer = _layer_spec(backend, TokenRotarySelfAttention, AttnMaskType.causal)
+    layer = _layer_spec(backend, TokenRotarySelfAttention, AttnMaskType.causal, config)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
         layer_norm=backend_modules(backend).norm,
@@ -129,7 +132,7 @@ def language_block_spec(
 
 
 def vision_block_spec(backend: Backend, config: TransformerConfig) -> TransformerBlockSubmodules:
-    layer = _layer_spec(backend, WindowedSelfAttention, AttnMaskType.no_mask)
+    layer = _layer_spec(backend, WindowedSelfAttention, AttnMaskType.no_mask, config)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * config.num_layers, layer_norm=backend_modules(backend).norm
     )

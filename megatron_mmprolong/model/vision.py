@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -52,6 +53,7 @@ class PatchMerger(MegatronModule):
         vision_config: TransformerConfig,
         merger_config: TransformerConfig,
         backend: Backend,
+        pg_collection: ProcessGroupCollection,
     ):
         super().__init__(config=merger_config)
         self.group_size = vision.merger_hidden_size
@@ -62,7 +64,11 @@ class PatchMerger(MegatronModule):
             eps=vision.rms_norm_eps,
         )
         self.projector = MultimodalProjector(
-            merger_config, merger_submodules(backend), "mlp", input_size=self.group_size
+            merger_config,
+            merger_submodules(backend),
+            "mlp",
+            input_size=self.group_size,
+            tp_group=pg_collection.tp,
         )
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -78,15 +84,19 @@ class VisionEncoder(MegatronModule):
         config: TransformerConfig,
         merger_config: TransformerConfig,
         backend: Backend,
+        pg_collection: ProcessGroupCollection,
     ):
         super().__init__(config=config)
         self.vision = vision
         self.patch_embed = PatchEmbed(vision, config)
         self.rotary = VisionRotaryEmbedding(vision.head_dim, vision.rope_theta)
         self.decoder = TransformerBlock(
-            config, vision_block_spec(backend, config), post_layer_norm=False
+            config,
+            vision_block_spec(backend, config),
+            post_layer_norm=False,
+            pg_collection=pg_collection,
         )
-        self.merger = PatchMerger(vision, config, merger_config, backend)
+        self.merger = PatchMerger(vision, config, merger_config, backend, pg_collection)
         self.full_attention_layers = frozenset(i + 1 for i in vision.fullatt_block_indexes)
 
     def forward(self, pixel_values: Tensor, layout: VisionLayout) -> Tensor:

@@ -1,0 +1,85 @@
+import dataclasses
+import os
+import warnings
+
+import pytest
+import torch
+
+# Megatron-Core warns about missing Apex/TE at import; those fallbacks are what the CPU suite tests.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from megatron_mmprolong.config import Qwen25VLConfig, TextConfig, VisionConfig  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def runtime():
+    """Megatron-Core parallel state for single-process tests (gloo, world size 1)."""
+    from megatron_mmprolong import runtime as rt
+
+    return rt.initialize()
+
+
+def tiny_config(
+    *,
+    vocab_size=1024,
+    tied=False,
+    hidden=64,
+    heads=4,
+    kv_heads=2,
+    mrope_section=(2, 3, 3),
+    vision_heads=4,
+    window_size=112,
+    fullatt=(1, 3),
+    depth=4,
+    layers=2,
+) -> Qwen25VLConfig:
+    """A tiny Qwen2.5-VL whose special token ids sit at the top of a small vocabulary."""
+    base = Qwen25VLConfig.preset("tiny")
+    top = vocab_size - 8
+    tokens = dataclasses.replace(
+        base.tokens, image=top + 3, video=top + 4, vision_start=top + 0, vision_end=top + 1,
+        bos=top + 5, eos=top + 6,
+    )
+    text = dataclasses.replace(
+        base.text, vocab_size=vocab_size, tie_word_embeddings=tied, hidden_size=hidden,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, mrope_section=mrope_section,
+        num_layers=layers,
+    )
+    vision = dataclasses.replace(
+        base.vision, num_heads=vision_heads, window_size=window_size,
+        fullatt_block_indexes=fullatt, depth=depth, out_hidden_size=hidden,
+    )
+    config = Qwen25VLConfig(text=text, vision=vision, tokens=tokens)
+    config.validate()
+    return config
+
+
+# Shapes the parity tests cover: untied GQA; tied (like 3B) with other head counts;
+# 2x2-token windows so most windows are cut by the grid edge, 2 vision heads, 3 layers.
+TINY_SHAPES = {
+    "untied": dict(),
+    "tied": dict(tied=True, hidden=48, heads=6, kv_heads=3, mrope_section=(1, 2, 1), vision_heads=2),
+    "small-windows": dict(window_size=56, fullatt=(0, 2), depth=3, vision_heads=2, layers=3, kv_heads=1),
+}
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_SHAPES))
+def tiny_hf(request, tmp_path_factory):
+    """(config, directory) of a random HF checkpoint written by transformers."""
+    from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
+
+    config = tiny_config(**TINY_SHAPES[request.param])
+    path = tmp_path_factory.mktemp(f"hf-{request.param}")
+    write_random_hf_checkpoint(config, path, seed=len(request.param))
+    return config, path

@@ -1,0 +1,42 @@
+import pytest
+
+from megatron_mmprolong.runtime import first_host, launch_env
+
+
+def test_torchrun_environment():
+    env = launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == (
+        3, 8, 1, "n1", 1234, "torchrun",
+    )
+
+
+def test_slurm_environment_derives_master_from_the_node_list():
+    env = launch_env({
+        "SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456",
+    })
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (9, 16, 1, "gpu007", "slurm")
+    assert env.master_port == 20000 + 123456 % 40000
+
+
+def test_torchrun_variables_win_over_slurm_ones():
+    env = launch_env({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "5", "SLURM_NTASKS": "8"})
+    assert env.launcher == "torchrun" and env.world_size == 2
+
+
+def test_single_process_without_launcher():
+    env = launch_env({})
+    assert (env.rank, env.world_size, env.launcher) == (0, 1, "single") and env.master_port > 0
+
+
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [("node01", "node01"), ("gpu[007-009,012]", "gpu007"), ("a[3,5],b1", "a3"), ("c-1-[10-11]", "c-1-10"), ("x1,x2", "x1")],
+)
+def test_first_host(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_slurm_without_node_list_is_an_error():
+    with pytest.raises(RuntimeError, match="SLURM_JOB_NODELIST"):
+        launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
