@@ -93,6 +93,7 @@ class _TorchOnCpu(types.ModuleType):
 
 
 _applied = False
+_replaced: dict[tuple[str, str], object] = {}  # (module, name) -> the original, for check_call_sites
 
 
 def apply() -> None:
@@ -109,8 +110,12 @@ def apply() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     # Recompute (CheckpointFunction) snapshots "the CUDA RNG"; on CPU that is the CPU generator.
-    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    for name, replacement in (
+        ("_get_cuda_rng_state", lambda *args, **kwargs: torch.get_rng_state()),
+        ("_set_cuda_rng_state", lambda state, *args, **kwargs: torch.set_rng_state(state)),
+    ):
+        _replaced[(mrandom.__name__, name)] = getattr(mrandom, name)
+        setattr(mrandom, name, replacement)
     _applied = True
 
 
@@ -129,8 +134,8 @@ def check_call_sites() -> list[str]:
     problems = []
     for site in CALL_SITES:
         module = importlib.import_module(site.module)
-        target = module
-        if site.function:
+        target = _replaced.get((site.module, site.function), module)
+        if site.function and target is module:
             for part in site.function.split("."):
                 target = getattr(target, part, None)
                 if target is None:
