@@ -122,21 +122,23 @@ class Qwen25VLModel(MegatronModule):
         """Token embeddings with vision features in the placeholder positions, [seq, batch, hidden]
         (scattered over the tensor-parallel ranks when sequence parallelism is on)."""
         embeddings = self.language_model.embed(input_ids)
+        tokens = self.model_config.tokens
         items = [
-            (pixels, grids, token)
+            (pixels, grids.cpu(), token)  # no copy when the loader keeps grids on the CPU
             for pixels, grids, token in (
-                (pixel_values, image_grid_thw, self.model_config.tokens.image),
-                (pixel_values_videos, video_grid_thw, self.model_config.tokens.video),
+                (pixel_values, image_grid_thw, tokens.image),
+                (pixel_values_videos, video_grid_thw, tokens.video),
             )
             if pixels is not None
         ]
         if items:
             # One encoder pass for images and videos: attention segments never cross items.
-            grids = torch.cat([g.cpu() for _, g, _ in items])
+            grids = torch.cat([g for _, g, _ in items])
             pixels = torch.cat([p for p, _, _ in items])
             layout = build_vision_layout(grids, self.model_config.vision, device=pixels.device)
             features = self.vision_model(pixels, layout).to(embeddings.dtype)
-            sizes = [int(g.prod(-1).sum()) // self.model_config.vision.spatial_merge_size**2 for _, g, _ in items]
+            merge = self.model_config.vision.spatial_merge_size
+            sizes = [int(g.prod(-1).sum()) // merge**2 for _, g, _ in items]
             for (_, _, token), part in zip(items, features.split(sizes)):
                 embeddings = _scatter_features(embeddings, input_ids, token, part)
         if self.config.sequence_parallel:
