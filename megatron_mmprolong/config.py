@@ -452,6 +452,21 @@ PRESETS: dict[str, Qwen25VLConfig] = {
 
 # ---- Megatron-Core configs ----------------------------------------------------------------
 
+# Shared by the vision blocks and the language model: pre-norm RMSNorm blocks with SwiGLU MLPs,
+# QKV bias, no dropout. Fusions default off; the model builder enables what its backend has.
+_QWEN_BLOCK = dict(
+    normalization="RMSNorm",
+    gated_linear_unit=True,
+    add_qkv_bias=True,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    bias_activation_fusion=False,
+    masked_softmax_fusion=False,
+    apply_rope_fusion=False,
+    cuda_graph_scope=[],
+)
+
+
 def language_transformer_config(
     config: Qwen25VLConfig, parallel: ParallelConfig, **overrides: Any
 ) -> "TransformerConfig":
@@ -459,24 +474,16 @@ def language_transformer_config(
 
     t = config.text
     values = dict(
+        _QWEN_BLOCK,
         num_layers=t.num_layers,
         hidden_size=t.hidden_size,
         num_attention_heads=t.num_attention_heads,
         num_query_groups=t.num_key_value_heads,
         kv_channels=t.head_dim,
         ffn_hidden_size=t.intermediate_size,
-        normalization="RMSNorm",
         layernorm_epsilon=t.rms_norm_eps,
-        gated_linear_unit=True,
         activation_func=_activation(t.hidden_act),
         add_bias_linear=False,
-        add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        cuda_graph_scope=[],
         mrope_section=list(t.mrope_section),
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
@@ -498,24 +505,16 @@ def vision_transformer_config(
 
     v = config.vision
     values = dict(
+        _QWEN_BLOCK,
         num_layers=v.depth,
         hidden_size=v.hidden_size,
         num_attention_heads=v.num_heads,
         num_query_groups=v.num_heads,
         kv_channels=v.head_dim,
         ffn_hidden_size=v.intermediate_size,
-        normalization="RMSNorm",
         layernorm_epsilon=v.rms_norm_eps,
-        gated_linear_unit=True,
         activation_func=_activation(v.hidden_act),
         add_bias_linear=True,
-        add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        cuda_graph_scope=[],
         tensor_model_parallel_size=parallel.vision_tp,
         pipeline_model_parallel_size=1,
         context_parallel_size=1,

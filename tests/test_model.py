@@ -42,11 +42,7 @@ def test_labels_give_the_per_token_cross_entropy(loaded):
     labels = torch.randint(0, config.text.vocab_size, sample.input_ids.shape)
     with torch.no_grad():
         logits = our_logits(model, sample)
-        loss = model(
-            sample.input_ids, pixel_values=sample.pixel_values, image_grid_thw=sample.image_grid_thw,
-            pixel_values_videos=sample.pixel_values_videos, video_grid_thw=sample.video_grid_thw,
-            second_per_grid_ts=sample.second_per_grid_ts, labels=labels,
-        )
+        loss = model(sample.input_ids, **sample.vision_inputs(), labels=labels)
     expected = torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="none")
     assert loss.shape == labels.shape
     torch.testing.assert_close(loss[0], expected, rtol=1e-5, atol=1e-5)

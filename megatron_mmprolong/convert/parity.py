@@ -23,6 +23,16 @@ class Sample:
     video_grid_thw: Tensor | None = None
     second_per_grid_ts: Tensor | None = None
 
+    def vision_inputs(self) -> dict[str, Tensor | None]:
+        """Keyword arguments shared by this model's and transformers' forward."""
+        return dict(
+            pixel_values=self.pixel_values,
+            image_grid_thw=self.image_grid_thw,
+            pixel_values_videos=self.pixel_values_videos,
+            video_grid_thw=self.video_grid_thw,
+            second_per_grid_ts=self.second_per_grid_ts,
+        )
+
 
 def make_sample(
     config: Qwen25VLConfig,
@@ -100,26 +110,11 @@ def pack(samples: list[Sample]) -> tuple[Sample, PackedSeqParams]:
 
 
 def our_logits(model, sample: Sample, packed_seq_params: PackedSeqParams | None = None) -> Tensor:
-    return model(
-        sample.input_ids,
-        pixel_values=sample.pixel_values,
-        image_grid_thw=sample.image_grid_thw,
-        pixel_values_videos=sample.pixel_values_videos,
-        video_grid_thw=sample.video_grid_thw,
-        second_per_grid_ts=sample.second_per_grid_ts,
-        packed_seq_params=packed_seq_params,
-    )
+    return model(sample.input_ids, **sample.vision_inputs(), packed_seq_params=packed_seq_params)
 
 
 def hf_logits(hf_model, sample: Sample) -> Tensor:
-    inputs = dict(
-        input_ids=sample.input_ids,
-        pixel_values=sample.pixel_values,
-        image_grid_thw=sample.image_grid_thw,
-        pixel_values_videos=sample.pixel_values_videos,
-        video_grid_thw=sample.video_grid_thw,
-        second_per_grid_ts=sample.second_per_grid_ts,
-    )
+    inputs = dict(input_ids=sample.input_ids, **sample.vision_inputs())
     if "mm_token_type_ids" in inspect.signature(hf_model.forward).parameters:
         config = hf_model.config
         ids = sample.input_ids
