@@ -54,12 +54,75 @@ def _check_parity(args) -> int:
     reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         args.hf_dir, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    report = run_parity(model, reference, config, seed=args.seed)
+    return _judge(run_parity(model, reference, config, seed=args.seed), args)
+
+
+def _judge(report: dict, args) -> int:
+    """Print a parity report with its verdict; the exit status says whether it passed."""
     report["atol"] = args.atol
     report["min_top1_agreement"] = args.min_top1
     report["passed"] = report["max_abs_logit_diff"] <= args.atol and report["top1_agreement"] >= args.min_top1
     print(json.dumps(report, indent=2))
     return 0 if report["passed"] else 1
+
+
+def _parallel(args):
+    from megatron_mmprolong.config import ParallelConfig
+
+    return ParallelConfig(
+        tensor_parallel=args.tp, pipeline_parallel=args.pp,
+        vision_tensor_parallel=getattr(args, "vision_tp", None),
+    )
+
+
+def _hf_to_mcore(args) -> int:
+    from megatron_mmprolong.config import torch_dtype
+    from megatron_mmprolong.convert.hf_to_mcore import hf_to_mcore
+
+    report = hf_to_mcore(
+        args.hf_dir, args.out, _parallel(args),
+        dtype=None if args.dtype == "auto" else torch_dtype(args.dtype),
+        overwrite=args.overwrite, workers=args.workers,
+    )
+    print(json.dumps(_summary(report)))
+    return 0
+
+
+def _mcore_to_hf(args) -> int:
+    from megatron_mmprolong.config import torch_dtype
+    from megatron_mmprolong.convert.mcore_to_hf import mcore_to_hf
+
+    report = mcore_to_hf(
+        args.mcore_dir, args.out, hf_template=args.hf_template,
+        dtype=None if args.dtype == "auto" else torch_dtype(args.dtype),
+        overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+    )
+    print(json.dumps(_summary(report)))
+    return 0
+
+
+def _summary(report) -> dict:
+    return {
+        "out": str(report.out_dir), "tensors": report.tensors, "gigabytes": round(report.bytes / 1e9, 3),
+        "seconds": round(report.seconds, 2), "gb_per_s": round(report.bytes / 1e9 / max(report.seconds, 1e-9), 3),
+    }
+
+
+def _verify(args) -> int:
+    import torch.distributed as dist
+
+    from megatron_mmprolong.convert.verify import verify_checkpoint, verify_spawned
+    from megatron_mmprolong.runtime import launch_env
+
+    parallel = _parallel(args)
+    if launch_env().launcher == "single" and args.tp * args.pp > 1:
+        report = verify_spawned(args.hf_dir, args.mcore_dir, parallel, args.seed)
+    else:
+        report = verify_checkpoint(args.hf_dir, args.mcore_dir, parallel, args.seed)
+        if dist.get_rank() != 0:
+            passed = report["max_abs_logit_diff"] <= args.atol and report["top1_agreement"] >= args.min_top1
+            return 0 if passed else 1
+    return _judge(report, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,17 +143,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parity.add_argument("--hf-dir", required=True, help="Hugging Face Qwen2.5-VL checkpoint directory")
     parity.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
-    parity.add_argument(
+    _add_tolerances(parity)
+    parity.set_defaults(run=_check_parity)
+
+    convert = verbs.add_parser("convert", help="HF <-> Megatron-Core distributed checkpoints")
+    directions = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    to_mcore = directions.add_parser("hf-to-mcore", help="HF safetensors -> torch_dist checkpoint (streaming)")
+    to_mcore.add_argument("--hf-dir", required=True)
+    to_mcore.add_argument("--out", required=True, help="output directory (refused if it exists)")
+    _add_layout(to_mcore)
+    to_mcore.add_argument("--vision-tp", type=int, default=None, help="vision tensor parallel size (default: --tp)")
+    to_mcore.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
+                          help="stored dtype (default: the checkpoint's own)")
+    to_mcore.add_argument("--workers", type=int, default=2, help="threads preparing tensors (default 2)")
+    to_mcore.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    to_mcore.set_defaults(run=_hf_to_mcore)
+
+    to_hf = directions.add_parser("mcore-to-hf", help="torch_dist checkpoint -> HF safetensors (streaming)")
+    to_hf.add_argument("--mcore-dir", required=True)
+    to_hf.add_argument("--out", required=True, help="output directory (refused if it exists)")
+    to_hf.add_argument("--hf-template", default=None,
+                       help="HF directory whose tokenizer/processor/generation files are copied")
+    to_hf.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"])
+    to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default 5)")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    to_hf.set_defaults(run=_mcore_to_hf)
+
+    verify = directions.add_parser(
+        "verify", help="load the Megatron checkpoint at --tp/--pp and compare logits with the HF one"
+    )
+    verify.add_argument("--hf-dir", required=True)
+    verify.add_argument("--mcore-dir", required=True)
+    _add_layout(verify)
+    verify.add_argument("--seed", type=int, default=0)
+    _add_tolerances(verify)
+    verify.set_defaults(run=_verify)
+    return parser
+
+
+def _add_layout(parser) -> None:
+    parser.add_argument("--tp", type=int, default=1, help="tensor model parallel size (default 1)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline model parallel size (default 1)")
+
+
+def _add_tolerances(parser) -> None:
+    parser.add_argument(
         "--atol", type=float, default=1e-3,
         help="largest allowed |logit difference| (default 1e-3; tiny models agree to ~1e-6, "
              "deep fp32 models accumulate ~1e-4 from summation order)",
     )
-    parity.add_argument(
+    parser.add_argument(
         "--min-top1", type=float, default=0.99,
         help="smallest allowed fraction of positions with the same argmax (default 0.99)",
     )
-    parity.set_defaults(run=_check_parity)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     from megatron_mmprolong.config import ConfigError
     from megatron_mmprolong.convert.hf_checkpoint import CheckpointError
+    from megatron_mmprolong.convert.output_dir import OutputExistsError
 
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, OutputExistsError) as err:
         print(f"mmprolong {args.verb}: error: {err}", file=sys.stderr)
         return 2
 

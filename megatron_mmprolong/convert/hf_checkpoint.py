@@ -52,14 +52,28 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.dir}: checkpoint has no tensor {name!r}") from None
 
     def get(self, name: str) -> Tensor:
+        try:
+            return self._handle(name).get_tensor(name)
+        except Exception as err:  # truncated or corrupt shard
+            raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r} ({err})") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """From the file header; no data is read."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def read_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) of a tensor, reading only those bytes."""
+        try:
+            return self._handle(name).get_slice(name)[start:stop]
+        except Exception as err:
+            raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r} ({err})") from None
+
+    def _handle(self, name: str):
         path = self.file_of(name)
         handle = self._handles.get(path)
         if handle is None:
             handle = self._handles[path] = self._open(path).__enter__()
-        try:
-            return handle.get_tensor(name)
-        except Exception as err:  # truncated or corrupt shard
-            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({err})") from None
+        return handle
 
     def close(self) -> None:
         for handle in self._handles.values():

@@ -30,6 +30,11 @@ class TensorRule:
     shard: Shard
     vision: bool  # sharded over the vision tensor-parallel group
 
+    @property
+    def plain(self) -> bool:
+        """One HF tensor stored unchanged: it can be streamed in row blocks."""
+        return self.to_mcore is _same
+
 
 @dataclass(frozen=True)
 class HFLayout:
@@ -197,3 +202,12 @@ def shard(tensor: Tensor, kind: Shard, rank: int, size: int) -> Tensor:
         return tensor.chunk(size, dim=1)[rank]
     gate, up = tensor.chunk(2, dim=0)
     return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+
+
+def checkpoint_key(canonical: str) -> tuple[str, int | None]:
+    """Megatron's sharded key of a parameter and its layer index: the layers of a block are
+    stacked on a leading axis ('...decoder.layers.5.x' -> ('...decoder.layers.x', 5))."""
+    match = _LAYER.match(canonical)
+    if not match:
+        return canonical, None
+    return f"{match.group(1)[:-1]}{match.group(3)}", int(match.group(2))

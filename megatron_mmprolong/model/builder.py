@@ -40,6 +40,7 @@ def build_model(
     on_gpu = torch.cuda.is_available() and not meta
     common = dict(
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
