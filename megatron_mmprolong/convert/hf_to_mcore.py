@@ -29,7 +29,7 @@ from megatron_mmprolong.convert.hf_mapping import (
     tensor_rules,
 )
 from megatron_mmprolong.convert.output_dir import atomic_output_dir
-from megatron_mmprolong.convert.torch_dist import TorchDistWriter
+from megatron_mmprolong.convert.torch_dist import SerializedChunk, TorchDistWriter
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def hf_to_mcore(
     config.validate_parallel(parallel)
     with HFCheckpoint(hf_dir) as checkpoint:
         plan = _plan(config, checkpoint)
-        out_dtype = dtype or checkpoint.get(plan[0].rule.hf[0]).dtype
+        out_dtype = dtype or checkpoint.dtype(plan[0].rule.hf[0])
         total = sum(_numel(t.shape) for t in plan) * torch.empty((), dtype=out_dtype).element_size()
         with atomic_output_dir(out_dir, overwrite) as partial:
             writer = TorchDistWriter(partial)
@@ -174,7 +174,7 @@ def _parameter_shapes(config: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _work_units(tensor: _Tensor, parallel: ParallelConfig, dtype: torch.dtype, max_chunk_bytes: int):
-    """Callables producing [(key, global shape, offsets, chunk)]: one per row block for plain
+    """Callables producing [(key, global shape, offsets, serialized chunk)]: one per row block for plain
     tensors (read straight from the file), one per tensor for transformed ones."""
     rule = tensor.rule
     tp = parallel.vision_tp if rule.vision else parallel.tensor_parallel
@@ -188,8 +188,9 @@ def _work_units(tensor: _Tensor, parallel: ParallelConfig, dtype: torch.dtype, m
             if cols is not None:
                 piece = piece[:, cols]
             offsets = (rows.start, cols.start if cols is not None else 0, *[0] * (len(tensor.shape) - 2))
+            piece = piece.to(dtype).unsqueeze(0) if tensor.layer is not None else piece.to(dtype)
             out.append((tensor.key, tensor.global_shape, tensor.offsets(offsets[: len(tensor.shape)]),
-                        piece.to(dtype).unsqueeze(0) if tensor.layer is not None else piece.to(dtype)))
+                        SerializedChunk.of(piece)))
         return out
 
     if rule.plain:
