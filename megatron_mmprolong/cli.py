@@ -125,6 +125,57 @@ def _verify(args) -> int:
     return _judge(report, args)
 
 
+def _synth_docs(args) -> int:
+    from megatron_mmprolong.data.synth import SynthConfig, synth_docs
+
+    config = SynthConfig(
+        docs=args.docs, min_pages=args.min_pages, max_pages=args.max_pages, page_width=args.page_width,
+        page_height=args.page_height, font_size=args.font_size, format=args.format, seed=args.seed,
+    )
+    print(json.dumps({"records": str(synth_docs(args.out, config))}))
+    return 0
+
+
+def _build_data(args) -> int:
+    from megatron_mmprolong.data.build import BuildConfig, build_dataset
+    from megatron_mmprolong.data.images import ImageParams
+    from megatron_mmprolong.data.records import PAPER_TASKS
+
+    extra = tuple(t for t in (args.extra_tasks or "").split(",") if t)
+    config = BuildConfig(
+        tokenizer=args.tokenizer, seq_length=args.seq_length, dpi=args.dpi,
+        image=ImageParams(min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                          format=args.image_format, jpeg_quality=args.jpeg_quality),
+        pdf_backend=args.pdf_backend, overflow=args.overflow, page_label=args.page_label,
+        system_prompt=args.system_prompt, tasks=(*PAPER_TASKS, "chat", *extra), seed=args.seed,
+        shard_size=args.shard_size,
+    )
+    report = build_dataset(
+        args.input, args.output_prefix, config, ocr_task=args.task, workers=args.workers,
+        strict=args.strict, overwrite=args.overwrite, keep_shards=args.keep_shards,
+    )
+    print(json.dumps({k: v for k, v in vars(report).items()}, default=str))
+    return 0
+
+
+def _inspect_data(args) -> int:
+    from megatron_mmprolong.data.chat import ChatTokenizer
+    from megatron_mmprolong.data.inspect import decode_sample, length_histogram_png, summary
+    from megatron_mmprolong.data.store import MultimodalStore
+
+    store = MultimodalStore(args.prefix)
+    print(summary(store))
+    png = length_histogram_png(store, args.histogram or f"{args.prefix}.lengths.png")
+    print(f"\nlength histogram: {png}")
+    if args.sample:
+        tokenizer = ChatTokenizer(args.tokenizer or store.manifest["tokenizer"]["path"])
+        for index in args.sample:
+            if not 0 <= index < len(store):
+                raise IndexError(f"--sample {index}: the dataset has {len(store)} samples")
+            print("\n" + decode_sample(store, index, tokenizer))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprolong", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -178,6 +229,50 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--seed", type=int, default=0)
     _add_tolerances(verify)
     verify.set_defaults(run=_verify)
+
+    synth = verbs.add_parser("synth-docs", help="synthetic long documents with exact-answer questions")
+    synth.add_argument("--out", required=True, help="output folder (pages and records.jsonl)")
+    synth.add_argument("--docs", type=int, default=4)
+    synth.add_argument("--min-pages", type=int, default=32)
+    synth.add_argument("--max-pages", type=int, default=50)
+    synth.add_argument("--page-width", type=int, default=1224, help="px (default: letter at 144 DPI)")
+    synth.add_argument("--page-height", type=int, default=1584)
+    synth.add_argument("--font-size", type=int, default=22)
+    synth.add_argument("--format", choices=["png", "pdf"], default="png", help="page images, or PDFs (PyMuPDF)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=_synth_docs)
+
+    build = verbs.add_parser("build-data", help="records (JSONL) or PDF folders -> indexed multimodal dataset")
+    build.add_argument("--input", nargs="+", required=True, help="JSONL record files and/or PDF folders")
+    build.add_argument("--output-prefix", required=True)
+    build.add_argument("--tokenizer", required=True, help="HF tokenizer directory (Qwen2.5-VL special tokens)")
+    build.add_argument("--seq-length", type=int, default=131072)
+    build.add_argument("--task", choices=["ocr-full", "ocr-needle"], help="what to build from PDF folders")
+    build.add_argument("--extra-tasks", help="comma-separated task labels accepted besides the paper's")
+    build.add_argument("--dpi", type=int, default=144)
+    build.add_argument("--min-pixels", type=int, default=56 * 56)
+    build.add_argument("--max-pixels", type=int, default=28 * 28 * 16384)
+    build.add_argument("--image-format", choices=["png", "jpeg"], default="png")
+    build.add_argument("--jpeg-quality", type=int, default=95)
+    build.add_argument("--pdf-backend", choices=["auto", "pymupdf", "pypdfium2"], default="auto")
+    build.add_argument("--overflow", choices=["skip", "drop-far-pages"], default="skip",
+                       help="documents longer than --seq-length: reject, or drop pages far from the evidence")
+    build.add_argument("--page-label", default="Page {n}:", help="text before each page image ('' for none)")
+    build.add_argument("--system-prompt", default="You are a helpful assistant.")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--shard-size", type=int, default=16, help="records per resumable shard")
+    build.add_argument("--workers", type=int, default=1)
+    build.add_argument("--strict", action="store_true", help="fail if any input is rejected")
+    build.add_argument("--overwrite", action="store_true")
+    build.add_argument("--keep-shards", action="store_true")
+    build.set_defaults(run=_build_data)
+
+    inspect_ = verbs.add_parser("inspect-data", help="summary, histograms and decoded samples of a dataset")
+    inspect_.add_argument("prefix")
+    inspect_.add_argument("--histogram", help="PNG path (default PREFIX.lengths.png)")
+    inspect_.add_argument("--sample", type=int, action="append", help="print sample N decoded (repeatable)")
+    inspect_.add_argument("--tokenizer", help="default: the one the dataset was built with")
+    inspect_.set_defaults(run=_inspect_data)
     return parser
 
 
@@ -204,10 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mmprolong.config import ConfigError
     from megatron_mmprolong.convert.hf_checkpoint import CheckpointError
     from megatron_mmprolong.convert.output_dir import OutputExistsError
+    from megatron_mmprolong.data.build import BuildError
+    from megatron_mmprolong.data.chat import TokenizerError
+    from megatron_mmprolong.data.store import StoreError
 
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, OutputExistsError) as err:
+    except (ConfigError, CheckpointError, OutputExistsError, BuildError, TokenizerError, StoreError) as err:
         print(f"mmprolong {args.verb}: error: {err}", file=sys.stderr)
         return 2
 

@@ -83,3 +83,26 @@ def tiny_hf(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"hf-{request.param}")
     write_random_hf_checkpoint(config, path, seed=len(request.param))
     return config, path
+
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
+CORPUS = SHARED / "corpus" / "pdf"
+QWEN_TOKENIZER = SHARED / "tokenizers" / "qwen25-bpe"
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    if not QWEN_TOKENIZER.is_dir():
+        pytest.skip(f"{QWEN_TOKENIZER} is not present")
+    from megatron_mmprolong.data.chat import ChatTokenizer
+
+    return ChatTokenizer(QWEN_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def small_synth(tmp_path_factory):
+    """Three small synthetic documents (PNG pages), records.jsonl path."""
+    from megatron_mmprolong.data.synth import SynthConfig, synth_docs
+
+    return synth_docs(tmp_path_factory.mktemp("synth"), SynthConfig(
+        docs=3, min_pages=4, max_pages=7, page_width=448, page_height=560, font_size=14, seed=1))

@@ -1,0 +1,1 @@
+"""Long-document multimodal datasets: records, rendering, the on-disk store, building."""

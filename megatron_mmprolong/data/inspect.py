@@ -1,0 +1,84 @@
+"""`mmprolong inspect-data PREFIX`: what a built dataset holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from megatron_mmprolong.data.store import MultimodalStore
+
+
+def summary(store: MultimodalStore) -> str:
+    m, samples = store.manifest, store.samples
+    counts = m["counts"]
+    lengths = np.asarray(samples["tokens"])
+    lines = [
+        f"dataset      {store.prefix}",
+        f"tokenizer    {m['tokenizer']['path']} (vocab {m['tokenizer']['vocab_size']})",
+        f"rendering    {m['image']['format']} at {m['image']['dpi']} dpi via {m['image']['pdf_backend']}, "
+        f"{m['image']['min_pixels']}..{m['image']['max_pixels']} px",
+        f"samples      {counts['samples']:,}   rejects {counts['rejects']:,} {m['rejects'] or ''}",
+        f"tokens       {counts['tokens']:,} (vision {counts['vision_tokens']:,}, text {counts['text_tokens']:,}, "
+        f"loss {counts['loss_tokens']:,})",
+        f"images       {counts['images']:,}   pages dropped {counts['pages_dropped']:,}",
+    ]
+    if len(lengths):
+        lines.append(f"length       min {lengths.min():,}  median {int(np.median(lengths)):,}  "
+                     f"mean {int(lengths.mean()):,}  max {lengths.max():,}  (seq_length {m['seq_length']:,})")
+    lines += ["", f"{'task':<18}{'samples':>10}{'tokens':>16}"]
+    lines += [f"{task:<18}{v['samples']:>10,}{v['tokens']:>16,}" for task, v in m["per_task"].items()]
+    lines += ["", f"{'length bin':<18}{'samples':>10}{'tokens':>16}"]
+    lines += [f"{b['lo']:>7,}-{b['hi']:<10,}{b['samples']:>10,}{b['tokens']:>16,}" for b in m["per_length_bin"]]
+    return "\n".join(lines)
+
+
+def length_histogram_png(store: MultimodalStore, path: str | Path, width: int = 900, height: int = 480) -> Path:
+    """Bar chart of samples per length bin."""
+    bins = store.manifest["per_length_bin"]
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=14)
+    left, bottom, top = 70, height - 70, 40
+    draw.text((left, 10), f"{Path(store.prefix).name}: samples per length bin (tokens)", fill="black", font=font)
+    peak = max([b["samples"] for b in bins] + [1])
+    slot = (width - left - 20) / max(len(bins), 1)
+    for i, b in enumerate(bins):
+        x0 = left + i * slot + slot * 0.1
+        bar = (bottom - top) * b["samples"] / peak
+        draw.rectangle([x0, bottom - bar, x0 + slot * 0.8, bottom], fill=(70, 110, 180))
+        draw.text((x0, bottom - bar - 16), str(b["samples"]), fill="black", font=font)
+        label = f"<{b['hi'] // 1024}K" if b["hi"] >= 1024 else f"<{b['hi']}"
+        draw.text((x0, bottom + 6), label, fill="black", font=font)
+    draw.line([left, bottom, width - 20, bottom], fill="black")
+    draw.text((10, top), f"{peak}", fill="black", font=font)
+    path = Path(path)
+    image.save(path)
+    return path
+
+
+def decode_sample(store: MultimodalStore, index: int, tokenizer) -> str:
+    """The sample as text: image runs shown as markers, the loss tokens repeated at the end."""
+    tokens = np.asarray(store.tokens[index])
+    grids = store.image_grids(index)
+    pieces, run, image = [], [], 0
+    i = 0
+    while i < len(tokens):
+        if tokens[i] == tokenizer.vision_start:
+            end = i + 1
+            while end < len(tokens) and tokens[end] != tokenizer.vision_end:
+                end += 1
+            pieces.append(tokenizer.decode(run))
+            run = []
+            t, h, w = grids[image]
+            pieces.append(f"<image {image + 1}: {w * 14}x{h * 14} px, {end - i - 1} tokens>")
+            image += 1
+            i = end + 1
+            continue
+        run.append(int(tokens[i]))
+        i += 1
+    pieces.append(tokenizer.decode(run))
+    mask = store.loss_mask(index)
+    header = f"--- sample {index} ({store.ids[index]}, {store.task(index)}, {len(tokens)} tokens, {int(mask.sum())} with loss)"
+    return "\n".join([header, "".join(pieces), "--- loss on: " + repr(tokenizer.decode(tokens[mask]))])

@@ -1,0 +1,184 @@
+"""The on-disk multimodal dataset: a prefix and a few memory-mapped files, readable without the
+builder (numpy, JSON and Megatron's IndexedDataset).
+
+    PREFIX.tokens.{bin,idx}      Megatron MMIDIDX, int32: one sequence per sample, image
+                                 placeholders already expanded (vision_start, N x image_pad, vision_end)
+    PREFIX.loss_spans.{bin,idx}  int32 (start, end) pairs per sample: loss on answer tokens only
+    PREFIX.images.{bin,idx}      uint8: one encoded image (PNG/JPEG) per sequence, at model size
+    PREFIX.image_grids.npy       int32 [images, 3]: (t, h, w) in 14 px patches
+    PREFIX.samples.npy           one row per sample (SAMPLE_DTYPE): lengths, image range, task, bin
+    PREFIX.ids.json              source id of every sample
+    PREFIX.rejects.jsonl         inputs that did not become samples, with location and reason
+    PREFIX.manifest.json         written last: format, tokenizer, image parameters, counts,
+                                 histograms, build arguments, checksums
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "megatron-mmprolong/multimodal-store"
+FORMAT_VERSION = 1
+
+SAMPLE_DTYPE = np.dtype([
+    ("tokens", "<i4"),         # sequence length, vision tokens included
+    ("loss_tokens", "<i4"),
+    ("first_image", "<i8"),    # row of the first image in image_grids / images
+    ("num_images", "<i4"),
+    ("vision_tokens", "<i4"),
+    ("task", "<i2"),           # index into manifest["tasks"]
+    ("length_bin", "<i2"),     # index into manifest["length_bins"]
+    ("pages_dropped", "<i2"),  # by the overflow policy
+    ("record", "<i8"),         # position of the input record in the build's input order
+])
+
+INDEXED = {"tokens": np.int32, "loss_spans": np.int32, "images": np.uint8}
+ARRAYS = ("image_grids.npy", "samples.npy", "ids.json", "rejects.jsonl")
+
+
+def file_names(prefix: str | Path) -> list[Path]:
+    """Every data file of a store (the manifest not included)."""
+    prefix = str(prefix)
+    names = [Path(f"{prefix}.{name}.{ext}") for name in INDEXED for ext in ("bin", "idx")]
+    return names + [Path(f"{prefix}.{name}") for name in ARRAYS]
+
+
+@dataclass
+class EncodedSample:
+    id: str
+    task: str
+    tokens: np.ndarray  # int32
+    loss_spans: np.ndarray  # int32 [n, 2]
+    images: list[bytes]
+    grids: list[tuple[int, int, int]]
+    vision_tokens: int
+    pages_dropped: int = 0
+
+    @property
+    def loss_tokens(self) -> int:
+        return int((self.loss_spans[:, 1] - self.loss_spans[:, 0]).sum())
+
+
+class StoreWriter:
+    """Appends samples and rejects; `close()` finalizes the files (no manifest)."""
+
+    def __init__(self, prefix: str | Path, tasks: list[str], bin_edges: list[int]):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.prefix = str(prefix)
+        self.tasks, self.bin_edges = tasks, np.asarray(bin_edges)
+        self._builders = {
+            name: IndexedDatasetBuilder(f"{self.prefix}.{name}.bin", dtype=dtype) for name, dtype in INDEXED.items()
+        }
+        self._rows, self._grids, self._ids, self._rejects = [], [], [], []
+        self._images = 0
+
+    def add(self, sample: EncodedSample, record: int) -> None:
+        b = self._builders
+        b["tokens"].add_item(torch.from_numpy(sample.tokens))
+        b["tokens"].end_document()
+        b["loss_spans"].add_item(torch.from_numpy(sample.loss_spans.reshape(-1)))
+        b["loss_spans"].end_document()
+        for data in sample.images:
+            b["images"].add_item(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            b["images"].end_document()
+        length = len(sample.tokens)
+        self._rows.append((
+            length, sample.loss_tokens, self._images, len(sample.images), sample.vision_tokens,
+            self.tasks.index(sample.task), int(np.searchsorted(self.bin_edges, length, side="right")) - 1,
+            sample.pages_dropped, record,
+        ))
+        self._grids += sample.grids
+        self._ids.append(sample.id)
+        self._images += len(sample.images)
+
+    def reject(self, source: str, record_id: str | None, kind: str, reason: str) -> None:
+        self._rejects.append({"input": source, "id": record_id, "kind": kind, "reason": reason})
+
+    def close(self) -> None:
+        for name, builder in self._builders.items():
+            builder.finalize(f"{self.prefix}.{name}.idx")
+        np.save(f"{self.prefix}.samples.npy", np.array(self._rows, dtype=SAMPLE_DTYPE))
+        np.save(f"{self.prefix}.image_grids.npy", np.array(self._grids, dtype=np.int32).reshape(-1, 3))
+        Path(f"{self.prefix}.ids.json").write_text(json.dumps(self._ids))
+        Path(f"{self.prefix}.rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self._rejects))
+
+
+def merge_stores(parts: list[str], prefix: str | Path) -> None:
+    """Concatenate stores in order into `prefix` (image rows renumbered)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(prefix)
+    for name, dtype in INDEXED.items():
+        builder = IndexedDatasetBuilder(f"{prefix}.{name}.bin", dtype=dtype)
+        for part in parts:
+            builder.add_index(f"{part}.{name}")
+        builder.finalize(f"{prefix}.{name}.idx")
+    rows, grids, ids, rejects, images = [], [], [], [], 0
+    for part in parts:
+        samples = np.load(f"{part}.samples.npy")
+        samples["first_image"] += images
+        rows.append(samples)
+        part_grids = np.load(f"{part}.image_grids.npy")
+        grids.append(part_grids)
+        images += len(part_grids)
+        ids += json.loads(Path(f"{part}.ids.json").read_text())
+        rejects.append(Path(f"{part}.rejects.jsonl").read_text())
+    np.save(f"{prefix}.samples.npy", np.concatenate(rows) if rows else np.zeros(0, SAMPLE_DTYPE))
+    np.save(f"{prefix}.image_grids.npy", np.concatenate(grids) if grids else np.zeros((0, 3), np.int32))
+    Path(f"{prefix}.ids.json").write_text(json.dumps(ids))
+    Path(f"{prefix}.rejects.jsonl").write_text("".join(rejects))
+
+
+class StoreError(ValueError):
+    pass
+
+
+class MultimodalStore:
+    """Random access to a finished dataset (memory-mapped)."""
+
+    def __init__(self, prefix: str | Path):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.prefix = str(prefix)
+        manifest = Path(f"{self.prefix}.manifest.json")
+        if not manifest.is_file():
+            raise StoreError(f"{manifest} is missing: not a finished dataset")
+        self.manifest = json.loads(manifest.read_text())
+        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{manifest}: unsupported format {self.manifest.get('format')} "
+                             f"v{self.manifest.get('format_version')}")
+        self.tokens = IndexedDataset(f"{self.prefix}.tokens")
+        self.loss_spans = IndexedDataset(f"{self.prefix}.loss_spans")
+        self.images = IndexedDataset(f"{self.prefix}.images")
+        self.samples = np.load(f"{self.prefix}.samples.npy", mmap_mode="r")
+        self.grids = np.load(f"{self.prefix}.image_grids.npy", mmap_mode="r")
+        self.ids = json.loads(Path(f"{self.prefix}.ids.json").read_text())
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def task(self, index: int) -> str:
+        return self.manifest["tasks"][int(self.samples[index]["task"])]
+
+    def loss_mask(self, index: int) -> np.ndarray:
+        mask = np.zeros(int(self.samples[index]["tokens"]), dtype=bool)
+        for start, end in self.loss_spans[index].reshape(-1, 2):
+            mask[start:end] = True
+        return mask
+
+    def image_rows(self, index: int) -> range:
+        row = self.samples[index]
+        return range(int(row["first_image"]), int(row["first_image"]) + int(row["num_images"]))
+
+    def image_bytes(self, index: int) -> list[bytes]:
+        return [self.images[i].tobytes() for i in self.image_rows(index)]
+
+    def image_grids(self, index: int) -> np.ndarray:
+        rows = self.image_rows(index)
+        return np.asarray(self.grids[rows.start:rows.stop])

@@ -1,0 +1,164 @@
+"""Synthetic long documents with exact answers (`mmprolong synth-docs`), no model needed.
+
+Every page carries a heading with its number, filler prose and one fact: an archive access code
+or a shipment weight, about an entity named only on that page. Questions are page-anchored as in
+MMProLong: `extract-single` (one fact, page named), `extract-multi` (codes from 2-3 pages),
+`reasoning` (retrieve two weights, then add or compare). Pages are drawn with Pillow as PNG
+files, or written as PDFs with PyMuPDF (`format="pdf"`), so both input paths get exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLORS = ("amber", "azure", "cobalt", "crimson", "ivory", "jade", "khaki", "lilac", "maroon", "ochre",
+          "olive", "pearl", "rust", "saffron", "scarlet", "silver", "teal", "umber", "violet", "wheat")
+ANIMALS = ("falcon", "heron", "otter", "lynx", "badger", "marten", "ibis", "gecko", "bison", "raven",
+           "walrus", "tapir", "condor", "puffin", "jackal", "viper", "moose", "quail", "stoat", "yak")
+WORDS = ("the", "report", "describes", "annual", "results", "of", "a", "regional", "office", "and", "its",
+         "teams", "which", "reviewed", "several", "projects", "during", "period", "with", "careful", "notes",
+         "on", "budget", "schedule", "risks", "quality", "staff", "training", "equipment", "logistics",
+         "partners", "customers", "meetings", "were", "held", "to", "discuss", "plans", "for", "next",
+         "quarter", "while", "maintenance", "continued", "as", "expected", "under", "standard", "procedures")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    docs: int = 4
+    min_pages: int = 32
+    max_pages: int = 50
+    page_width: int = 1224  # US letter at 144 DPI
+    page_height: int = 1584
+    font_size: int = 22
+    format: str = "png"  # "png" page images, or "pdf" (PyMuPDF)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 4 <= self.min_pages <= self.max_pages:
+            raise ValueError("synthetic documents need 4 <= min_pages <= max_pages (two facts of each kind)")
+        if self.format not in ("png", "pdf"):
+            raise ValueError(f"format must be png or pdf, got {self.format!r}")
+
+
+@dataclass(frozen=True)
+class Fact:
+    page: int  # 1-based
+    kind: str  # "code" or "weight"
+    entity: str
+    value: str
+
+    def sentence(self) -> str:
+        if self.kind == "code":
+            return f"The access code of the {self.entity} archive is {self.value}."
+        return f"The {self.entity} shipment weighs {self.value} kg."
+
+
+def synth_docs(out_dir: str | Path, config: SynthConfig = SynthConfig()) -> Path:
+    """Write documents and `records.jsonl` (one record per task per document); returns its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(config.seed)
+    lines = []
+    for doc in range(config.docs):
+        pages = rng.randint(config.min_pages, config.max_pages)
+        facts = _facts(rng, pages)
+        name = f"doc_{doc:04d}"
+        document = _write_document(out, name, facts, config, rng)
+        for task, question, answer, evidence in _questions(rng, facts):
+            record = {"id": f"{name}-{task}", **document, "task": task, "question": question,
+                      "answer": answer, "evidence_pages": evidence, "meta": {"synthetic": True, "doc": name}}
+            lines.append(json.dumps(record))
+    records = out / "records.jsonl"
+    records.write_text("\n".join(lines) + "\n")
+    (out / "synth_config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
+    return records
+
+
+def _facts(rng: random.Random, pages: int) -> list[Fact]:
+    names = rng.sample([f"{c} {a}" for c in COLORS for a in ANIMALS], pages)
+    facts = []
+    for page, name in enumerate(names, start=1):
+        entity = name.title()
+        if page % 2:
+            code = f"{rng.choice('ABCDEFGHJKLMNPQRSTUVWXYZ')}{rng.choice('ABCDEFGHJKLMNPQRSTUVWXYZ')}-{rng.randint(1000, 9999)}"
+            facts.append(Fact(page, "code", entity, code))
+        else:
+            facts.append(Fact(page, "weight", entity, str(rng.randint(100, 999))))
+    return facts
+
+
+def _questions(rng: random.Random, facts: list[Fact]):
+    codes = [f for f in facts if f.kind == "code"]
+    weights = [f for f in facts if f.kind == "weight"]
+    single = rng.choice(codes)
+    yield ("extract-single",
+           f"According to page {single.page}, what is the access code of the {single.entity} archive?",
+           single.value, [single.page])
+    multi = sorted(rng.sample(codes, min(len(codes), rng.randint(2, 3))), key=lambda f: f.page)
+    names = ", ".join(f.entity for f in multi[:-1]) + f" and {multi[-1].entity}"
+    yield ("extract-multi",
+           f"What are the access codes of the {names} archives? Answer in that order, separated by commas.",
+           ", ".join(f.value for f in multi), [f.page for f in multi])
+    a, b = sorted(rng.sample(weights, 2), key=lambda f: f.page)
+    if rng.random() < 0.5:
+        yield ("reasoning", f"What is the combined weight, in kg, of the {a.entity} and {b.entity} shipments?",
+               str(int(a.value) + int(b.value)), [a.page, b.page])
+    else:
+        heavier = a if int(a.value) > int(b.value) else b
+        yield ("reasoning", f"Which shipment is heavier, the {a.entity} or the {b.entity}?",
+               heavier.entity, [a.page, b.page])
+
+
+def _page_lines(fact: Fact, rng: random.Random, config: SynthConfig) -> list[str]:
+    chars_per_line = max(20, int(config.page_width / (config.font_size * 0.55)) - 4)
+    rows = max(4, (config.page_height - 3 * config.font_size) // int(config.font_size * 1.5) - 2)
+    lines = [f"Section {fact.page}", ""]
+    fact_row = rng.randint(2, max(2, rows - 1))
+    while len(lines) < rows:
+        if len(lines) == fact_row:
+            lines.append(fact.sentence())
+            continue
+        words, line = [], ""
+        while len(line) < chars_per_line - 12:
+            words.append(rng.choice(WORDS))
+            line = " ".join(words)
+        lines.append(line.capitalize() + ".")
+    lines.append(f"- {fact.page} -")
+    return lines
+
+
+def _write_document(out: Path, name: str, facts: list[Fact], config: SynthConfig, rng: random.Random) -> dict:
+    page_lines = [_page_lines(f, rng, config) for f in facts]
+    step = int(config.font_size * 1.5)
+    if config.format == "pdf":
+        import pymupdf
+
+        scale = 72 / 144  # page size is given in pixels at 144 DPI
+        doc = pymupdf.open()
+        for lines in page_lines:
+            page = doc.new_page(width=config.page_width * scale, height=config.page_height * scale)
+            for row, text in enumerate(lines):
+                page.insert_text((config.font_size * scale * 2, (config.font_size * 2 + row * step) * scale),
+                                 text, fontsize=config.font_size * scale)
+        path = out / f"{name}.pdf"
+        doc.save(path, garbage=0, deflate=True, no_new_id=True)
+        doc.close()
+        return {"pdf": path.name}
+    font = ImageFont.load_default(size=config.font_size)
+    folder = out / name
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for number, lines in enumerate(page_lines, start=1):
+        image = Image.new("RGB", (config.page_width, config.page_height), "white")
+        draw = ImageDraw.Draw(image)
+        for row, text in enumerate(lines):
+            draw.text((config.font_size * 2, config.font_size * 2 + row * step), text, fill="black", font=font)
+        path = folder / f"page_{number:03d}.png"
+        image.save(path)
+        paths.append(str(path.relative_to(out)))
+    return {"pages": paths}
