@@ -92,7 +92,17 @@ def test_real_pdfs_build_with_every_broken_one_rejected(backend, tmp_path, qwen_
     assert by_file["grayscale-image.pdf"]["kind"] == "no-text"  # a scan with no text layer
     assert store.manifest["rejects"] == {k: sum(r["kind"] == k for r in rejects) for k in {r["kind"] for r in rejects}}
     _check_samples(store, qwen_tokenizer)
-    assert "pdflatex-4-pages.pdf" in store.ids
+    # the stored grid of a rendered page is what transformers' processor makes of that page
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from megatron_mmprolong.data.pdf import open_pdf
+
+    index = store.ids.index("pdflatex-4-pages.pdf")
+    doc = open_pdf(str(CORPUS / "pdflatex-4-pages.pdf"), backend)
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
+    rendered = [doc.render(p, 72) for p in range(doc.page_count)]
+    grids = processor(images=rendered, return_tensors="pt")["image_grid_thw"]
+    assert grids.tolist()[: len(store.image_grids(index))] == store.image_grids(index).tolist()
 
 
 def test_pdf_records_with_page_ranges_and_bad_references(tmp_path, qwen_tokenizer):
