@@ -174,6 +174,13 @@ def tensor_rules(config: Qwen25VLConfig, layout: HFLayout = NESTED) -> list[Tens
     return rules
 
 
+def stored_rules(config: Qwen25VLConfig, layout: HFLayout = NESTED) -> list[TensorRule]:
+    """The tensors a checkpoint stores: a tied output layer is stored once, as the embedding
+    (as Megatron saves it and as transformers writes tied checkpoints)."""
+    tied = config.text.tie_word_embeddings
+    return [r for r in tensor_rules(config, layout) if not (tied and r.mcore == "language_model.output_layer.weight")]
+
+
 _LOCAL_NORM_NAMES = (
     ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
     ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),

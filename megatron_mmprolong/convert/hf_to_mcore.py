@@ -26,7 +26,7 @@ from megatron_mmprolong.convert.hf_mapping import (
     TensorRule,
     canonical_name,
     checkpoint_key,
-    tensor_rules,
+    stored_rules,
 )
 from megatron_mmprolong.convert.output_dir import atomic_output_dir
 from megatron_mmprolong.convert.torch_dist import SerializedChunk, TorchDistWriter
@@ -114,11 +114,7 @@ def hf_to_mcore(
 def _plan(config: Qwen25VLConfig, checkpoint: HFCheckpoint) -> list[_Tensor]:
     """Every tensor to write, with all names and shapes checked against the config."""
     layout = HFLayout.detect(checkpoint.names())
-    rules = [
-        r for r in tensor_rules(config, layout)
-        # A tied output layer is stored once, as the embedding (as Megatron saves it).
-        if not (config.text.tie_word_embeddings and r.mcore == "language_model.output_layer.weight")
-    ]
+    rules = stored_rules(config, layout)
     expected = _parameter_shapes(config)
     needed = {name for r in rules for name in r.hf}
     missing = sorted(needed - set(checkpoint.names()))
