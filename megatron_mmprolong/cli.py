@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 import warnings
 
 
@@ -167,12 +168,30 @@ def _inspect_data(args) -> int:
     print(summary(store))
     png = length_histogram_png(store, args.histogram or f"{args.prefix}.lengths.png")
     print(f"\nlength histogram: {png}")
+    if args.packing:
+        from megatron_mmprolong.data.inspect import packing_summary
+
+        print("\n" + packing_summary(store, args.packing))
     if args.sample:
         tokenizer = ChatTokenizer(args.tokenizer or store.manifest["tokenizer"]["path"])
         for index in args.sample:
             if not 0 <= index < len(store):
                 raise IndexError(f"--sample {index}: the dataset has {len(store)} samples")
             print("\n" + decode_sample(store, index, tokenizer))
+    return 0
+
+
+def _plan_data(args) -> int:
+    from megatron_mmprolong.data.packing import Alignment
+    from megatron_mmprolong.data.plan import MixtureSpec, PlanConfig, make_plan
+
+    alignment = Alignment(args.context_parallel_size, args.tensor_model_parallel_size,
+                          args.sequence_parallel, args.fp8)
+    config = PlanConfig(args.seq_length, args.global_batch_size, alignment, data_parallel=args.data_parallel_size)
+    plan = make_plan(MixtureSpec.from_yaml(args.mixture), config)
+    out = args.out or str(Path(args.mixture).with_suffix("")) + ".plan"
+    plan.save(out)
+    print(json.dumps({"plan": out, "digest": plan.digest(), **plan.summary}, indent=1))
     return 0
 
 
@@ -267,11 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--keep-shards", action="store_true")
     build.set_defaults(run=_build_data)
 
+    plan = verbs.add_parser("plan-data", help="mixture YAML -> sampled, packed, step-ordered training plan")
+    plan.add_argument("mixture")
+    plan.add_argument("--seq-length", type=int, required=True)
+    plan.add_argument("--global-batch-size", "--global-batch", type=int, required=True,
+                      help="packed sequences per step")
+    plan.add_argument("--context-parallel-size", type=int, default=1)
+    plan.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    plan.add_argument("--sequence-parallel", action="store_true")
+    plan.add_argument("--fp8", action="store_true", help="pad samples to FP8's multiple of 16 too")
+    plan.add_argument("--data-parallel-size", type=int, help="report the compute utilisation for this many ranks")
+    plan.add_argument("--out", help="plan path prefix (default: next to the mixture file)")
+    plan.set_defaults(run=_plan_data)
+
     inspect_ = verbs.add_parser("inspect-data", help="summary, histograms and decoded samples of a dataset")
     inspect_.add_argument("prefix")
     inspect_.add_argument("--histogram", help="PNG path (default PREFIX.lengths.png)")
     inspect_.add_argument("--sample", type=int, action="append", help="print sample N decoded (repeatable)")
     inspect_.add_argument("--tokenizer", help="default: the one the dataset was built with")
+    inspect_.add_argument("--packing", type=int, metavar="SEQ_LENGTH", help="report how the samples pack")
     inspect_.set_defaults(run=_inspect_data)
     return parser
 
@@ -301,11 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mmprolong.convert.output_dir import OutputExistsError
     from megatron_mmprolong.data.build import BuildError
     from megatron_mmprolong.data.chat import TokenizerError
+    from megatron_mmprolong.data.plan import PlanError
     from megatron_mmprolong.data.store import StoreError
 
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, OutputExistsError, BuildError, TokenizerError, StoreError) as err:
+    except (ConfigError, CheckpointError, OutputExistsError, BuildError, TokenizerError, StoreError, PlanError) as err:
         print(f"mmprolong {args.verb}: error: {err}", file=sys.stderr)
         return 2
 

@@ -34,6 +34,7 @@ from megatron_mmprolong.data.records import (
     Source,
     read_jsonl,
 )
+from megatron_mmprolong.data.sampling import default_bin_edges
 from megatron_mmprolong.data.store import FORMAT, FORMAT_VERSION, EncodedSample, StoreWriter, file_names, merge_stores
 
 OVERFLOW_POLICIES = ("skip", "drop-far-pages")
@@ -72,11 +73,7 @@ class BuildConfig:
         if self.overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow policy must be one of {OVERFLOW_POLICIES}, got {self.overflow!r}")
         if not self.bin_edges:
-            edges, edge = [0], 1024
-            while edge < self.seq_length:
-                edges.append(edge)
-                edge *= 2
-            object.__setattr__(self, "bin_edges", (*edges, self.seq_length))
+            object.__setattr__(self, "bin_edges", tuple(default_bin_edges(self.seq_length)))
         if list(self.bin_edges) != sorted(set(self.bin_edges)) or self.bin_edges[0] != 0:
             raise ValueError(f"length bin edges must increase from 0, got {self.bin_edges}")
 

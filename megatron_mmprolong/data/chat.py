@@ -64,7 +64,13 @@ class ChatTokenizer:
         for name in sorted(p.name for p in Path(self.path).iterdir() if p.is_file()):
             digest.update(name.encode())
             digest.update((Path(self.path) / name).read_bytes())
-        return {"path": self.path, "vocab_size": len(self.hf), "sha256": digest.hexdigest()}
+        pad = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.convert_tokens_to_ids("<|endoftext|>")
+        return {
+            "path": self.path, "vocab_size": len(self.hf), "sha256": digest.hexdigest(),
+            "special_tokens": {"im_start": self.im_start, "im_end": self.im_end, "vision_start": self.vision_start,
+                               "vision_end": self.vision_end, "image_pad": self.image_pad,
+                               "video_pad": self.hf.convert_tokens_to_ids("<|video_pad|>"), "pad": pad},
+        }
 
     def decode(self, ids) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)

@@ -34,6 +34,28 @@ def summary(store: MultimodalStore) -> str:
     return "\n".join(lines)
 
 
+def packing_summary(store: MultimodalStore, seq_length: int, alignment=None) -> str:
+    """How every sample once would pack at `seq_length`: ours (variable-length packs) against
+    first-fit in stored order and padding each sample to seq_length."""
+    from megatron_mmprolong.data.packing import Alignment, best_fit_decreasing, first_fit, packing_report
+
+    alignment = alignment or Alignment()
+    lengths = np.asarray(store.samples["tokens"], dtype=np.int64)
+    fits = lengths <= seq_length
+    lengths = lengths[fits]
+    if not len(lengths):
+        return f"packing at {seq_length:,}: no sample fits"
+    report = packing_report(lengths, best_fit_decreasing(alignment.pad(lengths), seq_length), seq_length, alignment)
+    naive = len(first_fit(lengths, seq_length))
+    return "\n".join([
+        f"packing at {seq_length:,} tokens ({len(lengths):,} samples; {int((~fits).sum())} longer ones left out)",
+        f"  ours (variable-length packs, multiple {alignment.multiple})  {report.efficiency:7.2%}  in {report.packs:,} packs",
+        f"  same packs padded to seq_length          {report.fixed_bin_efficiency:7.2%}  (lower bound {report.lower_bound_packs:,} packs)",
+        f"  first-fit in stored order, fixed length  {lengths.sum() / (naive * seq_length):7.2%}  in {naive:,} packs",
+        f"  every sample padded to seq_length        {lengths.sum() / (len(lengths) * seq_length):7.2%}",
+    ])
+
+
 def length_histogram_png(store: MultimodalStore, path: str | Path, width: int = 900, height: int = 480) -> Path:
     """Bar chart of samples per length bin."""
     bins = store.manifest["per_length_bin"]
