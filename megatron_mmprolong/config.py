@@ -355,6 +355,8 @@ class Qwen25VLConfig:
             },
             "vision tensor parallel size",
         )
+        if tp % vtp:
+            raise ConfigError(f"vision tensor parallel size {vtp} must divide tensor_model_parallel_size {tp}")
         if parallel.sequence_parallel and tp == 1:
             raise ConfigError("sequence parallelism needs tensor_model_parallel_size > 1")
         pp = parallel.pipeline_parallel
@@ -464,6 +466,9 @@ _QWEN_BLOCK = dict(
     masked_softmax_fusion=False,
     apply_rope_fusion=False,
     cuda_graph_scope=[],
+    # No MoE here, but megatron-core refuses variable_seq_lengths (packed pipelines) with the
+    # default "allgather" token dispatcher.
+    moe_token_dispatcher_type="alltoall",
 )
 
 

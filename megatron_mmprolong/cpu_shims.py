@@ -40,6 +40,10 @@ _TORCH_PROXY_MODULES = (
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     # synchronize after the non-blocking tensor copy of a checkpoint save
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    # the loss-token counter of every schedule: torch.zeros(..., device="cuda")
+    "megatron.core.pipeline_parallel.schedules",
+    # the global memory buffer that sequence-parallel linears all-gather into
+    "megatron.core.utils",
 )
 
 CALL_SITES: tuple[CallSite, ...] = (
@@ -56,6 +60,13 @@ CALL_SITES: tuple[CallSite, ...] = (
              "torch.cuda.current_device()"),
     CallSite("megatron.core.dist_checkpointing.strategies.filesystem_async",
              "torch.cuda.synchronize()"),
+    CallSite("megatron.core.utils", "device=torch.cuda.current_device()", "GlobalMemoryBuffer.get_tensor"),
+    CallSite("megatron.core.pipeline_parallel.schedules", 'torch.zeros([], dtype=torch.int, device="cuda")',
+             "forward_backward_no_pipelining"),
+    CallSite("megatron.core.pipeline_parallel.schedules", 'torch.zeros([], dtype=torch.int, device="cuda")',
+             "forward_backward_pipelining_without_interleaving"),
+    CallSite("megatron.core.pipeline_parallel.schedules", 'torch.zeros([], dtype=torch.int, device="cuda")',
+             "forward_backward_pipelining_with_interleaving"),
     # Activation recompute saves and restores the CUDA RNG state.
     CallSite("megatron.core.tensor_parallel.random", "torch.cuda.random.get_rng_state",
              "_get_cuda_rng_state"),
@@ -71,7 +82,8 @@ CALL_SITES: tuple[CallSite, ...] = (
 
 class _CudaOnCpu:
     """`torch.cuda` as seen by the proxied modules: the current device is the CPU and
-    synchronize is a no-op; everything else is the real `torch.cuda`."""
+    synchronize is a no-op; everything else is the real `torch.cuda`. (The proxy's `zeros`
+    likewise turns device="cuda" into the CPU.)"""
 
     @staticmethod
     def current_device() -> torch.device:
@@ -87,6 +99,12 @@ class _CudaOnCpu:
 
 class _TorchOnCpu(types.ModuleType):
     cuda = _CudaOnCpu()
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        if device is not None and torch.device(device).type == "cuda":
+            device = "cpu"
+        return torch.zeros(*args, device=device, **kwargs)
 
     def __getattr__(self, name):
         return getattr(torch, name)

@@ -130,8 +130,35 @@ def initialize(
         context_parallel_size=parallel.context_parallel,
         distributed_timeout_minutes=timeout_minutes,
     )
+    _create_vision_tensor_parallel_group(parallel)
     set_seed(seed)
     return Runtime(device=device, rank=dist.get_rank(), world_size=world_size, parallel=parallel)
+
+
+_VISION_TP_GROUP = None
+
+
+def _create_vision_tensor_parallel_group(parallel: ParallelConfig) -> None:
+    """Vision TP divides LM TP: each TP group (consecutive ranks: TP is Megatron's innermost
+    dimension) splits into TP/vision-TP subgroups that encode the same images."""
+    global _VISION_TP_GROUP
+    from megatron.core import parallel_state
+
+    tp, vtp = parallel.tensor_parallel, parallel.vision_tp
+    if vtp == tp:
+        _VISION_TP_GROUP = parallel_state.get_tensor_model_parallel_group()
+        return
+    rank = dist.get_rank()
+    for start in range(0, dist.get_world_size(), vtp):
+        group = dist.new_group(list(range(start, start + vtp)))
+        if start <= rank < start + vtp:
+            _VISION_TP_GROUP = group
+
+
+def vision_tensor_parallel_group():
+    if _VISION_TP_GROUP is None:
+        raise RuntimeError("runtime.initialize() has not run")
+    return _VISION_TP_GROUP
 
 
 def set_seed(seed: int) -> None:
@@ -150,6 +177,8 @@ def set_seed(seed: int) -> None:
 def shutdown() -> None:
     from megatron.core import parallel_state
 
+    global _VISION_TP_GROUP
+    _VISION_TP_GROUP = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_mmprolong.convert.hf_checkpoint import CheckpointError, HFCheckpoint
 from megatron_mmprolong.convert.hf_mapping import HFLayout, canonical_name, shard, tensor_rules
@@ -22,8 +21,7 @@ def load_hf_weights(model: Qwen25VLModel, hf_dir: str | Path) -> None:
         rules = {r.mcore: r for r in tensor_rules(model.model_config, layout)}
         layers = model.language_model.decoder.layers
         offset = layers[0].layer_number - 1 if len(layers) else 0
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        language_tp, vision_tp = model.pg_collection.tp, model.vision_pg_collection.tp
         used: set[str] = set()
         for name, param in model.named_parameters():
             key = canonical_name(name, offset)
@@ -39,7 +37,8 @@ def load_hf_weights(model: Qwen25VLModel, hf_dir: str | Path) -> None:
                 raise CheckpointError(
                     f"{checkpoint.file_of(rule.hf[0])}: tensors {shapes} do not fit {key} ({err})"
                 ) from None
-            local = shard(full, rule.shard, tp_rank, tp_size)
+            group = vision_tp if rule.vision else language_tp
+            local = shard(full, rule.shard, group.rank(), group.size())
             if local.shape != param.shape:
                 raise CheckpointError(
                     f"{checkpoint.file_of(rule.hf[0])}: {', '.join(rule.hf)} "

@@ -39,6 +39,47 @@ class LoaderState:
         return cls(**state)
 
 
+@dataclass
+class Segment:
+    """One sample of a pack: tokens, per-token loss mask, and the grids of its images."""
+
+    tokens: np.ndarray  # int64
+    loss_mask: np.ndarray  # bool, per token
+    grids: np.ndarray  # int [images, 3]
+
+
+def assemble_pack(segments: list[Segment], pixels: np.ndarray, alignment, special: dict, merge: int) -> dict:
+    """One packed micro-batch (see the module docstring) from whole samples and their pixels."""
+    pad = special["pad"]
+    tokens, labels, loss, lengths = [], [], [], []
+    for segment in segments:
+        text = segment.tokens
+        padded = int(alignment.pad(np.array([len(text)]))[0])
+        extra = padded - len(text)
+        tokens.append(np.concatenate([text, np.full(extra, pad)]))
+        labels.append(np.concatenate([text[1:], np.full(extra + 1, pad)]))
+        loss.append(np.concatenate([segment.loss_mask[1:], np.zeros(extra + 1, dtype=bool)]))
+        lengths.append(padded)
+    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+    cu[1:] = np.cumsum(lengths)
+    input_ids = torch.from_numpy(np.concatenate(tokens).astype(np.int64))[None]
+    grid = torch.from_numpy(np.concatenate([s.grids for s in segments]).astype(np.int64).reshape(-1, 3))
+    cu_seqlens = torch.from_numpy(cu)
+    return {
+        "tokens": input_ids,
+        "labels": torch.from_numpy(np.concatenate(labels).astype(np.int64))[None],
+        "loss_mask": torch.from_numpy(np.concatenate(loss).astype(np.float32))[None],
+        "position_ids": mrope_position_ids(
+            input_ids, image_token_id=special["image_pad"], video_token_id=special["video_pad"],
+            spatial_merge_size=merge, image_grid_thw=grid if len(grid) else None, cu_seqlens=cu_seqlens,
+        ),
+        "cu_seqlens": cu_seqlens,
+        "max_seqlen": int(max(lengths)),
+        "pixel_values": torch.from_numpy(pixels),
+        "image_grid_thw": grid,
+    }
+
+
 class PackedSequences(Dataset):
     def __init__(self, plan: Plan, rank: int = 0, data_parallel: int = 1,
                  image_backend: str = "pil", dali_device: str = "cpu"):
@@ -65,43 +106,19 @@ class PackedSequences(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         stores = self._open()
-        pack = self.schedule[index]
-        refs = self.plan.pack(pack)
-        pad = self.tokens["pad"]
-        tokens, labels, loss, lengths, images, grids, ids = [], [], [], [], [], [], []
+        refs = self.plan.pack(self.schedule[index])
+        segments, images, ids = [], [], []
         for dataset, sample in zip(self.plan.dataset_refs[refs], self.plan.sample_refs[refs]):
             store = stores[int(dataset)]
-            text = np.asarray(store.tokens[int(sample)], dtype=np.int64)
-            mask = store.loss_mask(int(sample))
-            padded = int(self.plan.config.alignment.pad(np.array([len(text)]))[0])
-            extra = padded - len(text)
-            tokens.append(np.concatenate([text, np.full(extra, pad)]))
-            labels.append(np.concatenate([text[1:], np.full(extra + 1, pad)]))
-            loss.append(np.concatenate([mask[1:], np.zeros(extra + 1, dtype=bool)]))
-            lengths.append(padded)
+            segments.append(Segment(np.asarray(store.tokens[int(sample)], dtype=np.int64),
+                                    store.loss_mask(int(sample)), store.image_grids(int(sample))))
             images += store.image_bytes(int(sample))
-            grids.append(store.image_grids(int(sample)))
             ids.append((int(dataset), int(sample)))
-        cu = np.zeros(len(lengths) + 1, dtype=np.int32)
-        cu[1:] = np.cumsum(lengths)
-        input_ids = torch.from_numpy(np.concatenate(tokens))[None]
-        grid = torch.from_numpy(np.concatenate(grids).astype(np.int64))
-        cu_seqlens = torch.from_numpy(cu)
-        return {
-            "tokens": input_ids,
-            "labels": torch.from_numpy(np.concatenate(labels))[None],
-            "loss_mask": torch.from_numpy(np.concatenate(loss).astype(np.float32))[None],
-            "position_ids": mrope_position_ids(
-                input_ids, image_token_id=self.tokens["image_pad"], video_token_id=self.tokens["video_pad"],
-                spatial_merge_size=self.merge, image_grid_thw=grid if len(grid) else None, cu_seqlens=cu_seqlens,
-            ),
-            "cu_seqlens": cu_seqlens,
-            "max_seqlen": int(max(lengths)),
-            "pixel_values": torch.from_numpy(pixel_values(images, grid.numpy(), self._decode, self.patch,
-                                                          self.merge, self.temporal)),
-            "image_grid_thw": grid,
-            "samples": ids,
-        }
+        grids = np.concatenate([s.grids for s in segments])
+        pixels = pixel_values(images, grids, self._decode, self.patch, self.merge, self.temporal)
+        batch = assemble_pack(segments, pixels, self.plan.config.alignment, self.tokens, self.merge)
+        batch["samples"] = ids
+        return batch
 
 
 def make_dataloader(dataset: PackedSequences, state: LoaderState | None = None, num_workers: int = 2,

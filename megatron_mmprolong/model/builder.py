@@ -4,6 +4,7 @@ configuration, the backend and the precision into Megatron-Core TransformerConfi
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from megatron_mmprolong.config import (
     vision_transformer_config,
 )
 from megatron_mmprolong.model.qwen25vl import Qwen25VLModel
+from megatron_mmprolong.runtime import vision_tensor_parallel_group
 from megatron_mmprolong.model.specs import Backend, default_backend
 
 
@@ -48,8 +50,9 @@ def build_model(
         apply_rope_fusion=backend == "te",
     )
     common.update(transformer_overrides)
-    # The vision encoder shares the language model's groups until vision TP may differ.
     pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    vision_pg_collection = copy.copy(pg_collection)
+    vision_pg_collection.tp = vision_tensor_parallel_group()
     device_context = torch.device("meta") if meta else contextlib.nullcontext()
     with device_context:
         model = Qwen25VLModel(
@@ -59,7 +62,7 @@ def build_model(
             merger_config=merger_transformer_config(config, parallel, **common),
             backend=backend,
             pg_collection=pg_collection,
-            vision_pg_collection=pg_collection,
+            vision_pg_collection=vision_pg_collection,
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,

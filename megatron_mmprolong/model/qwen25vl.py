@@ -1,10 +1,16 @@
 """Qwen2.5-VL on Megatron-Core: vision encoder + merger on the first pipeline stage, features
-scattered into the image/video placeholder tokens, then the M-RoPE language model."""
+scattered into the image/video placeholder tokens, then the M-RoPE language model.
+
+With context parallelism the model takes the whole (packed) sequence, embeds it, and keeps this
+rank's zigzag share of tokens, position ids and labels (parallel/context_parallel.py); images are
+encoded once, split over the CP ranks. Outputs (logits or per-token loss) are for the local tokens.
+"""
 
 from __future__ import annotations
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
@@ -16,6 +22,7 @@ from megatron_mmprolong.model.language import LanguageModel
 from megatron_mmprolong.model.specs import Backend
 from megatron_mmprolong.model.vision import VisionEncoder
 from megatron_mmprolong.model.vision_layout import build_vision_layout
+from megatron_mmprolong.parallel.context_parallel import assign_images, gather_rows, local_token_index
 from megatron_mmprolong.positions import mrope_position_ids
 
 
@@ -35,7 +42,11 @@ class Qwen25VLModel(MegatronModule):
     ):
         super().__init__(config=language_config)
         self.model_config = config
+        self.model_type = ModelType.encoder_or_decoder  # what Megatron's schedules dispatch on
         self.backend = backend
+        self.pg_collection = pg_collection
+        self.vision_pg_collection = vision_pg_collection
+        self.cp_size = language_config.context_parallel_size
         self.pre_process = pre_process
         self.post_process = post_process
         self.vision_model = (
@@ -92,24 +103,35 @@ class Qwen25VLModel(MegatronModule):
         second_per_grid_ts: Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
         labels: Tensor | None = None,
+        cp_index: Tensor | None = None,
     ) -> Tensor:
         """input_ids [batch, seq] ([1, tokens] with `packed_seq_params` for packed samples).
 
         Position ids [3, batch, seq] normally come from the data loader; without them they are
-        computed here. Grids are best passed on the CPU (the vision layout is built there).
-        Returns logits [batch, seq, vocab], or the per-token loss [batch, seq] given labels.
+        computed here. Grids and `cp_index` (this CP rank's token positions, `cp_token_index`)
+        are best computed on the CPU by the caller; otherwise they are derived here.
+        Returns logits [batch, local seq, vocab], or the per-token loss [batch, local seq] given
+        labels (full-sequence labels; the local share is taken here).
         """
+        cu_seqlens = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         if position_ids is None:
-            cu_seqlens = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
-            position_ids = self.position_ids(
-                input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, cu_seqlens
-            )
+            position_ids = self.position_ids(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, cu_seqlens)
+        if self.cp_size > 1:
+            if cp_index is None:
+                cp_index = self.cp_token_index(input_ids.shape[1], cu_seqlens).to(input_ids.device)
+            position_ids = position_ids[..., cp_index]
+            labels = labels[:, cp_index] if labels is not None else None
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(
-                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, cp_index
             )
         return self.language_model(decoder_input, position_ids, packed_seq_params, labels)
+
+    def cp_token_index(self, seq_length: int, cu_seqlens: Tensor | None = None) -> Tensor:
+        """Positions of the sequence kept by this context-parallel rank (CPU)."""
+        cu = cu_seqlens if cu_seqlens is not None else torch.tensor([0, seq_length])
+        return local_token_index(cu, self.cp_size, self.pg_collection.cp.rank())
 
     def embed(
         self,
@@ -118,9 +140,11 @@ class Qwen25VLModel(MegatronModule):
         image_grid_thw: Tensor | None = None,
         pixel_values_videos: Tensor | None = None,
         video_grid_thw: Tensor | None = None,
+        cp_index: Tensor | None = None,
     ) -> Tensor:
-        """Token embeddings with vision features in the placeholder positions, [seq, batch, hidden]
-        (scattered over the tensor-parallel ranks when sequence parallelism is on)."""
+        """Token embeddings with vision features in the placeholder positions, [seq, batch, hidden]:
+        this CP rank's tokens (`cp_index`), scattered over the tensor-parallel ranks when
+        sequence parallelism is on."""
         embeddings = self.language_model.embed(input_ids)
         tokens = self.model_config.tokens
         items = [
@@ -134,16 +158,50 @@ class Qwen25VLModel(MegatronModule):
         if items:
             # One encoder pass for images and videos: attention segments never cross items.
             grids = torch.cat([g for _, g, _ in items])
-            pixels = torch.cat([p for p, _, _ in items])
-            layout = build_vision_layout(grids, self.model_config.vision, device=pixels.device)
-            features = self.vision_model(pixels, layout).to(embeddings.dtype)
+            features = self.encode_vision(torch.cat([p for p, _, _ in items]), grids).to(embeddings.dtype)
             merge = self.model_config.vision.spatial_merge_size
             sizes = [int(g.prod(-1).sum()) // merge**2 for _, g, _ in items]
             for (_, _, token), part in zip(items, features.split(sizes)):
                 embeddings = _scatter_features(embeddings, input_ids, token, part)
+        if cp_index is not None:
+            embeddings = embeddings[cp_index]
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
+
+
+    def encode_vision(self, pixels: Tensor, grids: Tensor) -> Tensor:
+        """Merged vision features of all items, in order; with CP each rank encodes its share."""
+        if self.cp_size == 1:
+            return self.vision_model(pixels, build_vision_layout(grids, self.model_config.vision, pixels.device))
+        cp = self.pg_collection.cp
+        patches = grids.prod(-1)
+        merged = patches // self.model_config.vision.spatial_merge_size**2
+        owned = assign_images(patches, self.cp_size)
+        mine = torch.tensor(owned[cp.rank()], dtype=torch.long)
+        if len(mine):
+            rows = _rows_of(patches, mine).to(pixels.device)
+            layout = build_vision_layout(grids[mine], self.model_config.vision, pixels.device)
+            local = self.vision_model(pixels.index_select(0, rows), layout)
+        else:
+            local = pixels.new_zeros(0, self.model_config.vision.out_hidden_size)
+        sizes = [int(merged[o].sum()) for o in owned]
+        gathered = gather_rows(local, sizes, cp)
+        rank_order = torch.tensor([i for o in owned for i in o], dtype=torch.long)
+        position = torch.empty_like(rank_order)
+        position[rank_order] = torch.arange(len(rank_order))
+        # rows of each image in the gathered (rank-major) order, images back in input order
+        starts = torch.cumsum(merged[rank_order], 0) - merged[rank_order]
+        return gathered.index_select(0, _rows_of(merged, torch.arange(len(merged)), starts[position]).to(gathered.device))
+
+
+def _rows_of(counts: Tensor, items: Tensor, starts: Tensor | None = None) -> Tensor:
+    """Row indices of `items` whose rows start at `starts` (default: cumulative `counts`)."""
+    if starts is None:
+        starts = (torch.cumsum(counts, 0) - counts)[items]
+    sizes = counts[items]
+    within = torch.arange(int(sizes.sum())) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    return torch.repeat_interleave(starts, sizes) + within
 
 
 def _scatter_features(embeddings: Tensor, input_ids: Tensor, token_id: int, features: Tensor) -> Tensor:

@@ -3,8 +3,10 @@
 A numerical reference for machines without TE (CPU tests, parity checks). Packed (THD) batches
 are attended segment by segment without any [tokens, tokens] mask: segments of equal length
 (the many same-sized vision windows, the packed samples) are stacked into one SDPA batch, so
-the loop runs over distinct lengths, never over windows. On GPUs the TE backend runs the same
-segments with its fused variable-length kernels.
+the loop runs over distinct lengths, never over windows. With context parallelism each rank
+all-gathers keys and values and attends its zigzag share of queries to them under a mask built
+from global positions (what TE's ring attention computes, without its overlap). On GPUs the TE
+backend runs the same segments with its fused variable-length kernels.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
+
+from megatron_mmprolong.parallel.context_parallel import local_token_index
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
@@ -47,6 +52,7 @@ class ReferenceCoreAttention(MegatronModule):
         self.groups = divide(config.num_query_groups or config.num_attention_heads, tp_size)
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.cp_group = pg_collection.cp if config.context_parallel_size > 1 else None
 
     def forward(
         self,
@@ -59,6 +65,8 @@ class ReferenceCoreAttention(MegatronModule):
         packed_seq_params=None,
     ):
         causal = (attn_mask_type or self.attn_mask_type) in _CAUSAL
+        if self.cp_group is not None:
+            return self._context_parallel(query, key, value, packed_seq_params, causal)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             out = self._packed(query, key, value, packed_seq_params.cu_seqlens_q, causal)
             return out.reshape(out.shape[0], -1)  # [t, heads * dim]
@@ -66,15 +74,34 @@ class ReferenceCoreAttention(MegatronModule):
         out = self._sdpa(*(x.permute(1, 2, 0, 3) for x in (query, key, value)), causal)
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = False, mask: Tensor | None = None) -> Tensor:
         """[batch, heads, seq, dim] attention with query groups expanded."""
         if self.groups != self.heads:
             k = k.repeat_interleave(self.heads // self.groups, dim=1)
             v = v.repeat_interleave(self.heads // self.groups, dim=1)
         return F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, scale=self.softmax_scale,
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0,
         )
+
+    def _context_parallel(self, q: Tensor, k: Tensor, v: Tensor, packed_seq_params, causal: bool) -> Tensor:
+        """Local queries against all keys and values of the CP group."""
+        cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        total = q.shape[0] * cp_size
+        cu = packed_seq_params.cu_seqlens_q if thd else torch.tensor([0, total])
+        k = gather_from_sequence_parallel_region(k, True, group=self.cp_group)
+        v = gather_from_sequence_parallel_region(v, True, group=self.cp_group)
+        mine = local_token_index(cu, cp_size, cp_rank).to(q.device)
+        every = torch.cat([local_token_index(cu, cp_size, r) for r in range(cp_size)]).to(q.device)
+        boundaries = cu[1:].to(q.device, torch.int64)
+        same = torch.bucketize(mine, boundaries, right=True)[:, None] == torch.bucketize(every, boundaries, right=True)[None]
+        mask = same & (every[None] <= mine[:, None]) if causal else same
+        if thd:  # [t, heads, dim] -> [1, heads, t, dim]
+            out = self._sdpa(*(x.unsqueeze(0).transpose(1, 2) for x in (q, k, v)), mask=mask)
+            return out.squeeze(0).transpose(0, 1).reshape(out.shape[2], -1)
+        out = self._sdpa(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), mask=mask)
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
     def _packed(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causal: bool) -> Tensor:
         """[t, heads, dim] tokens of back-to-back segments -> attention within each segment."""

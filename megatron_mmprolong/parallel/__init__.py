@@ -1,0 +1,1 @@
+"""Context parallelism for the VLM: the sequence split, vision work split across ranks."""

@@ -1,0 +1,1 @@
+"""Training: arguments, recipes, the loop on Megatron-Core, checkpoints."""

@@ -1,0 +1,169 @@
+"""TP, TP+SP, CP, PP and TP x CP give the single-process loss (1e-5) and gradients (1e-4 relative)
+through Megatron-Core's schedules, for one-sample and multi-sample packed (THD) micro-batches
+whose samples are not multiples of 2*CP; with activation recompute off, selective and full."""
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_mmprolong.config import ParallelConfig
+from megatron_mmprolong.convert.hf_mapping import canonical_name, shard, tensor_rules
+from megatron_mmprolong.convert.parity import make_sample
+from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
+from megatron_mmprolong.data.loader import Segment, assemble_pack
+from megatron_mmprolong.data.packing import Alignment
+
+from conftest import tiny_config
+from multiprocess import run_ranks
+
+LOSS_ATOL = 1e-5
+GRAD_RTOL = 1e-4
+MODES = ("none", "selective", "full")
+CONFIG = tiny_config(layers=4, kv_heads=2)
+ALIGNMENT = Alignment(context_parallel=2, tensor_parallel=2, sequence_parallel=True)  # multiple of 8
+
+
+def _batches():
+    """A one-sample pack and a three-sample pack; raw sample lengths are not multiples of 8."""
+    generator = torch.Generator().manual_seed(12)
+    rng = np.random.default_rng(12)
+    special = {"pad": CONFIG.tokens.eos, "image_pad": CONFIG.tokens.image, "video_pad": CONFIG.tokens.video}
+    packs = [[dict(images=[(1, 12, 20), (1, 6, 4)], text_tokens=5)],
+             [dict(images=[(1, 8, 8)], text_tokens=6), dict(images=[(1, 4, 6), (1, 10, 6)], text_tokens=3),
+              dict(images=[], text_tokens=9)]]
+    batches = []
+    for pack in packs:
+        segments, pixels = [], []
+        for spec in pack:
+            sample = make_sample(CONFIG, generator, **spec)
+            tokens = sample.input_ids[0].numpy().astype(np.int64)
+            assert len(tokens) % 8
+            grids = sample.image_grid_thw.numpy() if sample.image_grid_thw is not None else np.zeros((0, 3), np.int64)
+            segments.append(Segment(tokens, rng.random(len(tokens)) < 0.4, grids))
+            if sample.pixel_values is not None:
+                pixels.append(sample.pixel_values.numpy())
+        batches.append(assemble_pack(segments, np.concatenate(pixels), ALIGNMENT, special, 2))
+    return batches
+
+
+def _run(layout: dict, hf_dir, modes=MODES, save_to=None, load_from=None) -> dict:
+    """On every rank: loss and synced gradients per recompute mode (rank-local shards)."""
+    from megatron.core import dist_checkpointing, parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_mmprolong import runtime
+    from megatron_mmprolong.convert.hf_loader import load_hf_weights
+    from megatron_mmprolong.convert.mcore_checkpoint import load_mcore_checkpoint
+    from megatron_mmprolong.model.builder import build_model
+    from megatron_mmprolong.training.step import forward_step
+
+    parallel = ParallelConfig(**layout)
+    runtime.initialize(parallel)
+    batches = _batches()
+    encoded = []
+    out = {"tp_rank": ps.get_tensor_model_parallel_rank(), "tp_size": ps.get_tensor_model_parallel_world_size(),
+           "modes": {}}
+    for mode in modes:
+        recompute = {
+            "none": {},
+            "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+            "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        }[mode]
+        model = build_model(CONFIG, parallel, pre_process=ps.is_pipeline_first_stage(),
+                            post_process=ps.is_pipeline_last_stage(), calculate_per_token_loss=True,
+                            variable_seq_lengths=True, **recompute)
+        if load_from is not None:
+            load_mcore_checkpoint(model, load_from)
+        else:
+            load_hf_weights(model, hf_dir)
+        if model.vision_model is not None and mode == "none":
+            model.vision_model.register_forward_pre_hook(lambda module, args: encoded.append(args[0].detach().clone()))
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=len(batches), seq_length=max(b["tokens"].shape[1] for b in batches),
+            micro_batch_size=1, forward_only=False,
+        )
+        total = torch.tensor(sum(float(l["lm loss"][0]) for l in losses) if losses else 0.0, dtype=torch.float64)
+        torch.distributed.all_reduce(total, group=ps.get_context_parallel_group())
+        grads = {}
+        offset = model.language_model.decoder.layers[0].layer_number - 1
+        for name, param in model.named_parameters():
+            grad = param.grad.detach().clone()
+            torch.distributed.all_reduce(grad, group=ps.get_context_parallel_group())
+            if getattr(param, "sequence_parallel", False):
+                torch.distributed.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
+            grads[canonical_name(name, offset)] = grad
+        out["modes"][mode] = {"loss": float(total), "grads": grads}
+        if save_to is not None and mode == modes[0]:
+            if torch.distributed.get_rank() == 0:
+                save_to.mkdir(exist_ok=True)
+            torch.distributed.barrier()
+            dist_checkpointing.save(model.sharded_state_dict(), str(save_to))
+    out["encoded"] = encoded
+    out["last_stage"] = ps.is_pipeline_last_stage()
+    out["layers"] = len(model.language_model.decoder.layers)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, runtime):
+    hf_dir = tmp_path_factory.mktemp("hf")
+    write_random_hf_checkpoint(CONFIG, hf_dir, seed=9)
+    result = _run({}, hf_dir, modes=("none",))
+    count = sum(float(b["loss_mask"].sum()) for b in _batches())
+    return hf_dir, result["modes"]["none"], count
+
+
+def _compare(reference, results, modes=MODES):
+    _, expected, count = reference
+    rules = {r.mcore: r for r in tensor_rules(CONFIG)}
+    for mode in modes:
+        last = [r for r in results if r["last_stage"]]
+        for result in last:
+            assert abs(result["modes"][mode]["loss"] / count - expected["loss"] / count) < LOSS_ATOL, mode
+        seen = set()
+        for result in results:
+            for name, grad in result["modes"][mode]["grads"].items():
+                full = expected["grads"][name]
+                want = shard(full, rules[name].shard, result["tp_rank"], result["tp_size"])
+                scale = want.abs().max().item()
+                error = (grad - want).abs().max().item()
+                assert error <= GRAD_RTOL * scale + 1e-12, f"{mode} {name}: {error} vs {scale}"
+                seen.add(name)
+        assert seen == set(expected["grads"]), mode
+
+
+LAYOUTS = {
+    "tp2": (dict(tensor_parallel=2), 2),
+    "tp2-sp": (dict(tensor_parallel=2, sequence_parallel=True), 2),
+    "cp2": (dict(context_parallel=2), 2),
+    "pp2": (dict(pipeline_parallel=2), 2),
+    "pp2-uneven": (dict(pipeline_parallel=2, decoder_first_pipeline_num_layers=1), 2),  # vision + 1 layer | 3
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_layout_matches_one_process(reference, name):
+    layout, ranks = LAYOUTS[name]
+    results = run_ranks(_run, ranks, layout, reference[0])
+    _compare(reference, results)
+    if name == "pp2-uneven":
+        assert [r["layers"] for r in results] == [1, 3]
+    if name == "cp2":
+        # every image row encoded once, by exactly one rank
+        full = torch.cat([b["pixel_values"] for b in _batches()])
+        per_rank = [torch.cat(r["encoded"]) for r in results if r["encoded"]]
+        assert len(per_rank) == 2 and all(len(p) for p in per_rank)
+        encoded = torch.cat(per_rank)
+        assert len(encoded) == len(full)
+        assert sorted(map(tuple, encoded[:, :3].tolist())) == sorted(map(tuple, full[:, :3].tolist()))
+
+
+def test_tp2_cp2_and_a_checkpoint_moving_to_pp2(reference, tmp_path):
+    """TP2 x CP2 on 4 ranks; its distributed checkpoint then loads at PP2 with the same loss."""
+    checkpoint = tmp_path / "ckpt"
+    results = run_ranks(_run, 4, dict(tensor_parallel=2, context_parallel=2, sequence_parallel=True),
+                        reference[0], MODES, checkpoint)
+    _compare(reference, results)
+    moved = run_ranks(_run, 2, dict(pipeline_parallel=2), None, ("none",), None, checkpoint)
+    _compare(reference, moved, modes=("none",))
