@@ -103,6 +103,54 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class PrecisionConfig:
+    """Parameter dtype and the FP8 policy (Transformer Engine, H100).
+
+    FP8 GEMMs use the `hybrid` (E4M3 forward, E5M2 gradients) or `e4m3` format with `delayed`
+    or `tensorwise` (current) scaling; `blockwise` and `mxfp8` need Blackwell. FP8 attention
+    (`fp8_attention`, TE's fp8_dpa) has a backward pass on H100 only for unpacked (sbhd/bshd)
+    sequences, with or without CP; for packed (THD) batches it is forward-only, so training on
+    packed data refuses it. The vision encoder stays BF16 unless `fp8_vision`.
+    """
+
+    params_dtype: str = "bf16"
+    fp8: str | None = None  # None, "hybrid" or "e4m3"
+    fp8_recipe: str = "delayed"
+    fp8_attention: bool = False
+    fp8_vision: bool = False
+
+    def validate(self, backend: str, packed: bool = True, training: bool = True) -> None:
+        torch_dtype(self.params_dtype)
+        if self.fp8 is None:
+            if self.fp8_attention or self.fp8_vision:
+                raise ConfigError("fp8 attention / fp8 vision need FP8 (--fp8-format hybrid or e4m3)")
+            return
+        if self.fp8 not in ("hybrid", "e4m3"):
+            raise ConfigError(f"fp8 format must be hybrid or e4m3, got {self.fp8!r}")
+        if backend != "te":
+            raise ConfigError("FP8 needs the Transformer Engine backend (a GPU with TE installed)")
+        if self.fp8_recipe in ("blockwise", "mxfp8"):
+            raise ConfigError(f"fp8 recipe {self.fp8_recipe} needs Blackwell GPUs; on H100 use delayed or tensorwise")
+        if self.fp8_recipe not in ("delayed", "tensorwise"):
+            raise ConfigError(f"fp8 recipe must be delayed or tensorwise, got {self.fp8_recipe!r}")
+        if self.fp8_attention and packed and training:
+            raise ConfigError(
+                "FP8 attention on packed (THD) sequences is forward-only in Transformer Engine on H100: "
+                "train without --fp8-dot-product-attention, or on unpacked sequences"
+            )
+
+    def transformer_overrides(self, vision: bool = False) -> dict[str, Any]:
+        """TransformerConfig fields of this policy for the language model or the vision encoder."""
+        dtype = torch_dtype(self.params_dtype)
+        values: dict[str, Any] = dict(params_dtype=dtype, pipeline_dtype=dtype,
+                                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+        if self.fp8 is not None and (self.fp8_vision or not vision):
+            values.update(fp8=self.fp8, fp8_recipe=self.fp8_recipe,
+                          fp8_dot_product_attention=self.fp8_attention and not vision)
+        return values
+
+
+@dataclass(frozen=True)
 class Qwen25VLConfig:
     text: TextConfig = field(default_factory=TextConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)

@@ -159,3 +159,51 @@ def test_transformer_configs():
     vision = vision_transformer_config(c7, parallel)
     assert vision.add_bias_linear and vision.kv_channels == 80
     assert (vision.context_parallel_size, vision.sequence_parallel, vision.pipeline_model_parallel_size) == (1, False, 1)
+
+
+@pytest.mark.parametrize(
+    "precision, backend, packed, training, message",
+    [
+        (dict(fp8="hybrid"), "local", True, True, "needs the Transformer Engine backend"),
+        (dict(fp8="e5m2"), "te", True, True, "hybrid or e4m3"),
+        (dict(fp8="hybrid", fp8_recipe="mxfp8"), "te", True, True, "needs Blackwell"),
+        (dict(fp8="hybrid", fp8_recipe="blockwise"), "te", True, True, "needs Blackwell"),
+        (dict(fp8="hybrid", fp8_attention=True), "te", True, True, "forward-only"),
+        (dict(fp8_attention=True), "te", False, True, "need FP8"),
+        (dict(params_dtype="int8"), "te", True, True, "dtype 'int8'"),
+    ],
+)
+def test_fp8_policy_refusals(precision, backend, packed, training, message):
+    from megatron_mmprolong.config import PrecisionConfig
+
+    with pytest.raises(ConfigError, match=message):
+        PrecisionConfig(**precision).validate(backend, packed=packed, training=training)
+
+
+def test_fp8_policy_accepted_combinations():
+    from megatron_mmprolong.config import PrecisionConfig
+
+    for precision, packed, training in [
+        (dict(fp8="hybrid"), True, True),
+        (dict(fp8="e4m3", fp8_recipe="tensorwise"), True, True),
+        (dict(fp8="hybrid", fp8_attention=True), False, True),  # unpacked (with or without CP)
+        (dict(fp8="hybrid", fp8_attention=True), True, False),  # packed, forward only
+    ]:
+        PrecisionConfig(**precision).validate("te", packed=packed, training=training)
+    policy = PrecisionConfig(fp8="hybrid", fp8_attention=True)
+    language, vision = policy.transformer_overrides(), policy.transformer_overrides(vision=True)
+    assert language["fp8"] == "hybrid" and language["fp8_dot_product_attention"] and language["bf16"]
+    assert "fp8" not in vision and vision["bf16"]  # the vision encoder stays BF16 by default
+    assert PrecisionConfig(fp8="hybrid", fp8_vision=True).transformer_overrides(vision=True)["fp8"] == "hybrid"
+
+
+def test_alignment_multiples():
+    from megatron_mmprolong.data.packing import Alignment
+
+    assert Alignment().multiple == 1
+    assert Alignment(context_parallel=2).multiple == 4
+    assert Alignment(context_parallel=4, tensor_parallel=2, sequence_parallel=True).multiple == 16
+    assert Alignment(tensor_parallel=4, sequence_parallel=True).multiple == 4
+    assert Alignment(tensor_parallel=2, sequence_parallel=True, fp8=True).multiple == 16
+    assert Alignment(context_parallel=8, tensor_parallel=4, sequence_parallel=True, fp8=True).multiple == 64
+    assert Alignment(context_parallel=2).pad([1, 4, 5]).tolist() == [4, 4, 8]

@@ -4,6 +4,7 @@ the same weights, NCCL start-up. Skipped on machines without CUDA (see conftest.
 import pytest
 import torch
 
+from megatron_mmprolong.config import PrecisionConfig
 from megatron_mmprolong.convert.parity import default_samples, our_logits, pack
 
 from conftest import tiny_config
@@ -21,7 +22,7 @@ def gpu_runtime():
     return rt
 
 
-@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 0.08), (torch.float32, 2e-3)])
+@pytest.mark.parametrize("dtype, atol", [("bf16", 0.08), ("fp32", 2e-3)])
 def test_te_backend_matches_local_backend(gpu_runtime, tmp_path, dtype, atol):
     pytest.importorskip("transformer_engine")
     from megatron_mmprolong.convert.hf_loader import load_hf_weights
@@ -37,7 +38,7 @@ def test_te_backend_matches_local_backend(gpu_runtime, tmp_path, dtype, atol):
     packed.pixel_values_videos = packed.pixel_values_videos.cuda()
     logits = {}
     for backend in ("te", "local"):
-        model = build_model(config, backend=backend, params_dtype=dtype)
+        model = build_model(config, backend=backend, precision=PrecisionConfig(params_dtype=dtype))
         load_hf_weights(model, tmp_path)
         out = our_logits(model, packed, params)
         out.float().square().mean().backward()  # the backward pass runs on both backends
@@ -72,3 +73,44 @@ def test_converted_checkpoint_loads_into_the_te_model(gpu_runtime, tmp_path):
         ours = our_logits(model, packed, params).float().cpu()
         expected = torch.cat([hf_logits(reference, s) for s in samples], dim=1)
     assert (ours - expected).abs().max().item() < 2e-3 * max(expected.abs().max().item(), 1.0)
+
+
+def test_fp8_training_step_runs_close_to_bf16(gpu_runtime, tmp_path):
+    """TE FP8 GEMMs (hybrid, delayed scaling) through the schedule: finite, close to BF16."""
+    pytest.importorskip("transformer_engine")
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_mmprolong.convert.hf_loader import load_hf_weights
+    from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
+    from megatron_mmprolong.model.builder import build_model
+    from megatron_mmprolong.training.step import forward_step
+
+    from test_parallel import CONFIG, _batches
+
+    write_random_hf_checkpoint(CONFIG, tmp_path, seed=5)
+    losses = {}
+    for name, precision in (("bf16", PrecisionConfig()), ("fp8", PrecisionConfig(fp8="hybrid"))):
+        model = build_model(CONFIG, backend="te", precision=precision, calculate_per_token_loss=True,
+                            variable_seq_lengths=True)
+        load_hf_weights(model, tmp_path)
+        out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(_batches()),
+                                          model=[model], num_microbatches=2, seq_length=1, micro_batch_size=1)
+        losses[name] = sum(float(o["lm loss"][0]) for o in out)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert abs(losses["fp8"] - losses["bf16"]) <= 0.05 * abs(losses["bf16"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_te_context_parallel_matches_one_gpu(tmp_path):
+    """CP2 through Transformer Engine's ring attention (NCCL) against one GPU."""
+    pytest.importorskip("transformer_engine")
+    from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
+
+    from multiprocess import run_ranks
+    from test_parallel import CONFIG, _batches, _run
+
+    write_random_hf_checkpoint(CONFIG, tmp_path, seed=6)
+    single = run_ranks(_run, 1, {}, tmp_path, ("none",))[0]["modes"]["none"]["loss"]
+    split = [r for r in run_ranks(_run, 2, dict(context_parallel=2), tmp_path, ("none",)) if r["last_stage"]]
+    count = sum(float(b["loss_mask"].sum()) for b in _batches())
+    assert all(abs(r["modes"]["none"]["loss"] - single) / count < 1e-4 for r in split)

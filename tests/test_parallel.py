@@ -61,8 +61,9 @@ def _run(layout: dict, hf_dir, modes=MODES, save_to=None, load_from=None) -> dic
     runtime.initialize(parallel)
     batches = _batches()
     encoded = []
-    out = {"tp_rank": ps.get_tensor_model_parallel_rank(), "tp_size": ps.get_tensor_model_parallel_world_size(),
-           "modes": {}}
+    vision_tp = runtime.vision_tensor_parallel_group()
+    out = {"tp": (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
+           "vision_tp": (vision_tp.rank(), vision_tp.size()), "modes": {}}
     for mode in modes:
         recompute = {
             "none": {},
@@ -125,7 +126,8 @@ def _compare(reference, results, modes=MODES):
         for result in results:
             for name, grad in result["modes"][mode]["grads"].items():
                 full = expected["grads"][name]
-                want = shard(full, rules[name].shard, result["tp_rank"], result["tp_size"])
+                rank, size = result["vision_tp" if rules[name].vision else "tp"]
+                want = shard(full, rules[name].shard, rank, size)
                 scale = want.abs().max().item()
                 error = (grad - want).abs().max().item()
                 assert error <= GRAD_RTOL * scale + 1e-12, f"{mode} {name}: {error} vs {scale}"
@@ -136,6 +138,7 @@ def _compare(reference, results, modes=MODES):
 LAYOUTS = {
     "tp2": (dict(tensor_parallel=2), 2),
     "tp2-sp": (dict(tensor_parallel=2, sequence_parallel=True), 2),
+    "tp2-vision-tp1": (dict(tensor_parallel=2, vision_tensor_parallel=1), 2),
     "cp2": (dict(context_parallel=2), 2),
     "pp2": (dict(pipeline_parallel=2), 2),
     "pp2-uneven": (dict(pipeline_parallel=2, decoder_first_pipeline_num_layers=1), 2),  # vision + 1 layer | 3

@@ -12,6 +12,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_mmprolong.config import (
     ParallelConfig,
+    PrecisionConfig,
     Qwen25VLConfig,
     language_transformer_config,
     merger_transformer_config,
@@ -27,7 +28,9 @@ def build_model(
     parallel: ParallelConfig = ParallelConfig(),
     *,
     backend: Backend | None = None,
-    params_dtype: torch.dtype = torch.float32,
+    precision: PrecisionConfig = PrecisionConfig(params_dtype="fp32"),
+    packed: bool = True,
+    training: bool = True,
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
@@ -35,21 +38,21 @@ def build_model(
     **transformer_overrides: Any,
 ) -> Qwen25VLModel:
     """Needs Megatron-Core's parallel state (`runtime.initialize`). With `meta=True` the
-    parameters live on the meta device: shapes and counts without memory."""
+    parameters live on the meta device: shapes and counts without memory. `packed` and
+    `training` describe the batches, for the FP8 attention policy."""
     config.validate()
     config.validate_parallel(parallel)
     backend = backend or default_backend()
+    precision.validate(backend, packed=packed, training=training)
     on_gpu = torch.cuda.is_available() and not meta
     common = dict(
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=not meta,
         apply_rope_fusion=backend == "te",
+        **transformer_overrides,
     )
-    common.update(transformer_overrides)
+    language = {**common, **precision.transformer_overrides()}
+    vision = {**common, **precision.transformer_overrides(vision=True)}
     pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     vision_pg_collection = copy.copy(pg_collection)
     vision_pg_collection.tp = vision_tensor_parallel_group()
@@ -57,9 +60,9 @@ def build_model(
     with device_context:
         model = Qwen25VLModel(
             config,
-            language_config=language_transformer_config(config, parallel, **common),
-            vision_config=vision_transformer_config(config, parallel, **common),
-            merger_config=merger_transformer_config(config, parallel, **common),
+            language_config=language_transformer_config(config, parallel, **language),
+            vision_config=vision_transformer_config(config, parallel, **vision),
+            merger_config=merger_transformer_config(config, parallel, **vision),
             backend=backend,
             pg_collection=pg_collection,
             vision_pg_collection=vision_pg_collection,
