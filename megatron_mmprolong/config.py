@@ -96,6 +96,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     virtual_pipeline_parallel: int | None = None
     decoder_first_pipeline_num_layers: int | None = None
+    cp_comm_type: str = "p2p"  # Transformer Engine CP: p2p (ring), a2a, allgather or a2a+p2p
 
     @property
     def vision_tp(self) -> int:
@@ -405,6 +406,14 @@ class Qwen25VLConfig:
         )
         if tp % vtp:
             raise ConfigError(f"vision tensor parallel size {vtp} must divide tensor_model_parallel_size {tp}")
+        comm, cp = parallel.cp_comm_type, parallel.context_parallel
+        if comm not in ("p2p", "a2a", "allgather", "a2a+p2p"):
+            raise ConfigError(f"cp_comm_type must be p2p, a2a, allgather or a2a+p2p, got {comm!r}")
+        if comm == "a2a" and (t.num_key_value_heads // tp) % cp:
+            raise ConfigError(
+                f"cp_comm_type a2a splits attention heads over CP: {t.num_key_value_heads} KV heads / TP {tp} "
+                f"do not divide over CP {cp}; use p2p or a2a+p2p"
+            )
         if parallel.sequence_parallel and tp == 1:
             raise ConfigError("sequence parallelism needs tensor_model_parallel_size > 1")
         pp = parallel.pipeline_parallel
@@ -544,6 +553,7 @@ def language_transformer_config(
         context_parallel_size=parallel.context_parallel,
         sequence_parallel=parallel.sequence_parallel,
         num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
+        cp_comm_type=parallel.cp_comm_type,
     )
     values.update(overrides)
     return TransformerConfig(**values)
