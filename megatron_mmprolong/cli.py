@@ -198,6 +198,7 @@ def _plan_data(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprolong", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs.add_parser("train", help="continued pretraining on Megatron-Core (mmprolong train --help)", add_help=False)
 
     info = verbs.add_parser(
         "model-info", help="parameter counts of a preset or HF config, built on the meta device"
@@ -327,6 +328,11 @@ def _add_tolerances(parser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # Megatron-style arguments, parsed by the training module
+        from megatron_mmprolong.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     from megatron_mmprolong.config import ConfigError

@@ -506,6 +506,12 @@ PRESETS: dict[str, Qwen25VLConfig] = {
     ),
     "tiny": _preset(_TINY_TEXT, _TINY_VISION),
     "tiny-tied": _preset(dataclasses.replace(_TINY_TEXT, tie_word_embeddings=True), _TINY_VISION),
+    # 1K vocabulary with the special tokens on top (data/tiny_tokenizer.py): fast CPU training
+    "tiny-1k": Qwen25VLConfig(
+        text=dataclasses.replace(_TINY_TEXT, vocab_size=1024),
+        vision=_TINY_VISION,
+        tokens=TokenIds(vision_start=1016, vision_end=1017, image=1019, video=1020, bos=1021, eos=1022),
+    ),
 }
 
 

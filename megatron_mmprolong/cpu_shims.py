@@ -42,8 +42,13 @@ _TORCH_PROXY_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     # the loss-token counter of every schedule: torch.zeros(..., device="cuda")
     "megatron.core.pipeline_parallel.schedules",
-    # the global memory buffer that sequence-parallel linears all-gather into
+    # the global memory buffer that sequence-parallel linears all-gather into, and the
+    # torch fallback of the multi-tensor L2 norm: torch.tensor(..., device="cuda")
     "megatron.core.utils",
+    # the FP32 optimizer's loss scale and the mixed-precision flags: torch.tensor(..., device="cuda")
+    "megatron.core.optimizer.optimizer",
+    # gradient norm and zero counting: torch.tensor / torch.zeros(..., device="cuda")
+    "megatron.core.optimizer.clip_grads",
 )
 
 CALL_SITES: tuple[CallSite, ...] = (
@@ -61,6 +66,13 @@ CALL_SITES: tuple[CallSite, ...] = (
     CallSite("megatron.core.dist_checkpointing.strategies.filesystem_async",
              "torch.cuda.synchronize()"),
     CallSite("megatron.core.utils", "device=torch.cuda.current_device()", "GlobalMemoryBuffer.get_tensor"),
+    CallSite("megatron.core.utils", 'device="cuda"', "local_multi_tensor_l2_norm"),
+    CallSite("megatron.core.optimizer.optimizer", "device='cuda'", "FP32Optimizer.__init__"),
+    CallSite("megatron.core.optimizer.clip_grads", "device='cuda'", "get_grad_norm_fp32"),
+    CallSite("megatron.core.optimizer.clip_grads", "device='cuda'", "count_zeros_fp32"),
+    # clip_grad_by_total_norm_fp32 asserts grad.type() == 'torch.cuda.FloatTensor'
+    CallSite("megatron.core.optimizer.clip_grads", "'torch.cuda.FloatTensor'", "clip_grad_by_total_norm_fp32"),
+    CallSite("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32(", "MegatronOptimizer.clip_grad_norm"),
     CallSite("megatron.core.pipeline_parallel.schedules", 'torch.zeros([], dtype=torch.int, device="cuda")',
              "forward_backward_no_pipelining"),
     CallSite("megatron.core.pipeline_parallel.schedules", 'torch.zeros([], dtype=torch.int, device="cuda")',
@@ -102,12 +114,18 @@ class _TorchOnCpu(types.ModuleType):
 
     @staticmethod
     def zeros(*args, device=None, **kwargs):
-        if device is not None and torch.device(device).type == "cuda":
-            device = "cpu"
-        return torch.zeros(*args, device=device, **kwargs)
+        return torch.zeros(*args, device=_off_cuda(device), **kwargs)
+
+    @staticmethod
+    def tensor(*args, device=None, **kwargs):
+        return torch.tensor(*args, device=_off_cuda(device), **kwargs)
 
     def __getattr__(self, name):
         return getattr(torch, name)
+
+
+def _off_cuda(device):
+    return "cpu" if device is not None and torch.device(device).type == "cuda" else device
 
 
 _applied = False
@@ -134,7 +152,20 @@ def apply() -> None:
     ):
         _replaced[(mrandom.__name__, name)] = getattr(mrandom, name)
         setattr(mrandom, name, replacement)
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    # Gradient clipping asserts CUDA tensors by their type string; the same scaling on any device.
+    _replaced[(moptimizer.__name__, "clip_grad_by_total_norm_fp32")] = moptimizer.clip_grad_by_total_norm_fp32
+    moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
     _applied = True
+
+
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    grads = [getattr(p, "decoupled_grad" if use_decoupled_grad else "grad") for p in parameters]
+    grads = [g.detach() for g in grads if g is not None]
+    coefficient = max_norm / (total_norm + 1.0e-6)
+    if coefficient < 1.0 and grads:
+        torch._foreach_mul_(grads, coefficient)
 
 
 def seed_rng_tracker(seed: int) -> None:

@@ -1,0 +1,305 @@
+"""`mmprolong train` arguments: Megatron-LM's names and meanings, YAML recipes as defaults.
+
+A recipe is a YAML mapping of the same names (dashes or underscores); command-line arguments
+override it. Unknown keys, unknown arguments and conflicting values are errors. Every argument
+that Megatron-Core consumes names its destination in `ARGUMENTS` (`target`), and a test checks
+that each one arrives there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_mmprolong.config import ConfigError, ParallelConfig, PrecisionConfig, Qwen25VLConfig
+
+
+class ArgumentError(ConfigError):
+    pass
+
+
+@dataclass
+class TrainArgs:
+    # model
+    model: str = "tiny"
+    hf_config: str | None = None
+    rotary_base: float | None = None
+    freeze_vision: bool = False
+    freeze_merger: bool = False
+    # parallel layout
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    vision_tensor_parallel_size: int | None = None
+    decoder_first_pipeline_num_layers: int | None = None
+    cp_comm_type: str = "p2p"
+    # data
+    data_mix: str | None = None
+    data_plan: str | None = None
+    seq_length: int = 131072
+    micro_batch_size: int = 1
+    global_batch_size: int = 32
+    num_workers: int = 2
+    image_backend: str = "pil"
+    # length of training
+    train_iters: int | None = None
+    train_tokens: float | None = None
+    seed: int = 1234
+    # optimizer and schedule
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    lr_warmup_fraction: float | None = None
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: int | None = None
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    # precision
+    bf16: bool = False
+    fp8_format: str | None = None
+    fp8_recipe: str = "delayed"
+    fp8_dot_product_attention: bool = False
+    fp8_vision: bool = False
+    # memory
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    # checkpoints and logging
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    no_load_optim: bool = False
+    log_interval: int = 1
+    tensorboard_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    help: str
+    target: str | None = None  # "transformer.x", "vision.x", "optimizer.x", "ddp.x", "scheduler.x", "plan.x", "model.x"
+    choices: tuple | None = None
+
+
+ARGUMENTS: tuple[Arg, ...] = (
+    Arg("model", "model preset (3b, 7b, 32b, 72b, tiny, tiny-tied); ignored when --load or --hf-config gives one"),
+    Arg("hf_config", "directory with a Qwen2.5-VL config.json to take the model from"),
+    Arg("rotary_base", "M-RoPE base (the recipe raises 1e6 to 4e6 for 128K)", "model.rope_theta"),
+    Arg("freeze_vision", "do not train the vision blocks and patch embedding"),
+    Arg("freeze_merger", "do not train the vision merger"),
+    Arg("tensor_model_parallel_size", "tensor parallel size", "transformer.tensor_model_parallel_size"),
+    Arg("pipeline_model_parallel_size", "pipeline parallel size", "transformer.pipeline_model_parallel_size"),
+    Arg("context_parallel_size", "context parallel size", "transformer.context_parallel_size"),
+    Arg("sequence_parallel", "sequence parallelism (needs TP > 1)", "transformer.sequence_parallel"),
+    Arg("vision_tensor_parallel_size", "vision encoder TP (divides TP; default TP)", "vision.tensor_model_parallel_size"),
+    Arg("decoder_first_pipeline_num_layers", "decoder layers on the first (vision) pipeline stage",
+        "transformer.num_layers_in_first_pipeline_stage"),
+    Arg("cp_comm_type", "Transformer Engine CP communication", "transformer.cp_comm_type",
+        ("p2p", "a2a", "allgather", "a2a+p2p")),
+    Arg("data_mix", "mixture YAML (see `mmprolong plan-data`)"),
+    Arg("data_plan", "precomputed plan prefix (instead of --data-mix)"),
+    Arg("seq_length", "longest packed sequence in tokens", "plan.seq_length"),
+    Arg("micro_batch_size", "packed sequences per micro-batch (packed THD batches: 1)"),
+    Arg("global_batch_size", "packed sequences per step", "plan.global_batch"),
+    Arg("num_workers", "data loader worker processes per rank"),
+    Arg("image_backend", "page image decoding", None, ("pil", "dali")),
+    Arg("train_iters", "training steps (default: all steps of the plan)"),
+    Arg("train_tokens", "token budget of the run (overrides the mixture's)"),
+    Arg("seed", "random seed"),
+    Arg("lr", "peak learning rate", "optimizer.lr"),
+    Arg("min_lr", "final learning rate", "optimizer.min_lr"),
+    Arg("lr_warmup_fraction", "warm-up as a fraction of the decay steps", "scheduler.lr_warmup_steps"),
+    Arg("lr_warmup_iters", "warm-up steps (instead of --lr-warmup-fraction)", "scheduler.lr_warmup_steps"),
+    Arg("lr_decay_style", "learning-rate decay", "scheduler.lr_decay_style", ("cosine", "linear", "constant", "WSD")),
+    Arg("lr_decay_iters", "decay steps (default: --train-iters)", "scheduler.lr_decay_steps"),
+    Arg("weight_decay", "AdamW weight decay", "optimizer.weight_decay"),
+    Arg("adam_beta1", "Adam beta1", "optimizer.adam_beta1"),
+    Arg("adam_beta2", "Adam beta2", "optimizer.adam_beta2"),
+    Arg("adam_eps", "Adam epsilon", "optimizer.adam_eps"),
+    Arg("clip_grad", "gradient norm clipping (0: off)", "optimizer.clip_grad"),
+    Arg("use_distributed_optimizer", "shard optimizer state over data-parallel ranks", "optimizer.use_distributed_optimizer"),
+    Arg("overlap_grad_reduce", "overlap the gradient all-reduce with backward", "ddp.overlap_grad_reduce"),
+    Arg("bf16", "bfloat16 parameters and compute", "transformer.bf16"),
+    Arg("fp8_format", "FP8 GEMMs (Transformer Engine)", "transformer.fp8", ("hybrid", "e4m3")),
+    Arg("fp8_recipe", "FP8 scaling", "transformer.fp8_recipe", ("delayed", "tensorwise", "blockwise", "mxfp8")),
+    Arg("fp8_dot_product_attention", "FP8 attention (unpacked sequences only for training)",
+        "transformer.fp8_dot_product_attention"),
+    Arg("fp8_vision", "FP8 also in the vision encoder", "vision.fp8"),
+    Arg("recompute_granularity", "activation recompute", "transformer.recompute_granularity", ("full", "selective")),
+    Arg("recompute_method", "full recompute method", "transformer.recompute_method", ("uniform", "block")),
+    Arg("recompute_num_layers", "layers per recompute unit", "transformer.recompute_num_layers"),
+    Arg("save", "checkpoint directory to write"),
+    Arg("load", "checkpoint directory to resume from, or a converted checkpoint to start from"),
+    Arg("save_interval", "steps between checkpoints"),
+    Arg("no_load_optim", "with --load: take the weights only"),
+    Arg("log_interval", "steps between log lines"),
+    Arg("tensorboard_dir", "TensorBoard event directory"),
+)
+
+
+def _field_types() -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(TrainArgs)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmprolong train",
+        description="Long-context continued pretraining of Qwen2.5-VL on Megatron-Core. "
+                    "A YAML recipe (--config) sets defaults; these arguments override it.",
+    )
+    parser.add_argument("--config", help="YAML recipe")
+    fields = _field_types()
+    defaults = TrainArgs()
+    for arg in ARGUMENTS:
+        flag = "--" + arg.name.replace("_", "-")
+        kind = fields[arg.name].type
+        if "bool" in str(kind):
+            parser.add_argument(flag, action="store_true", default=None, help=arg.help)
+            continue
+        cast = int if "int" in str(kind) else float if "float" in str(kind) else str
+        parser.add_argument(flag, type=cast, default=None, choices=arg.choices,
+                            help=f"{arg.help} (default {getattr(defaults, arg.name)})")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArgs:
+    """Recipe, then command line; raises ArgumentError for unknown or conflicting values."""
+    parser = build_parser()
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ArgumentError(f"unknown arguments: {' '.join(unknown)}")
+    values: dict[str, Any] = {}
+    if namespace.config:
+        values.update(read_recipe(namespace.config))
+    values.update({k: v for k, v in vars(namespace).items() if k != "config" and v is not None})
+    args = TrainArgs(**values)
+    validate(args)
+    return args
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ArgumentError(f"{path}: cannot read the recipe ({err})") from None
+    if not isinstance(data, dict):
+        raise ArgumentError(f"{path}: a recipe is a mapping of argument names to values")
+    known = {a.name: a for a in ARGUMENTS}
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ArgumentError(f"{path}: unknown recipe key {key!r}")
+        arg = known[name]
+        if arg.choices and value is not None and value not in arg.choices:
+            raise ArgumentError(f"{path}: {key} must be one of {list(arg.choices)}, got {value!r}")
+        if name in ("data_mix", "data_plan", "hf_config", "save", "load", "tensorboard_dir") and value:
+            value = str(Path(value) if Path(value).is_absolute() else (path.parent / value))
+        values[name] = value
+    return values
+
+
+def validate(args: TrainArgs) -> None:
+    if (args.data_mix is None) == (args.data_plan is None):
+        raise ArgumentError("give exactly one of --data-mix and --data-plan")
+    if args.train_iters is not None and args.train_tokens is not None:
+        raise ArgumentError("--train-iters and --train-tokens conflict: give one")
+    if args.micro_batch_size != 1:
+        raise ArgumentError("--micro-batch-size must be 1: a micro-batch is one packed sequence of up to --seq-length tokens")
+    if args.lr < args.min_lr:
+        raise ArgumentError(f"--lr {args.lr} is below --min-lr {args.min_lr}")
+    if args.lr_warmup_iters and args.lr_warmup_fraction is not None:
+        raise ArgumentError("--lr-warmup-iters and --lr-warmup-fraction conflict: give one")
+    if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction < 1:
+        raise ArgumentError("--lr-warmup-fraction must be in [0, 1)")
+    if args.recompute_granularity == "full" and args.recompute_method is None:
+        raise ArgumentError("--recompute-granularity full needs --recompute-method uniform or block")
+    if args.save_interval is not None and args.save is None:
+        raise ArgumentError("--save-interval needs --save")
+    if args.bf16 and args.fp8_format is None and args.fp8_dot_product_attention:
+        raise ArgumentError("--fp8-dot-product-attention needs --fp8-format")
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                 "global_batch_size", "seq_length", "log_interval"):
+        if getattr(args, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def parallel_config(args: TrainArgs) -> ParallelConfig:
+    return ParallelConfig(
+        tensor_parallel=args.tensor_model_parallel_size,
+        pipeline_parallel=args.pipeline_model_parallel_size,
+        context_parallel=args.context_parallel_size,
+        vision_tensor_parallel=args.vision_tensor_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+        cp_comm_type=args.cp_comm_type,
+    )
+
+
+def precision_config(args: TrainArgs) -> PrecisionConfig:
+    return PrecisionConfig(
+        params_dtype="bf16" if args.bf16 else "fp32", fp8=args.fp8_format, fp8_recipe=args.fp8_recipe,
+        fp8_attention=args.fp8_dot_product_attention, fp8_vision=args.fp8_vision,
+    )
+
+
+def transformer_overrides(args: TrainArgs) -> dict[str, Any]:
+    """TransformerConfig fields beyond the layout and precision."""
+    values: dict[str, Any] = dict(calculate_per_token_loss=True, variable_seq_lengths=True)
+    if args.recompute_granularity == "selective":
+        values.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif args.recompute_granularity == "full":
+        values.update(recompute_granularity="full", recompute_method=args.recompute_method,
+                      recompute_num_layers=args.recompute_num_layers or 1)
+    return values
+
+
+def optimizer_config(args: TrainArgs):
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=precision_config(args).transformer_overrides()["params_dtype"],
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+
+
+def ddp_config(args: TrainArgs):
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+
+
+def scheduler_steps(args: TrainArgs, train_iters: int) -> dict[str, Any]:
+    decay = args.lr_decay_iters or train_iters
+    warmup = args.lr_warmup_iters or math.floor((args.lr_warmup_fraction or 0.0) * decay)
+    return dict(lr_warmup_steps=warmup, lr_decay_steps=decay, lr_decay_style=args.lr_decay_style)
+
+
+def model_config(args: TrainArgs, checkpoint_config: Qwen25VLConfig | None = None) -> Qwen25VLConfig:
+    config = checkpoint_config or (
+        Qwen25VLConfig.from_hf_dir(args.hf_config) if args.hf_config else Qwen25VLConfig.preset(args.model)
+    )
+    return config.with_rotary_base(args.rotary_base) if args.rotary_base else config
+
+
+def effective(args: TrainArgs) -> str:
+    return json.dumps(dataclasses.asdict(args), indent=1, sort_keys=True)

@@ -1,0 +1,69 @@
+"""Model FLOPs of Qwen2.5-VL, counted from the shapes of its matmuls (forward; training is 3x).
+
+Language model: per token, the QKV, output, SwiGLU and vocabulary projections; per packed
+sample of s tokens, causal attention's score and value matmuls (s^2/2 each). Vision encoder:
+per patch, the patch embedding and every block's linears; attention within each window (window
+blocks) or frame (full blocks); the merger per merged token. Recompute is not counted (model
+FLOPs, as MFU reports them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from megatron_mmprolong.config import Qwen25VLConfig
+
+
+def language_linear_flops_per_token(config: Qwen25VLConfig) -> float:
+    t = config.text
+    qkv = t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+    out = t.num_attention_heads * t.head_dim * t.hidden_size
+    mlp = 3 * t.hidden_size * t.intermediate_size
+    return 2.0 * (t.num_layers * (qkv + out + mlp) + t.hidden_size * t.vocab_size)
+
+
+def language_attention_flops(config: Qwen25VLConfig, segment_lengths) -> float:
+    """Causal attention over packed samples: sum of s^2, not (sum of s)^2."""
+    t = config.text
+    lengths = np.asarray(segment_lengths, dtype=np.float64)
+    return 2.0 * 2.0 * float((lengths**2).sum()) / 2.0 * t.num_attention_heads * t.head_dim * t.num_layers
+
+
+def vision_flops(config: Qwen25VLConfig, grids) -> float:
+    """Forward FLOPs of encoding images with grids [n, 3] (t, h, w in patches)."""
+    v = config.vision
+    grids = np.asarray(grids, dtype=np.float64).reshape(-1, 3)
+    if not len(grids):
+        return 0.0
+    patches = float(grids.prod(1).sum())
+    hidden = v.hidden_size
+    per_block = 4 * hidden * hidden + 3 * hidden * v.intermediate_size  # qkv + proj, SwiGLU
+    linear = 2.0 * patches * (v.patch_dim * hidden + v.depth * per_block)
+    merged = patches / v.spatial_merge_size**2
+    merger = 2.0 * merged * (v.merger_hidden_size**2 + v.merger_hidden_size * v.out_hidden_size)
+    full_blocks = len(v.fullatt_block_indexes)
+    frame = grids[:, 1] * grids[:, 2]
+    full = float((grids[:, 0] * frame**2).sum())
+    windows = _window_square_sum(grids, v.window_merged_tokens, v.spatial_merge_size)
+    attention = 4.0 * hidden * (full_blocks * full + (v.depth - full_blocks) * windows)
+    return linear + merger + attention
+
+
+def _window_square_sum(grids: np.ndarray, side: int, merge: int) -> float:
+    """Sum over windows of (patches in window)^2, windows of side x side merged tokens."""
+    total = 0.0
+    for t, h, w in grids:
+        rows, cols = int(h) // merge, int(w) // merge
+        row_sizes = np.minimum(side, rows - np.arange(0, rows, side))
+        col_sizes = np.minimum(side, cols - np.arange(0, cols, side))
+        areas = np.outer(row_sizes, col_sizes) * merge * merge
+        total += float(t) * float((areas.astype(np.float64) ** 2).sum())
+    return total
+
+
+def training_flops(config: Qwen25VLConfig, segment_lengths, grids) -> float:
+    """Forward and backward FLOPs of one batch (3x forward)."""
+    tokens = float(np.sum(segment_lengths))
+    forward = (language_linear_flops_per_token(config) * tokens
+               + language_attention_flops(config, segment_lengths) + vision_flops(config, grids))
+    return 3.0 * forward

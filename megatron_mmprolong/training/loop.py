@@ -1,0 +1,247 @@
+"""The training loop on Megatron-Core: its DDP, optimizer, LR schedule, pipeline schedules and
+distributed checkpoints, around the Qwen2.5-VL model and the packed-sequence loader.
+
+SIGTERM and SIGUSR1 (Slurm's warning before the time limit or preemption) make every rank save
+a checkpoint after the current step and return normally (exit status 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import signal
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_mmprolong import runtime
+from megatron_mmprolong.config import ConfigError
+from megatron_mmprolong.convert.checkpoint_info import checkpoint_config
+from megatron_mmprolong.convert.mcore_checkpoint import load_mcore_checkpoint
+from megatron_mmprolong.data.loader import LoaderState, PackedSequences, make_dataloader
+from megatron_mmprolong.data.packing import Alignment
+from megatron_mmprolong.data.plan import MixtureSpec, Plan, PlanConfig, make_plan
+from megatron_mmprolong.data.store import MultimodalStore
+from megatron_mmprolong.model.builder import build_model
+from megatron_mmprolong.training import arguments as A
+from megatron_mmprolong.training.checkpointing import iteration_dir, latest_iteration, load_checkpoint, save_checkpoint
+from megatron_mmprolong.training.flops import training_flops
+from megatron_mmprolong.training.step import forward_step
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    iterations: int  # the step reached
+    stopped_by_signal: bool
+    losses: dict[int, float]  # by iteration, on the rank that logs
+
+
+class ExitSignals:
+    """Remembers SIGTERM / SIGUSR1; ranks agree on it once per step."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.received = False
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1 if self.received else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # gloo-friendly CPU tensor, on every backend
+        return bool(flag.item())
+
+
+def _plan(args: A.TrainArgs, alignment: Alignment) -> Plan:
+    if args.data_plan:
+        plan = Plan.load(args.data_plan)
+        if plan.config.seq_length != args.seq_length or plan.config.global_batch != args.global_batch_size:
+            raise ConfigError(f"plan {args.data_plan} is for --seq-length {plan.config.seq_length} and "
+                              f"--global-batch-size {plan.config.global_batch}")
+        return plan
+    mixture = MixtureSpec.from_yaml(args.data_mix)
+    if args.train_tokens is not None:
+        mixture = replace(mixture, token_budget=int(args.train_tokens))
+    return make_plan(mixture, PlanConfig(args.seq_length, args.global_batch_size, alignment))
+
+
+def _step_metrics(plan: Plan, stores, config, step: int) -> tuple[int, float]:
+    """(real tokens, training FLOPs) of one global step, from metadata."""
+    batch = plan.config.global_batch
+    start, stop = plan.pack_offsets[step * batch], plan.pack_offsets[(step + 1) * batch]
+    lengths = plan.sample_tokens[start:stop]
+    grids = [stores[int(d)].image_grids(int(s))
+             for d, s in zip(plan.dataset_refs[start:stop], plan.sample_refs[start:stop])]
+    grids = np.concatenate(grids) if grids else np.zeros((0, 3))
+    return int(lengths.sum()), training_flops(config, lengths, grids)
+
+
+def train(args: A.TrainArgs) -> TrainResult:
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.module import Float16Module
+
+    parallel, precision = A.parallel_config(args), A.precision_config(args)
+    rt = runtime.initialize(parallel, seed=args.seed)
+    resume = bool(args.load) and latest_iteration(args.load) is not None
+    loaded_config = None
+    if resume:
+        loaded_config = checkpoint_config(iteration_dir(args.load, latest_iteration(args.load)))
+    elif args.load:
+        loaded_config = checkpoint_config(args.load)
+    config = A.model_config(args, loaded_config)
+    alignment = Alignment(args.context_parallel_size, args.tensor_model_parallel_size, args.sequence_parallel,
+                          args.fp8_format is not None)
+    plan = _plan(args, alignment)
+    if plan.config.alignment.multiple % alignment.multiple:
+        raise ConfigError(f"the plan pads samples to multiples of {plan.config.alignment.multiple}; this layout "
+                          f"needs multiples of {alignment.multiple} (re-plan with its CP/TP/SP/FP8)")
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if args.global_batch_size % dp:
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} does not divide over {dp} data-parallel ranks")
+    microbatches = args.global_batch_size // dp
+    train_iters = args.train_iters or plan.steps
+    if train_iters > plan.steps:
+        raise ConfigError(f"--train-iters {train_iters} exceeds the {plan.steps} steps of the data plan "
+                          "(raise the mixture's token_budget or allow replacement)")
+
+    model = build_model(config, parallel, precision=precision, pre_process=ps.is_pipeline_first_stage(),
+                        post_process=ps.is_pipeline_last_stage(), **A.transformer_overrides(args))
+    model.freeze(vision_encoder=args.freeze_vision, merger=args.freeze_merger)
+    if args.load and not resume:
+        load_mcore_checkpoint(model, args.load)  # a converted checkpoint: weights only
+    wrapped = Float16Module(model.config, model) if args.bf16 else model
+    ddp = DistributedDataParallel(config=model.config, ddp_config=A.ddp_config(args), module=wrapped)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(A.optimizer_config(args), [ddp])
+    steps = A.scheduler_steps(args, train_iters)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=steps["lr_warmup_steps"],
+        lr_decay_steps=steps["lr_decay_steps"], lr_decay_style=steps["lr_decay_style"],
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant",
+    )
+    start = 0
+    if resume:
+        start, digest = load_checkpoint(args.load, model, optimizer, scheduler, load_optimizer=not args.no_load_optim)
+        if not args.no_load_optim and digest != plan.digest():
+            raise ConfigError(f"{args.load} was trained on data plan {digest}, this run's plan is {plan.digest()}")
+
+    dataset = PackedSequences(plan, rank=dp_rank, data_parallel=dp, image_backend=args.image_backend)
+    loader = make_dataloader(dataset, LoaderState(plan.digest(), dp_rank, dp, start * microbatches), args.num_workers)
+    batches = iter(loader)
+    stores = [MultimodalStore(p) for p in plan.datasets]
+    logger = _Logger(args, rt, plan)
+    signals = ExitSignals()
+    forward_backward = get_forward_backward_func()
+    losses: dict[int, float] = {}
+    iteration = start
+    stopped = False
+    while iteration < train_iters:
+        began = time.perf_counter()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        outputs = forward_backward(forward_step_func=forward_step, data_iterator=batches, model=[ddp],
+                                   num_microbatches=microbatches, seq_length=args.seq_length,
+                                   micro_batch_size=1, forward_only=False)
+        updated, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        iteration += 1
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise TrainingError(f"iteration {iteration}: gradient norm is {grad_norm}; stopping "
+                                "(lower --lr, check the data, or resume from the last checkpoint)")
+        loss = _global_loss(outputs, ps)
+        if not math.isfinite(loss):
+            raise TrainingError(f"iteration {iteration}: loss is {loss}; stopping")
+        losses[iteration] = loss
+        tokens, flops = _step_metrics(plan, stores, config, iteration - 1)
+        logger.step(iteration, train_iters, loss, optimizer.param_groups[0]["lr"], grad_norm, tokens, flops,
+                    time.perf_counter() - began)
+        stopped = signals.any_rank()
+        periodic = args.save_interval and iteration % args.save_interval == 0
+        if args.save and (periodic or stopped or iteration == train_iters):
+            save_checkpoint(args.save, iteration, model, optimizer, scheduler, args, config, plan.digest())
+            logger.line(f"saved checkpoint {iteration_dir(args.save, iteration)}")
+        if stopped:
+            logger.line(f"stopping after iteration {iteration} on a termination signal; resume with --load {args.save}")
+            break
+    logger.close()
+    return TrainResult(iteration, stopped, losses)
+
+
+def _global_loss(outputs, ps) -> float:
+    """Loss per loss token over all data- and context-parallel ranks (counted once per TP group)."""
+    owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    totals = torch.zeros(2, dtype=torch.float64)
+    if owner:
+        for out in outputs:
+            totals += out["lm loss"].detach().cpu().double()
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+class _Logger:
+    """One line per --log-interval steps and TensorBoard scalars, on rank 0; every step's metrics
+    in SAVE/train_metrics.jsonl."""
+
+    def __init__(self, args: A.TrainArgs, rt, plan: Plan):
+        self.args, self.world = args, rt.world_size
+        self.main = rt.rank == 0
+        if self.main and args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+        self.metrics = open(Path(args.save) / "train_metrics.jsonl", "a") if self.main and args.save else None
+        self.writer = None
+        if self.main and args.tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard-dir needs the tensorboard package (pip install tensorboard)") from None
+            self.writer = SummaryWriter(args.tensorboard_dir)
+        if self.main:
+            self.line(f"effective configuration:\n{A.effective(args)}")
+            self.line(f"data plan {plan.digest()}: {plan.steps} steps, {plan.summary.get('tokens', 0):,} tokens, "
+                      f"packing efficiency {plan.summary.get('packing_efficiency')}")
+            if args.save:
+                (Path(args.save) / "train_args.json").write_text(A.effective(args) + "\n")
+
+    def line(self, text: str) -> None:
+        if self.main:
+            print(text, flush=True)
+
+    def step(self, iteration, total, loss, lr, grad_norm, tokens, flops, seconds) -> None:
+        if not self.main:
+            return
+        memory = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+        record = {"iteration": iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens / seconds, "tflops_per_gpu": flops / seconds / self.world / 1e12,
+                  "memory_gib": memory, "seconds": seconds}
+        if self.metrics:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        if self.writer:
+            for key, value in record.items():
+                if key != "iteration" and value is not None:
+                    self.writer.add_scalar(f"train/{key}", value, iteration)
+        if iteration % self.args.log_interval == 0 or iteration == total:
+            self.line(f"iteration {iteration:>6}/{total} | loss {loss:.6f} | lr {lr:.3e} | grad norm "
+                      f"{grad_norm if grad_norm is None else f'{grad_norm:.3f}'} | {record['tokens_per_s']:,.0f} tokens/s | "
+                      f"{record['tflops_per_gpu']:.2f} TFLOP/s/GPU | {memory:.1f} GiB | {seconds:.2f} s")
+
+    def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+        if self.writer:
+            self.writer.close()
