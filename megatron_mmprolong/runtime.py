@@ -1,8 +1,9 @@
 """Process groups, device choice and seeds.
 
 One entry point, `initialize`, for every launcher: torchrun (RANK/WORLD_SIZE/LOCAL_RANK/
-MASTER_ADDR/MASTER_PORT), srun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_JOB_NODELIST) or a
-plain `python` (one process). NCCL on GPUs, gloo plus the CPU shims without CUDA.
+MASTER_ADDR/MASTER_PORT), srun (SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID/SLURM_JOB_NODELIST) or a
+plain `python` (one process; also a batch script's own process, which has SLURM_PROCID but is no
+srun step). NCCL on GPUs, gloo plus the CPU shims without CUDA.
 """
 
 from __future__ import annotations
@@ -43,14 +44,14 @@ def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", 29500)),
             launcher="torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist and "MASTER_ADDR" not in env:
             raise RuntimeError("SLURM launch without SLURM_JOB_NODELIST or MASTER_ADDR")
         job_id = int(env.get("SLURM_JOB_ID", 0))
         return LaunchEnv(
             rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
+            world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
             # Same port on every task of the job, different for jobs sharing a node.
@@ -83,6 +84,7 @@ class Runtime:
     rank: int
     world_size: int
     parallel: ParallelConfig
+    launcher: str
 
     @property
     def is_main(self) -> bool:
@@ -109,7 +111,8 @@ def initialize(
 
     if not dist.is_initialized():
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            # gloo beside NCCL: host-side flags (exit signals, logged loss) reduce without a device copy.
+            backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
@@ -132,7 +135,8 @@ def initialize(
     )
     _create_vision_tensor_parallel_group(parallel)
     set_seed(seed)
-    return Runtime(device=device, rank=dist.get_rank(), world_size=world_size, parallel=parallel)
+    return Runtime(device=device, rank=dist.get_rank(), world_size=world_size, parallel=parallel,
+                   launcher=env.launcher)
 
 
 _VISION_TP_GROUP = None

@@ -12,21 +12,27 @@ def test_torchrun_environment():
 
 def test_slurm_environment_derives_master_from_the_node_list():
     env = launch_env({
-        "SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
-        "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456",
+        "SLURM_PROCID": "9", "SLURM_NTASKS": "32", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456", "SLURM_STEP_ID": "0",
     })
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (9, 16, 1, "gpu007", "slurm")
     assert env.master_port == 20000 + 123456 % 40000
 
 
 def test_torchrun_variables_win_over_slurm_ones():
-    env = launch_env({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "5", "SLURM_NTASKS": "8"})
+    env = launch_env({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0"})
     assert env.launcher == "torchrun" and env.world_size == 2
 
 
 def test_single_process_without_launcher():
     env = launch_env({})
     assert (env.rank, env.world_size, env.launcher) == (0, 1, "single") and env.master_port > 0
+
+
+def test_a_batch_script_process_is_no_srun_step():
+    """A batch script of an 8-task job runs one process: it must not wait for 7 more ranks."""
+    env = launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[001-002]"})
+    assert (env.world_size, env.launcher) == (1, "single")
 
 
 @pytest.mark.parametrize(
@@ -39,4 +45,4 @@ def test_first_host(nodelist, host):
 
 def test_slurm_without_node_list_is_an_error():
     with pytest.raises(RuntimeError, match="SLURM_JOB_NODELIST"):
-        launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+        launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"})

@@ -58,7 +58,7 @@ class ExitSignals:
 
     def any_rank(self) -> bool:
         flag = torch.tensor([1 if self.received else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # gloo-friendly CPU tensor, on every backend
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a host tensor: the default group has gloo for CPU (runtime.initialize)
         return bool(flag.item())
 
 
@@ -211,6 +211,10 @@ class _Logger:
             self.writer = SummaryWriter(args.tensorboard_dir)
         if self.main:
             self.line(f"effective configuration:\n{A.effective(args)}")
+            p = rt.parallel
+            dp = rt.world_size // (p.tensor_parallel * p.context_parallel * p.pipeline_parallel)
+            self.line(f"{rt.world_size} ranks ({rt.launcher}, {rt.device.type}): TP {p.tensor_parallel} x CP "
+                      f"{p.context_parallel} x PP {p.pipeline_parallel} x DP {dp}")
             self.line(f"data plan {plan.digest()}: {plan.steps} steps, {plan.summary.get('tokens', 0):,} tokens, "
                       f"packing efficiency {plan.summary.get('packing_efficiency')}")
             if args.save:
