@@ -154,6 +154,7 @@ def _build_data(args) -> int:
     report = build_dataset(
         args.input, args.output_prefix, config, ocr_task=args.task, workers=args.workers,
         strict=args.strict, overwrite=args.overwrite, keep_shards=args.keep_shards,
+        part=None if args.part is None else tuple(args.part),
     )
     print(json.dumps({k: v for k, v in vars(report).items()}, default=str))
     return 0
@@ -285,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--strict", action="store_true", help="fail if any input is rejected")
     build.add_argument("--overwrite", action="store_true")
     build.add_argument("--keep-shards", action="store_true")
+    build.add_argument("--part", type=int, nargs=2, metavar=("INDEX", "COUNT"),
+                       help="build only shards INDEX mod COUNT and stop before merging (one Slurm array task); "
+                            "a last run without --part merges")
     build.set_defaults(run=_build_data)
 
     plan = verbs.add_parser("plan-data", help="mixture YAML -> sampled, packed, step-ordered training plan")

@@ -194,6 +194,22 @@ def test_killed_build_resumes_to_identical_bytes(small_synth, tmp_path):
     assert not Path(f"{prefix}.build").exists()
 
 
+def test_array_parts_then_merge_give_identical_bytes(small_synth, tmp_path):
+    config = _config(shard_size=1)
+    build_dataset([small_synth], tmp_path / "clean" / "ds", config, progress=False)
+    prefix = tmp_path / "parts" / "ds"
+    reports = [build_dataset([small_synth], prefix, config, part=(i, 3), progress=False) for i in (0, 2)]
+    assert not any(r.merged for r in reports) and not Path(f"{prefix}.manifest.json").exists()
+    shards = len(Path(small_synth).read_text().splitlines())  # one record per shard
+    done = sorted(int(p.parent.name[-5:]) for p in Path(f"{prefix}.build").glob("shard-*/done.json"))
+    assert done == [i for i in range(shards) if i % 3 != 1]  # part 1 of 3 was not run
+    merged = build_dataset([small_synth], prefix, config, progress=False)  # builds part 1 and merges
+    assert merged.merged and merged.shards_reused == len(done) < shards
+    assert _data_bytes(prefix) == _data_bytes(tmp_path / "clean" / "ds")
+    with pytest.raises(BuildError, match="index must be"):
+        build_dataset([small_synth], tmp_path / "bad", config, part=(3, 3), progress=False)
+
+
 def test_cli_synth_build_inspect(tmp_path, capsys):
     assert main(["synth-docs", "--out", str(tmp_path / "docs"), "--docs", "1", "--min-pages", "4", "--max-pages", "4",
                  "--page-width", "336", "--page-height", "448", "--font-size", "12"]) == 0

@@ -5,6 +5,10 @@ built (in worker processes) into `PREFIX.build/shard-NNNNN/` and renamed into pl
 complete, so a killed build resumes without redoing finished shards, and shard boundaries do
 not depend on the number of workers: one worker or many, the merged output is byte-identical.
 The final files are written under temporary names and the manifest comes last.
+
+A build can be split over independent jobs (a Slurm array): `part=(i, n)` builds only the shards
+whose index is i modulo n and stops before merging; a last run without `part` reuses every
+finished shard and merges them into the same bytes a single run writes.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class BuildReport:
     pages: int
     seconds: float
     shards_reused: int
+    merged: bool = True  # False for a `part` run: shards only, no dataset yet
 
 
 def build_dataset(
@@ -100,8 +105,11 @@ def build_dataset(
     overwrite: bool = False,
     keep_shards: bool = False,
     progress: bool = True,
+    part: tuple[int, int] | None = None,
 ) -> BuildReport:
     start = time.perf_counter()
+    if part is not None and not 0 <= part[0] < part[1]:
+        raise BuildError(f"part {part[0]} of {part[1]}: the index must be in [0, {part[1]})")
     prefix = str(Path(output_prefix).resolve())
     if Path(f"{prefix}.manifest.json").exists() and not overwrite:
         raise BuildError(f"{prefix}.manifest.json exists: a dataset is already there (pass --overwrite)")
@@ -114,7 +122,9 @@ def build_dataset(
     work_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
     reused = 0
-    for index, shard in enumerate(shards):
+    mine = [i for i in range(len(shards)) if part is None or i % part[1] == part[0]]
+    for index in mine:
+        shard = shards[index]
         directory = work_dir / f"shard-{index:05d}"
         fingerprint = _fingerprint(config, shard)
         if _shard_done(directory, fingerprint):
@@ -122,8 +132,8 @@ def build_dataset(
         else:
             jobs.append((index, directory, fingerprint, [(str(s), r, i) for s, r, i in shard]))
 
-    bar = tqdm(total=len(items), unit="doc", desc="build-data", disable=not progress)
-    bar.update(sum(len(shards[i]) for i in range(len(shards))) - sum(len(j[3]) for j in jobs))
+    bar = tqdm(total=sum(len(shards[i]) for i in mine), unit="doc", desc="build-data", disable=not progress)
+    bar.update(bar.total - sum(len(j[3]) for j in jobs))
     pages = tokens = 0
     for stats in _run(jobs, config, workers):
         pages += stats["pages"]
@@ -133,8 +143,12 @@ def build_dataset(
         bar.set_postfix_str(f"{pages / elapsed:.1f} pages/s, {tokens / elapsed:,.0f} tokens/s")
     bar.close()
 
-    parts = [str(work_dir / f"shard-{i:05d}" / "part") for i in range(len(shards))]
+    parts = [str(work_dir / f"shard-{i:05d}" / "part") for i in mine]
     rejects = sum(len(Path(f"{p}.rejects.jsonl").read_text().splitlines()) for p in parts)
+    if part is not None:
+        built = sum(len(shards[i]) for i in mine)
+        return BuildReport(prefix, built - rejects, rejects, tokens, pages, time.perf_counter() - start, reused,
+                           merged=False)
     if strict and rejects:
         raise BuildError(f"{rejects} inputs were rejected and --strict is set; see {work_dir}/shard-*/part.rejects.jsonl")
     report = _finalize(parts, prefix, config, inputs, ocr_task, work_dir)
