@@ -264,6 +264,24 @@ def test_resume_in_a_new_process_is_bit_exact(datasets, tmp_path):
         make_dataloader(dataset, LoaderState("other", 0, 2, 1))
 
 
+def test_loader_workers_outlive_slurm_stop_signals(datasets):
+    """srun delivers SIGUSR1/SIGTERM to every process of a task, the loader's workers included;
+    the training process needs them for the steps until it has saved."""
+    import os
+    import signal
+
+    root, _ = datasets
+    plan = _plan(root, global_batch=4, budget=100000)
+    dataset = PackedSequences(plan, rank=0, data_parallel=2)
+    loader = iter(make_dataloader(dataset, LoaderState(plan.digest(), 0, 2), num_workers=1))
+    first = next(loader)
+    for worker in loader._workers:
+        os.kill(worker.pid, signal.SIGUSR1)
+        os.kill(worker.pid, signal.SIGTERM)
+    rest = list(loader)
+    assert len(rest) == len(dataset) - 1 and torch.equal(first["tokens"], dataset[0]["tokens"])
+
+
 def test_mixture_errors(datasets, tmp_path):
     root, _ = datasets
     bad = tmp_path / "bad.yaml"

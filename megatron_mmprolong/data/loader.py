@@ -12,6 +12,7 @@ number of micro-batches consumed; `LoaderState` is what a checkpoint stores.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,5 +135,12 @@ def make_dataloader(dataset: PackedSequences, state: LoaderState | None = None, 
     return DataLoader(
         dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=num_workers,
         prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=num_workers > 0,
-        multiprocessing_context="spawn" if num_workers else None,
+        multiprocessing_context="spawn" if num_workers else None, worker_init_fn=_ignore_stop_signals,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Slurm signals every process of a task (SIGUSR1 before the time limit, SIGTERM on preemption);
+    the training process saves and stops, so its loader workers must outlive the signal."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
