@@ -11,27 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from megatron_mmprolong.data.build import BuildConfig, build_dataset
-    from megatron_mmprolong.data.synth import SynthConfig, synth_docs
-    from megatron_mmprolong.data.tiny_tokenizer import write_tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("train")
-    tokenizer = write_tiny_tokenizer(root / "tokenizer")
-    records = synth_docs(root / "docs", SynthConfig(docs=4, min_pages=4, max_pages=6, page_width=224,
-                                                    page_height=336, font_size=9, seed=2))
-    build_dataset([records], root / "data" / "synth", BuildConfig(tokenizer=str(tokenizer), seq_length=2048),
-                  progress=False)
-    mix = root / "mix.yaml"
-    mix.write_text(yaml.safe_dump({"token_budget": 120000, "seed": 3,
-                                   "datasets": [{"path": "data/synth", "replacement": True}]}))
-    return root, mix
 
 
 def _command(ranks, mix, save, *extra):
@@ -55,8 +36,8 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def test_loss_falls(tiny_data, tmp_path):
-    _, mix = tiny_data
+def test_loss_falls(tiny_train_data, tmp_path):
+    *_, mix = tiny_train_data
     subprocess.run(_command(1, mix, tmp_path / "run", "--train-iters", "24"), check=True, env=_env(),
                    stdout=subprocess.DEVNULL)
     losses = list(_losses(tmp_path / "run").values())
@@ -77,8 +58,8 @@ def _workers(process, ranks):
 
 
 @pytest.mark.parametrize("ranks, layout", [(1, []), (2, ["--tensor-model-parallel-size", "2"])], ids=["tp1", "tp2"])
-def test_sigterm_then_resume_is_bit_exact(tiny_data, tmp_path, ranks, layout):
-    _, mix = tiny_data
+def test_sigterm_then_resume_is_bit_exact(tiny_train_data, tmp_path, ranks, layout):
+    *_, mix = tiny_train_data
     iterations = ["--train-iters", "10"]
     subprocess.run(_command(ranks, mix, tmp_path / "straight", *iterations, *layout), check=True, env=_env(),
                    stdout=subprocess.DEVNULL)
