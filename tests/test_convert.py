@@ -120,6 +120,49 @@ def _megatron_save(config, hf_dir, out):
     dist_checkpointing.save(model.sharded_state_dict(), str(out))
 
 
+def _training_like_save(config, hf_dir, save, drop):
+    """A save directory as training writes it (iter dir, latest marker), with state beyond the
+    weights, and without the tensors whose keys start with `drop`."""
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from megatron_mmprolong import runtime
+    from megatron_mmprolong.convert.checkpoint_info import LATEST, iteration_dir
+    from megatron_mmprolong.convert.hf_loader import load_hf_weights
+    from megatron_mmprolong.model.builder import build_model
+
+    runtime.initialize()
+    model = build_model(config)
+    load_hf_weights(model, hf_dir)
+    state = {k: v for k, v in model.sharded_state_dict().items() if not (drop and k.startswith(drop))}
+    probe = ShardedTensor.from_rank_offsets("optimizer.state.exp_avg.probe", torch.ones(3), replica_id=0)
+    state = {"model": state, "optimizer": {"probe": probe}, "iteration": 7, "args": {"lr": 1e-5}}
+    iteration_dir(save, 7).mkdir(parents=True)
+    dist_checkpointing.save(state, str(iteration_dir(save, 7)))
+    (save / LATEST).write_text("7\n")
+
+
+def test_weights_load_from_a_training_save_directory(converted, tmp_path, capsys):
+    """Verify and export take a training --save directory (its latest checkpoint) and leave its
+    optimizer state alone; a checkpoint that lacks a weight is refused by name."""
+    from multiprocess import run_ranks
+
+    config, root = converted
+    run_ranks(_training_like_save, 1, config, root / "hf", tmp_path / "save", None)
+    args = ["convert", "verify", "--hf-dir", str(root / "hf"), "--mcore-dir", str(tmp_path / "save"), "--atol", "1e-4"]
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["passed"]
+    assert main(["convert", "mcore-to-hf", "--mcore-dir", str(tmp_path / "save"), "--out", str(tmp_path / "export"),
+                 "--hf-template", str(root / "hf")]) == 0
+    original, back = _hf_tensors(root / "hf"), _hf_tensors(tmp_path / "export")
+    assert all(torch.equal(back[n], t) for n, t in original.items())
+
+    run_ranks(_training_like_save, 1, config, root / "hf", tmp_path / "partial", "language_model.output_layer")
+    args[args.index(str(tmp_path / "save"))] = str(tmp_path / "partial")
+    assert main(args) == 2
+    assert "lacks 1 tensors, e.g. ['language_model.output_layer.weight']" in capsys.readouterr().err
+
+
 # ---- verify at other layouts (multi-process, gloo) -------------------------------------------
 
 @pytest.mark.parametrize("tp, pp", [(1, 1), (1, 2), (2, 2)])

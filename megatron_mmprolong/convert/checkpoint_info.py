@@ -1,6 +1,7 @@
 """`mmprolong_checkpoint.json`: what a Megatron checkpoint of this project holds — the model
 config (HF layout), dtype, the parallel layout it was chunked for, package versions and one
-checksum per stored chunk."""
+checksum per stored chunk. Training saves `SAVE/iter_NNNNNNN/` checkpoints and names the latest
+complete one in `SAVE/latest_checkpointed_iteration.txt`, as Megatron-LM does."""
 
 from __future__ import annotations
 
@@ -13,6 +14,24 @@ from megatron_mmprolong.config import ConfigError, Qwen25VLConfig
 
 INFO_FILE = "mmprolong_checkpoint.json"
 FORMAT = "megatron-mmprolong/torch_dist"
+LATEST = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(save: str | Path, iteration: int) -> Path:
+    return Path(save) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(save: str | Path) -> int | None:
+    marker = Path(save) / LATEST
+    if not marker.is_file():
+        return None
+    return int(marker.read_text().strip())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the latest checkpoint of a training save directory."""
+    iteration = latest_iteration(path)
+    return Path(path) if iteration is None else iteration_dir(path, iteration)
 
 
 def package_versions() -> dict[str, str]:

@@ -14,9 +14,12 @@ from megatron_mmprolong.model.qwen25vl import Qwen25VLModel
 def load_sharded(request: dict, directory: str | Path) -> dict:
     """Load what `request` (a sharded state dict) asks for. Only `_extra_state` entries (FP8
     scaling history of Transformer Engine layers, absent from converted checkpoints) may be
-    missing from the checkpoint."""
-    state, missing, _unexpected = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_ALL)
-    absent = sorted(k for k in missing if "_extra_state" not in k)
+    missing from the checkpoint; what the checkpoint holds beyond the request (a trained one's
+    optimizer state, when loading weights only) is left on disk."""
+    # Megatron-Core calls requested keys absent from the checkpoint "unexpected".
+    state, _missing, unexpected = dist_checkpointing.load(request, str(directory),
+                                                          strict=StrictHandling.RETURN_UNEXPECTED)
+    absent = sorted(k for k in unexpected if "_extra_state" not in k)
     if absent:
         raise CheckpointError(f"{directory}: checkpoint lacks {len(absent)} tensors, e.g. {absent[:5]}")
     return state
@@ -34,4 +37,7 @@ def apply_model_state(model: Qwen25VLModel, state: dict, directory: str | Path) 
 
 def load_mcore_checkpoint(model: Qwen25VLModel, mcore_dir: str | Path) -> None:
     """Every parameter of `model` from a converted or trained checkpoint."""
-    apply_model_state(model, load_sharded(model.sharded_state_dict(), mcore_dir), mcore_dir)
+    request = model.sharded_state_dict()
+    state = load_sharded(request, mcore_dir)
+    # A trained checkpoint's common state (iteration, arguments, ...) comes back too.
+    apply_model_state(model, {key: state[key] for key in request}, mcore_dir)

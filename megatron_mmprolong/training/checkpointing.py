@@ -25,22 +25,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_mmprolong.config import Qwen25VLConfig
-from megatron_mmprolong.convert.checkpoint_info import write_info
+from megatron_mmprolong.convert.checkpoint_info import LATEST, iteration_dir, latest_iteration, write_info
 from megatron_mmprolong.convert.mcore_checkpoint import apply_model_state, load_sharded
-
-LATEST = "latest_checkpointed_iteration.txt"
-
-
-def iteration_dir(save: str | Path, iteration: int) -> Path:
-    return Path(save) / f"iter_{iteration:07d}"
-
-
-def latest_iteration(load: str | Path) -> int | None:
-    marker = Path(load) / LATEST
-    if not marker.is_file():
-        return None
-    return int(marker.read_text().strip())
-
 
 def _rng_state() -> dict:
     """Plain containers and tensors only, so that loading needs no unpickling of objects."""

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megatron_mmprolong import runtime
 from megatron_mmprolong.config import ConfigError
-from megatron_mmprolong.convert.checkpoint_info import checkpoint_config
+from megatron_mmprolong.convert.checkpoint_info import checkpoint_config, iteration_dir, latest_iteration
 from megatron_mmprolong.convert.mcore_checkpoint import load_mcore_checkpoint
 from megatron_mmprolong.data.loader import LoaderState, PackedSequences, make_dataloader
 from megatron_mmprolong.data.packing import Alignment
@@ -29,7 +29,7 @@ from megatron_mmprolong.data.plan import MixtureSpec, Plan, PlanConfig, make_pla
 from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.model.builder import build_model
 from megatron_mmprolong.training import arguments as A
-from megatron_mmprolong.training.checkpointing import iteration_dir, latest_iteration, load_checkpoint, save_checkpoint
+from megatron_mmprolong.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_mmprolong.training.flops import training_flops
 from megatron_mmprolong.training.step import forward_step
 
