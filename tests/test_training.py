@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -85,3 +86,26 @@ def test_sigterm_then_resume_is_bit_exact(tiny_train_data, tmp_path, ranks, layo
     subprocess.run(_command(ranks, mix, save, *iterations, *layout, "--load", str(save)), check=True, env=_env(),
                    stdout=subprocess.DEVNULL)
     assert _losses(save) == expected  # every step, bit for bit
+
+
+def test_training_starts_from_a_converted_hf_checkpoint(tiny_train_data, tmp_path):
+    """--load of a converted checkpoint gives the model its weights: a step at learning rate 0
+    saves them unchanged, and the export equals the original HF checkpoint bit for bit."""
+    from safetensors.torch import load_file
+
+    from megatron_mmprolong.config import ParallelConfig, Qwen25VLConfig
+    from megatron_mmprolong.convert.hf_to_mcore import hf_to_mcore
+    from megatron_mmprolong.convert.mcore_to_hf import mcore_to_hf
+    from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
+
+    *_, mix = tiny_train_data
+    write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), tmp_path / "hf", seed=5)
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", ParallelConfig(tensor_parallel=2), progress=False)
+    subprocess.run(_command(2, mix, tmp_path / "run", "--train-iters", "1", "--lr", "0", "--min-lr", "0",
+                            "--tensor-model-parallel-size", "2", "--load", str(tmp_path / "mcore")),
+                   check=True, env=_env(), stdout=subprocess.DEVNULL)
+    mcore_to_hf(tmp_path / "run" / "iter_0000001", tmp_path / "export", progress=False)
+    original, exported = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+                          for d in (tmp_path / "hf", tmp_path / "export"))
+    assert set(exported) == set(original)
+    assert all(torch.equal(exported[name], tensor) for name, tensor in original.items())

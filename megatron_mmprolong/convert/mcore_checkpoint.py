@@ -40,4 +40,4 @@ def load_mcore_checkpoint(model: Qwen25VLModel, mcore_dir: str | Path) -> None:
     request = model.sharded_state_dict()
     state = load_sharded(request, mcore_dir)
     # A trained checkpoint's common state (iteration, arguments, ...) comes back too.
-    apply_model_state(model, {key: state[key] for key in request}, mcore_dir)
+    apply_model_state(model, {key: state[key] for key in request if key in state}, mcore_dir)
