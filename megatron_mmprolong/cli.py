@@ -91,10 +91,11 @@ def _hf_to_mcore(args) -> int:
 
 def _mcore_to_hf(args) -> int:
     from megatron_mmprolong.config import torch_dtype
+    from megatron_mmprolong.convert.checkpoint_info import resolve_checkpoint
     from megatron_mmprolong.convert.mcore_to_hf import mcore_to_hf
 
     report = mcore_to_hf(
-        args.mcore_dir, args.out, hf_template=args.hf_template,
+        resolve_checkpoint(args.mcore_dir), args.out, hf_template=args.hf_template,
         dtype=None if args.dtype == "auto" else torch_dtype(args.dtype),
         overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
     )
@@ -112,10 +113,12 @@ def _summary(report) -> dict:
 def _verify(args) -> int:
     import torch.distributed as dist
 
+    from megatron_mmprolong.convert.checkpoint_info import resolve_checkpoint
     from megatron_mmprolong.convert.verify import verify_checkpoint, verify_spawned
     from megatron_mmprolong.runtime import launch_env
 
     parallel = _parallel(args)
+    args.mcore_dir = str(resolve_checkpoint(args.mcore_dir))
     if launch_env().launcher == "single" and args.tp * args.pp > 1:
         report = verify_spawned(args.hf_dir, args.mcore_dir, parallel, args.seed)
     else:
@@ -182,6 +185,31 @@ def _inspect_data(args) -> int:
     return 0
 
 
+def _eval_qa(args) -> int:
+    import torch
+    from tqdm import tqdm
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_mmprolong.config import torch_dtype
+    from megatron_mmprolong.data.chat import ChatTokenizer
+    from megatron_mmprolong.data.store import MultimodalStore
+    from megatron_mmprolong.eval.dataset_qa import answer_questions, write_results
+
+    store = MultimodalStore(args.data)
+    tokenizer = ChatTokenizer(args.tokenizer or store.manifest["tokenizer"]["path"])
+    indices = [i for i in range(len(store)) if not args.tasks or store.task(i) in args.tasks][:args.limit]
+    if not indices:
+        print(f"mmprolong eval: error: {args.data} has no samples of tasks {args.tasks}", file=sys.stderr)
+        return 2
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        args.hf_dir, dtype=torch_dtype(args.dtype) if args.dtype != "auto" else torch.float32).eval()
+    with tqdm(total=len(indices), unit="sample", desc="eval qa", disable=None) as progress:
+        results = list(answer_questions(model, store, tokenizer, indices, progress))
+    out = args.out or str(Path(args.hf_dir) / "eval_qa.json")
+    print(json.dumps({"results": out, **write_results(results, out)}, indent=1))
+    return 0
+
+
 def _plan_data(args) -> int:
     from megatron_mmprolong.data.packing import Alignment
     from megatron_mmprolong.data.plan import MixtureSpec, PlanConfig, make_plan
@@ -232,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     to_mcore.set_defaults(run=_hf_to_mcore)
 
     to_hf = directions.add_parser("mcore-to-hf", help="torch_dist checkpoint -> HF safetensors (streaming)")
-    to_hf.add_argument("--mcore-dir", required=True)
+    to_hf.add_argument("--mcore-dir", required=True,
+                       help="a checkpoint, or a training --save directory (its latest checkpoint)")
     to_hf.add_argument("--out", required=True, help="output directory (refused if it exists)")
     to_hf.add_argument("--hf-template", default=None,
                        help="HF directory whose tokenizer/processor/generation files are copied")
@@ -245,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="load the Megatron checkpoint at --tp/--pp and compare logits with the HF one"
     )
     verify.add_argument("--hf-dir", required=True)
-    verify.add_argument("--mcore-dir", required=True)
+    verify.add_argument("--mcore-dir", required=True,
+                        help="a checkpoint, or a training --save directory (its latest checkpoint)")
     _add_layout(verify)
     verify.add_argument("--seed", type=int, default=0)
     _add_tolerances(verify)
@@ -311,6 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_.add_argument("--tokenizer", help="default: the one the dataset was built with")
     inspect_.add_argument("--packing", type=int, metavar="SEQ_LENGTH", help="report how the samples pack")
     inspect_.set_defaults(run=_inspect_data)
+
+    evaluate = verbs.add_parser("eval", help="evaluate a checkpoint")
+    kinds = evaluate.add_subparsers(dest="kind", required=True, metavar="KIND")
+    qa = kinds.add_parser("qa", help="answer a dataset's questions (greedy) with an HF checkpoint; exact match")
+    qa.add_argument("--hf-dir", required=True, help="Hugging Face Qwen2.5-VL checkpoint (e.g. exported after training)")
+    qa.add_argument("--data", required=True, help="dataset prefix (mmprolong build-data)")
+    qa.add_argument("--tasks", nargs="+", help="only samples of these tasks (default: all)")
+    qa.add_argument("--limit", type=int, help="at most this many samples")
+    qa.add_argument("--tokenizer", help="default: the one the dataset was built with")
+    qa.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="default fp32")
+    qa.add_argument("--out", help="results JSON (default HF_DIR/eval_qa.json)")
+    qa.set_defaults(run=_eval_qa)
     return parser
 
 
