@@ -186,11 +186,8 @@ def _inspect_data(args) -> int:
 
 
 def _eval_qa(args) -> int:
-    import torch
     from tqdm import tqdm
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_mmprolong.config import torch_dtype
     from megatron_mmprolong.data.chat import ChatTokenizer
     from megatron_mmprolong.data.store import MultimodalStore
     from megatron_mmprolong.eval.dataset_qa import answer_questions, write_results
@@ -201,12 +198,37 @@ def _eval_qa(args) -> int:
     if not indices:
         print(f"mmprolong eval: error: {args.data} has no samples of tasks {args.tasks}", file=sys.stderr)
         return 2
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        args.hf_dir, dtype=torch_dtype(args.dtype) if args.dtype != "auto" else torch.float32).eval()
+    model = _load_hf_model(args)
     with tqdm(total=len(indices), unit="sample", desc="eval qa", disable=None) as progress:
         results = list(answer_questions(model, store, tokenizer, indices, progress))
     out = args.out or str(Path(args.hf_dir) / "eval_qa.json")
     print(json.dumps({"results": out, **write_results(results, out)}, indent=1))
+    return 0
+
+
+def _load_hf_model(args):
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_mmprolong.config import torch_dtype
+
+    dtype = torch_dtype(args.dtype) if args.dtype != "auto" else torch.float32
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(args.hf_dir, dtype=dtype).eval()
+
+
+def _eval_needle(args) -> int:
+    from megatron_mmprolong.eval.needle import NeedleConfig, run_needle_eval
+
+    tokenizer = Path(args.tokenizer or args.hf_dir).resolve()
+    if not (tokenizer / "tokenizer.json").is_file() and not (tokenizer / "tokenizer_config.json").is_file():
+        print(f"mmprolong eval: error: {tokenizer} has no tokenizer; pass --tokenizer", file=sys.stderr)
+        return 2
+    config = NeedleConfig(str(tokenizer), tuple(args.lengths), tuple(args.depths), args.per_cell, args.page_width,
+                          args.page_height, args.font_size, args.train_length, args.seed)
+    config.pages()  # errors in the settings before the model loads
+    report = run_needle_eval(_load_hf_model(args), config, args.out)
+    print(json.dumps({"out": args.out, **{k: report[k] for k in ("exact_match", "samples", "by_length", "by_depth")}},
+                     indent=1))
     return 0
 
 
@@ -353,6 +375,24 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="default fp32")
     qa.add_argument("--out", help="results JSON (default HF_DIR/eval_qa.json)")
     qa.set_defaults(run=_eval_qa)
+
+    needle = kinds.add_parser("needle", help="needle retrieval grid (lengths x depths) on synthetic documents, "
+                                             "with a heat map; lengths past the training window test extension")
+    needle.add_argument("--hf-dir", required=True, help="Hugging Face Qwen2.5-VL checkpoint")
+    needle.add_argument("--out", required=True, help="output folder; a rerun continues what is there")
+    needle.add_argument("--tokenizer", help="default: the checkpoint's own")
+    needle.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072],
+                        help="context lengths in tokens (default 8K to 128K)")
+    needle.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        help="needle positions, 0 = first page, 1 = last page")
+    needle.add_argument("--per-cell", type=int, default=2, help="documents per (length, depth) cell")
+    needle.add_argument("--train-length", type=int, help="the training window, marked on the heat map")
+    needle.add_argument("--page-width", type=int, default=1224, help="px (default: letter at 144 DPI)")
+    needle.add_argument("--page-height", type=int, default=1584)
+    needle.add_argument("--font-size", type=int, default=22)
+    needle.add_argument("--seed", type=int, default=0)
+    needle.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="default fp32")
+    needle.set_defaults(run=_eval_needle)
     return parser
 
 
@@ -388,10 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mmprolong.data.chat import TokenizerError
     from megatron_mmprolong.data.plan import PlanError
     from megatron_mmprolong.data.store import StoreError
+    from megatron_mmprolong.eval.needle import NeedleError
 
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, OutputExistsError, BuildError, TokenizerError, StoreError, PlanError) as err:
+    except (ConfigError, CheckpointError, OutputExistsError, BuildError, TokenizerError, StoreError, PlanError,
+            NeedleError) as err:
         print(f"mmprolong {args.verb}: error: {err}", file=sys.stderr)
         return 2
 

@@ -6,8 +6,9 @@
 3. converted to a Megatron distributed checkpoint for TP2;
 4. trained with `examples/cpu_tiny.yaml` on two ranks (TP2 over gloo), saved;
 5. exported back to Hugging Face and verified against the trained checkpoint;
-6. the exported model answers the dataset's questions with transformers (exact match; a tiny
-   model trained for a few dozen steps scores near zero, the point is that the path works).
+6. the exported model answers the dataset's questions with transformers, then a needle grid
+   (1K-8K tokens x 5 depths, past the 4K training window) with its heat map (exact match; a
+   tiny model trained for a few dozen steps scores near zero, the point is that the path works).
 
 Each step is the `mmprolong` command a user would run; a summary closes the demo.
 """
@@ -102,9 +103,13 @@ def main() -> int:
         verify = _last_json(_run("verify the export (TP2)", _mmprolong(
             "convert", "verify", "--hf-dir", str(export), "--mcore-dir", str(run_dir), "--tp", "2",
             "--atol", "1e-4"), timings))
-        scores = _last_json(_run("needle questions on the exported model (transformers)", _mmprolong(
+        scores = _last_json(_run("dataset questions on the exported model (transformers)", _mmprolong(
             "eval", "qa", "--hf-dir", str(export), "--data", str(data), "--out", str(OUT / "eval_qa.json")),
             timings))
+        needle = _last_json(_run("needle grid, 1K-8K tokens (trained at 4K)", _mmprolong(
+            "eval", "needle", "--hf-dir", str(export), "--out", str(OUT / "needle"), "--lengths", "1024", "2048",
+            "4096", "8192", "--per-cell", "1", "--train-length", "4096", "--page-width", "224", "--page-height",
+            "336", "--font-size", "9"), timings))
     except DemoError as err:
         print(f"\ndemo: {err}", file=sys.stderr)
         return 1
@@ -121,6 +126,8 @@ def main() -> int:
     print(f"export: max |logit difference| {verify['max_abs_logit_diff']:.2e} against the trained checkpoint")
     by_task = ", ".join(f"{task} {score['exact_match']:.0%}" for task, score in scores["by_task"].items())
     print(f"questions: {scores['samples']} answered, exact match {scores['exact_match']:.1%} ({by_task})")
+    by_length = ", ".join(f"{int(n) // 1024}K {s['exact_match']:.0%}" for n, s in needle["by_length"].items())
+    print(f"needle grid: {needle['samples']} documents, exact match {by_length}; heat map {OUT / 'needle' / 'needle.png'}")
     return 0
 
 

@@ -5,6 +5,8 @@ or a shipment weight, about an entity named only on that page. Questions are pag
 MMProLong: `extract-single` (one fact, page named), `extract-multi` (codes from 2-3 pages),
 `reasoning` (retrieve two weights, then add or compare). Pages are drawn with Pillow as PNG
 files, or written as PDFs with PyMuPDF (`format="pdf"`), so both input paths get exercised.
+`needle_docs` writes haystacks of chosen sizes with the asked-for page at chosen depths, for
+`mmprolong eval needle`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from megatron_mmprolong.files import write_text_whole
 
 COLORS = ("amber", "azure", "cobalt", "crimson", "ivory", "jade", "khaki", "lilac", "maroon", "ochre",
           "olive", "pearl", "rust", "saffron", "scarlet", "silver", "teal", "umber", "violet", "wheat")
@@ -96,9 +100,7 @@ def _questions(rng: random.Random, facts: list[Fact]):
     codes = [f for f in facts if f.kind == "code"]
     weights = [f for f in facts if f.kind == "weight"]
     single = rng.choice(codes)
-    yield ("extract-single",
-           f"According to page {single.page}, what is the access code of the {single.entity} archive?",
-           single.value, [single.page])
+    yield ("extract-single", single_question(single), single.value, [single.page])
     multi = sorted(rng.sample(codes, min(len(codes), rng.randint(2, 3))), key=lambda f: f.page)
     names = ", ".join(f.entity for f in multi[:-1]) + f" and {multi[-1].entity}"
     yield ("extract-multi",
@@ -112,6 +114,58 @@ def _questions(rng: random.Random, facts: list[Fact]):
         heavier = a if int(a.value) > int(b.value) else b
         yield ("reasoning", f"Which shipment is heavier, the {a.entity} or the {b.entity}?",
                heavier.entity, [a.page, b.page])
+
+
+def single_question(fact: Fact) -> str:
+    """The page-anchored question whose answer is `fact.value`."""
+    if fact.kind == "code":
+        return f"According to page {fact.page}, what is the access code of the {fact.entity} archive?"
+    return f"According to page {fact.page}, how many kg does the {fact.entity} shipment weigh?"
+
+
+@dataclass(frozen=True)
+class NeedleGrid:
+    """Haystack sizes (pages) x needle depths (0: first page, 1: last page), `per_cell` each."""
+
+    pages: tuple[int, ...]
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    per_cell: int = 2
+
+    def __post_init__(self):
+        most = len(COLORS) * len(ANIMALS)
+        if not self.pages or not all(1 <= p <= most for p in self.pages):
+            raise ValueError(f"needle haystacks need 1 to {most} pages (one distinct entity per page), got {self.pages}")
+        if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"needle depths must lie in [0, 1], got {self.depths}")
+        if self.per_cell < 1:
+            raise ValueError("per_cell must be at least 1")
+
+
+def needle_page(pages: int, depth: float) -> int:
+    return 1 + round(depth * (pages - 1))
+
+
+def needle_docs(out_dir: str | Path, grid: NeedleGrid, config: SynthConfig = SynthConfig()) -> Path:
+    """One document per grid cell and repeat, asking for the fact on the page at the cell's depth;
+    every other page is a distractor with its own fact. Writes `records.jsonl`; returns its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(config.seed)
+    lines = []
+    for pages in grid.pages:
+        for depth in grid.depths:
+            for repeat in range(grid.per_cell):
+                facts = _facts(rng, pages)
+                needle = facts[needle_page(pages, depth) - 1]
+                name = f"needle-p{pages:04d}-d{depth:.3f}-{repeat}"
+                document = _write_document(out, name, facts, config, rng)
+                lines.append(json.dumps({
+                    "id": name, **document, "task": "extract-single", "question": single_question(needle),
+                    "answer": needle.value, "evidence_pages": [needle.page],
+                    "meta": {"synthetic": True, "needle": {"pages": pages, "depth": depth}}}))
+    records = out / "records.jsonl"
+    write_text_whole(records, "\n".join(lines) + "\n")
+    return records
 
 
 def _page_lines(fact: Fact, rng: random.Random, config: SynthConfig) -> list[str]:

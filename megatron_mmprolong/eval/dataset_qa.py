@@ -19,6 +19,7 @@ import torch
 
 from megatron_mmprolong.data.pixels import decoder, pixel_values
 from megatron_mmprolong.data.store import MultimodalStore
+from megatron_mmprolong.files import write_text_whole
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,6 @@ def score(results: list[QAResult]) -> dict:
 def write_results(results: list[QAResult], path: str | Path) -> dict:
     """Write the score and every answer as JSON (to a temporary name, then renamed); return the score."""
     report = {**score(results), "results": [asdict(r) for r in results]}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=1) + "\n")
-    partial.replace(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_whole(path, json.dumps(report, indent=1) + "\n")
     return {k: v for k, v in report.items() if k != "results"}

@@ -1,0 +1,180 @@
+"""Needle retrieval over long multimodal documents (`mmprolong eval needle`).
+
+A grid of context lengths x needle depths: for each cell, synthetic documents (`needle_docs`)
+sized to the length in tokens, whose question asks for the fact on the page at that depth, every
+other page a distractor with a fact of its own. Lengths past the training window measure context
+extension without further training, as in the paper. The documents go through the same dataset
+builder as training data, so the prompts are exactly those a trained model knows.
+
+Everything lands in one output folder and a rerun continues: the documents and the dataset are
+reused, answers already in `answers.jsonl` are not asked again. Results: `needle.json` (score
+per cell, per length, per depth) and `needle.png` (the heat map).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from megatron_mmprolong.data.build import BuildConfig, build_dataset
+from megatron_mmprolong.data.chat import ChatTokenizer
+from megatron_mmprolong.data.images import vision_tokens
+from megatron_mmprolong.data.store import MultimodalStore
+from megatron_mmprolong.data.synth import NeedleGrid, SynthConfig, needle_docs
+from megatron_mmprolong.eval.dataset_qa import QAResult, answer_questions
+from megatron_mmprolong.files import written_whole, write_text_whole
+
+PROMPT_TOKENS = 80  # system prompt, chat markers and the question, roughly
+PAGE_LABEL_TOKENS = 6  # "Page N:" and the vision start/end markers
+
+
+class NeedleError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class NeedleConfig:
+    tokenizer: str
+    lengths: tuple[int, ...] = (2048, 4096, 8192)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    per_cell: int = 2
+    page_width: int = 224
+    page_height: int = 336
+    font_size: int = 9
+    train_length: int | None = None  # marked on the heat map; longer contexts are extension
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.lengths or min(self.lengths) <= PROMPT_TOKENS:
+            raise NeedleError(f"lengths must be above {PROMPT_TOKENS} tokens, got {self.lengths}")
+        if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
+            raise NeedleError(f"depths must lie in [0, 1], got {self.depths}")
+        if self.per_cell < 1:
+            raise NeedleError(f"per_cell must be at least 1, got {self.per_cell}")
+
+    def tokens_per_page(self) -> int:
+        return vision_tokens(self.page_height, self.page_width) + PAGE_LABEL_TOKENS
+
+    def pages(self) -> tuple[int, ...]:
+        pages = tuple(max(1, round((n - PROMPT_TOKENS) / self.tokens_per_page())) for n in self.lengths)
+        if len(set(pages)) != len(pages):
+            raise NeedleError(f"lengths {self.lengths} give the same page counts {pages} at "
+                              f"{self.tokens_per_page()} tokens per page; space them further apart")
+        return pages
+
+
+def run_needle_eval(model, config: NeedleConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """Build (or reuse) the haystacks, answer what is not answered yet, write the report and the heat map."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_same_config(out / "needle_config.json", config)
+    grid = NeedleGrid(config.pages(), tuple(config.depths), config.per_cell)
+    records = out / "docs" / "records.jsonl"
+    if not records.is_file():
+        needle_docs(out / "docs", grid, SynthConfig(page_width=config.page_width, page_height=config.page_height,
+                                                    font_size=config.font_size, seed=config.seed))
+    prefix = out / "data" / "needle"
+    if not Path(f"{prefix}.manifest.json").is_file():
+        seq_length = 1024 * math.ceil(max(config.lengths) * 1.5 / 1024)
+        build_dataset([records], prefix, BuildConfig(tokenizer=config.tokenizer, seq_length=seq_length, shard_size=8),
+                      progress=progress)
+    store = MultimodalStore(prefix)
+    cells = {json.loads(line)["id"]: json.loads(line)["meta"]["needle"] for line in records.read_text().splitlines()}
+    answers = out / "answers.jsonl"
+    done = {r["id"]: r for r in map(json.loads, answers.read_text().splitlines())} if answers.is_file() else {}
+    todo = [i for i in range(len(store)) if store.ids[i] not in done]
+    with open(answers, "a") as sink, tqdm(total=len(store), initial=len(store) - len(todo), unit="sample",
+                                          desc="eval needle", disable=not progress or None) as bar:
+        for result in answer_questions(model, store, ChatTokenizer(config.tokenizer), todo, bar):
+            sink.write(json.dumps(asdict(result)) + "\n")
+            sink.flush()
+            done[result.id] = asdict(result)
+    report = needle_report([QAResult(**r) for r in done.values()], cells, config)
+    write_text_whole(out / "needle.json", json.dumps(report, indent=1) + "\n")
+    heat_map_png(report, out / "needle.png")
+    return report
+
+
+def needle_report(results: list[QAResult], cells: dict[str, dict], config: NeedleConfig) -> dict:
+    """Exact match per (length, depth) cell, per length and per depth; lengths are the targets,
+    `context_tokens` the measured mean prompt length of each."""
+    pages = dict(zip(config.pages(), config.lengths))
+    by_cell: dict[tuple[int, float], list[QAResult]] = {}
+    for r in results:
+        cell = cells[r.id]
+        by_cell.setdefault((pages[cell["pages"]], cell["depth"]), []).append(r)
+    lengths, depths = list(config.lengths), list(config.depths)
+
+    def mean(rs):
+        return float(np.mean([r.correct for r in rs])) if rs else None
+
+    def column(length):
+        return [r for d in depths for r in by_cell.get((length, d), [])]
+
+    return {
+        "lengths": lengths,
+        "depths": depths,
+        "train_length": config.train_length,
+        "exact_match": mean(results),
+        "samples": len(results),
+        "grid": [[mean(by_cell.get((n, d), [])) for n in lengths] for d in depths],  # rows: depths
+        "by_length": {str(n): {"exact_match": mean(column(n)), "samples": len(column(n)),
+                               "context_tokens": float(np.mean([r.context_tokens for r in column(n)])) if column(n) else None}
+                      for n in lengths},
+        "by_depth": {str(d): mean([r for n in lengths for r in by_cell.get((n, d), [])]) for d in depths},
+    }
+
+
+def heat_map_png(report: dict, path: str | Path, cell: int = 64) -> Path:
+    """Depth (rows, top: first page) x length (columns) coloured from red (0) to green (1); a
+    dashed line after the last length within the training window."""
+    lengths, depths, grid = report["lengths"], report["depths"], report["grid"]
+    font = ImageFont.load_default(size=12)
+    left, top, bottom = 64, 36, 40
+    width, height = left + cell * len(lengths) + 16, top + cell * len(depths) + bottom
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 8), f"needle exact match: {report['exact_match']:.0%} of {report['samples']}", fill="black", font=font)
+    for row, depth in enumerate(depths):
+        y = top + row * cell
+        draw.text((6, y + cell // 2 - 6), f"{depth:.0%}", fill="black", font=font)
+        for col, score in enumerate(grid[row]):
+            x = left + col * cell
+            color = (200, 200, 200) if score is None else (int(220 * (1 - score)), int(190 * score), 60)
+            draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=color)
+            draw.text((x + 14, y + cell // 2 - 6), "-" if score is None else f"{score:.0%}", fill="white", font=font)
+    for col, length in enumerate(lengths):
+        draw.text((left + col * cell + 8, top + cell * len(depths) + 6), _short(length), fill="black", font=font)
+    inside = [n for n in lengths if report["train_length"] and n <= report["train_length"]]
+    if inside and len(inside) < len(lengths):
+        x = left + len(inside) * cell - 1
+        for y in range(top - 4, top + cell * len(depths) + 4, 8):
+            draw.line([x, y, x, y + 4], fill="black", width=2)
+    draw.text((left, height - 16), "context length (tokens); rows: needle depth", fill="black", font=font)
+    with written_whole(path) as partial:
+        image.save(partial, format="PNG")
+    return Path(path)
+
+
+def _short(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
+def _check_same_config(path: Path, config: NeedleConfig) -> None:
+    wanted = asdict(config)
+    wanted["lengths"], wanted["depths"] = list(config.lengths), list(config.depths)
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            changed = sorted(k for k in wanted if found.get(k) != wanted[k])
+            raise NeedleError(f"{path.parent} holds a needle eval with other settings ({', '.join(changed)}); "
+                              "use another output folder")
+    else:
+        write_text_whole(path, json.dumps(wanted, indent=1) + "\n")

@@ -1,0 +1,183 @@
+"""`mmprolong eval`: the scorers are right (an oracle scores 100%, a constant answer scores its
+share, a model that only reads the first half scores by depth), the needle grid resumes, and the
+real transformers path runs on a checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_mmprolong.cli import main
+from megatron_mmprolong.data.chat import ChatTokenizer
+from megatron_mmprolong.data.store import MultimodalStore
+from megatron_mmprolong.eval.dataset_qa import answer_questions, prompt_and_answer, score
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for transformers' model: replies with `reply(prompt)` and checks that it was
+    given the sample's images, one pixel row per patch and one placeholder per merged patch."""
+
+    def __init__(self, reply, image_pad):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.reply, self.image_pad = reply, image_pad
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pixel_values=None, image_grid_thw=None, **_):
+        patches = int(image_grid_thw.prod(-1).sum()) if image_grid_thw is not None else 0
+        assert (0 if pixel_values is None else len(pixel_values)) == patches
+        assert int((input_ids == self.image_pad).sum()) * 4 == patches
+        reply = torch.tensor(self.reply(tuple(input_ids[0].tolist())), dtype=torch.long)[:max_new_tokens]
+        return torch.cat([input_ids[0], reply])[None]
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_train_data):
+    tokenizer, _, mix = tiny_train_data
+    return MultimodalStore(mix.parent / "data" / "synth"), ChatTokenizer(tokenizer)
+
+
+def test_an_oracle_scores_everything(dataset):
+    store, tokenizer = dataset
+    answers = {tuple(prompt.tolist()): answer.tolist() for prompt, answer in map(
+        lambda i: prompt_and_answer(store, i), range(len(store)))}
+    model = ScriptedModel(answers.__getitem__, tokenizer.image_pad)
+    results = list(answer_questions(model, store, tokenizer, range(len(store))))
+    assert len(results) == len(store) >= 6
+    assert score(results)["exact_match"] == 1.0
+    assert all(r.answer == r.expected and r.expected for r in results)
+
+
+def test_a_constant_answer_scores_its_share(dataset):
+    store, tokenizer = dataset
+    results = list(answer_questions(ScriptedModel(lambda _: [], tokenizer.image_pad), store, tokenizer,
+                                    range(len(store))))
+    target = results[0].expected
+    share = np.mean([r.expected == target for r in results])
+    constant = tokenizer.hf.encode(f"  {target.upper()} ") + [tokenizer.im_end]  # case and spaces do not count
+    results = list(answer_questions(ScriptedModel(lambda _: constant, tokenizer.image_pad), store, tokenizer,
+                                    range(len(store))))
+    assert 0 < share < 1 and score(results)["exact_match"] == pytest.approx(share)
+    tasks = score(results)["by_task"]
+    assert sum(t["samples"] for t in tasks.values()) == len(store)
+
+
+def test_cli_runs_transformers_on_a_checkpoint(dataset, tmp_path, capsys):
+    from megatron_mmprolong.config import Qwen25VLConfig
+    from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
+
+    store, _ = dataset
+    write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), tmp_path / "hf", seed=2)
+    out = tmp_path / "qa.json"
+    assert main(["eval", "qa", "--hf-dir", str(tmp_path / "hf"), "--data", store.prefix, "--tasks", "extract-single",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    singles = [i for i in range(len(store)) if store.task(i) == "extract-single"]
+    assert [r["sample"] for r in report["results"]] == singles
+    assert all(r["correct"] == (r["answer"].lower() == r["expected"].lower()) for r in report["results"])
+    assert json.loads(capsys.readouterr().out)["samples"] == len(singles)
+    assert main(["eval", "qa", "--hf-dir", str(tmp_path / "hf"), "--data", store.prefix, "--tasks", "nope"]) == 2
+
+
+# ---- needle grid ------------------------------------------------------------------------------
+
+def _needle_config(tokenizer, **changes):
+    from megatron_mmprolong.eval.needle import NeedleConfig
+
+    settings = dict(lengths=(512, 1024), depths=(0.0, 0.25, 1.0), per_cell=2)
+    return NeedleConfig(str(tokenizer), **{**settings, **changes})
+
+
+def _first_half_reader(out, tokenizer):
+    """Answers right when the needle lies in the first half of the document, else says nothing."""
+    records = {json.loads(line)["id"]: json.loads(line) for line in (out / "docs" / "records.jsonl").read_text().splitlines()}
+    store = MultimodalStore(out / "data" / "needle")
+    replies = {}
+    for i in range(len(store)):
+        prompt, answer = prompt_and_answer(store, i)
+        record = records[store.ids[i]]
+        first_half = record["evidence_pages"][0] <= len(record["pages"]) / 2
+        replies[tuple(prompt.tolist())] = answer.tolist() if first_half else [tokenizer.im_end]
+    return replies.__getitem__
+
+
+def test_needle_grid_scores_by_depth_and_resumes(tiny_train_data, tmp_path):
+    from megatron_mmprolong.eval.needle import run_needle_eval
+
+    tokenizer_path, *_ = tiny_train_data
+    tokenizer = ChatTokenizer(tokenizer_path)
+    config, out = _needle_config(tokenizer_path), tmp_path / "needle"
+
+    class Interrupted(Exception):
+        pass
+
+    def stop(_):
+        raise Interrupted  # as if the run were killed before answering anything
+
+    with pytest.raises(Interrupted):
+        run_needle_eval(ScriptedModel(stop, tokenizer.image_pad), config, out, progress=False)
+    reply = _first_half_reader(out, tokenizer)
+    asked = []
+
+    def interrupt_after_three(prompt):
+        if len(asked) == 3:
+            raise Interrupted
+        asked.append(prompt)
+        return reply(prompt)
+
+    with pytest.raises(Interrupted):
+        run_needle_eval(ScriptedModel(interrupt_after_three, tokenizer.image_pad), config, out, progress=False)
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 3
+
+    def record(prompt):
+        asked.append(prompt)
+        return reply(prompt)
+
+    report = run_needle_eval(ScriptedModel(record, tokenizer.image_pad), config, out, progress=False)
+    assert len(asked) == len(set(asked)) == report["samples"] == 2 * 3 * 2  # nothing asked twice
+    assert report["grid"] == [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]  # rows: depth 0, 0.25, 1
+    assert report["by_depth"] == {"0.0": 1.0, "0.25": 1.0, "1.0": 0.0}
+    for length in config.lengths:
+        assert abs(report["by_length"][str(length)]["context_tokens"] - length) < 0.2 * length
+    assert json.loads((out / "needle.json").read_text()) == report
+    from PIL import Image
+
+    assert Image.open(out / "needle.png").size == (64 + 64 * 2 + 16, 36 + 64 * 3 + 40)
+
+
+def test_needle_oracle_and_settings(tiny_train_data, tmp_path):
+    from megatron_mmprolong.eval.needle import NeedleError, run_needle_eval
+
+    tokenizer_path, *_ = tiny_train_data
+    tokenizer = ChatTokenizer(tokenizer_path)
+    out = tmp_path / "needle"
+    config = _needle_config(tokenizer_path, lengths=(600,), depths=(0.25, 0.75), per_cell=1)
+    with pytest.raises(Exception):
+        run_needle_eval(ScriptedModel(lambda _: 1 / 0, tokenizer.image_pad), config, out, progress=False)
+    store = MultimodalStore(out / "data" / "needle")
+    oracle = {tuple(p.tolist()): a.tolist() for p, a in (prompt_and_answer(store, i) for i in range(len(store)))}
+    report = run_needle_eval(ScriptedModel(oracle.__getitem__, tokenizer.image_pad), config, out, progress=False)
+    assert report["exact_match"] == 1.0 and report["grid"] == [[1.0], [1.0]]
+    with pytest.raises(NeedleError, match="other settings \\(per_cell\\)"):
+        run_needle_eval(None, _needle_config(tokenizer_path, lengths=(600,), depths=(0.25, 0.75), per_cell=3), out)
+    with pytest.raises(NeedleError, match="same page counts"):
+        _needle_config(tokenizer_path, lengths=(1000, 1010)).pages()
+    with pytest.raises(NeedleError, match="depths"):
+        _needle_config(tokenizer_path, depths=(0.5, 1.5))
+
+
+def test_needle_cli_on_a_checkpoint(tiny_train_data, tmp_path, capsys):
+    from megatron_mmprolong.config import Qwen25VLConfig
+    from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
+
+    tokenizer_path, *_ = tiny_train_data
+    write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), tmp_path / "hf", seed=2)
+    args = ["eval", "needle", "--hf-dir", str(tmp_path / "hf"), "--tokenizer", str(tokenizer_path), "--out",
+            str(tmp_path / "needle"), "--lengths", "512", "1024", "--depths", "0", "1", "--per-cell", "1",
+            "--page-width", "224", "--page-height", "336", "--font-size", "9", "--train-length", "512"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["samples"] == 4 and set(printed["by_length"]) == {"512", "1024"}
+    assert (tmp_path / "needle" / "needle.png").is_file()
+    assert main(["eval", "needle", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "x"),
+                 "--lengths", "50"]) == 2
