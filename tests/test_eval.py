@@ -181,3 +181,18 @@ def test_needle_cli_on_a_checkpoint(tiny_train_data, tmp_path, capsys):
     assert (tmp_path / "needle" / "needle.png").is_file()
     assert main(["eval", "needle", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "x"),
                  "--lengths", "50"]) == 2
+
+
+@pytest.mark.parametrize("answer, expected, f1", [
+    ("NG-2537", "ng-2537", 1.0),
+    ("NG-2537, RQ-8737", "RQ-8737, NG-2537", 1.0),  # lists: items, any order
+    ("RQ-8737", "RQ-8737, NG-2537", 2 / 3),
+    ("RQ-8737, XX-1, YY-2", "RQ-8737, NG-2537", 0.4),
+    ("1,366", "1366", 1.0), ("1366.0 kg", "1366", 1.0), ("1367", "1366", 0.0),
+    ("Not answerable", "Not answerable", 1.0), ("42", "Not answerable", 0.0), ("Not answerable", "42", 0.0),
+    ("Amber Gecko", "amber  gecko", 1.0), ("Amber", "Amber Gecko", 0.0),
+])
+def test_answer_f1(answer, expected, f1):
+    from megatron_mmprolong.eval.dataset_qa import answer_f1
+
+    assert answer_f1(answer, expected) == pytest.approx(f1)

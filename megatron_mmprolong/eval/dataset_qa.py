@@ -1,9 +1,11 @@
-"""Answer a built dataset's questions with a Hugging Face checkpoint and score exact match.
+"""Answer a built dataset's questions with a Hugging Face checkpoint; exact match and F1.
 
 Each sample of a dataset (`mmprolong build-data`) is a prompt followed by its answer, the answer
 being the span with loss. The prompt is given to transformers' `generate` exactly as training saw
 it (same tokens, same pixels), the reply is decoded greedily until its end token (or twice the
-answer's length), and the two are compared after normalising case and whitespace. With synthetic documents
+answer's length), and the two are compared after normalising case and whitespace (exact match)
+and with `answer_f1` (lists by item, numbers as numbers, "Not answerable"), so records in the
+dataset's JSONL form from MMLongBench-Doc-style data can be scored too. With synthetic documents
 (`mmprolong synth-docs`) the questions are page-anchored needles: the answer sits on one page.
 """
 
@@ -30,11 +32,43 @@ class QAResult:
     context_tokens: int
     expected: str
     answer: str
-    correct: bool
+    correct: bool  # exact match after normalising
+    f1: float  # item F1 for lists; 1/0 otherwise (see answer_f1)
+
+
+NOT_ANSWERABLE = {"not answerable", "unanswerable", "not answerable.", "none", "n/a"}
 
 
 def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").removesuffix("kg").strip())
+    except ValueError:
+        return None
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip(" .") for item in re.split(r",|;|\band\b", normalize(text)) if item.strip(" .")]
+
+
+def answer_f1(answer: str, expected: str) -> float:
+    """MMLongBench-Doc-style credit: "Not answerable" must be said as such, numbers compare as
+    numbers, lists ("A, B and C") score the F1 of their items, anything else must match exactly."""
+    answer_n, expected_n = normalize(answer), normalize(expected)
+    if expected_n in NOT_ANSWERABLE:
+        return float(answer_n in NOT_ANSWERABLE)
+    a, e = _number(answer_n), _number(expected_n)
+    if a is not None and e is not None:
+        return float(abs(a - e) <= 1e-6 * max(1.0, abs(e)))
+    want = _items(expected)
+    if len(want) > 1:
+        got = _items(answer)
+        common = sum(min(got.count(x), want.count(x)) for x in set(want))
+        return 0.0 if not common else 2 * common / (len(got) + len(want))
+    return float(answer_n == expected_n)
 
 
 def prompt_and_answer(store: MultimodalStore, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +101,7 @@ def answer_questions(model, store: MultimodalStore, tokenizer, indices, progress
         answer, truth = (tokenizer.decode(_until(ids, tokenizer.im_end)).strip()
                          for ids in (out[0, len(prompt):].tolist(), expected.tolist()))
         yield QAResult(int(index), store.ids[index], store.task(index), len(prompt), truth, answer,
-                       normalize(answer) == normalize(truth))
+                       normalize(answer) == normalize(truth), answer_f1(answer, truth))
         if progress is not None:
             progress.update(1)
 
@@ -77,14 +111,14 @@ def _until(ids: list[int], end: int) -> list[int]:
 
 
 def score(results: list[QAResult]) -> dict:
-    """Exact-match accuracy overall and per task."""
-    tasks = sorted({r.task for r in results})
-    by_task = {t: [r.correct for r in results if r.task == t] for t in tasks}
-    return {
-        "samples": len(results),
-        "exact_match": float(np.mean([r.correct for r in results])) if results else 0.0,
-        "by_task": {t: {"samples": len(c), "exact_match": float(np.mean(c))} for t, c in by_task.items()},
-    }
+    """Exact match and F1, overall and per task."""
+
+    def summary(rs):
+        return {"samples": len(rs), "exact_match": float(np.mean([r.correct for r in rs])) if rs else 0.0,
+                "f1": float(np.mean([r.f1 for r in rs])) if rs else 0.0}
+
+    return {**summary(results),
+            "by_task": {t: summary([r for r in results if r.task == t]) for t in sorted({r.task for r in results})}}
 
 
 def write_results(results: list[QAResult], path: str | Path) -> dict:
