@@ -185,9 +185,37 @@ def _inspect_data(args) -> int:
     return 0
 
 
+def _eval_model(args):
+    """(model, writes output): transformers for --hf-dir; this project's model at TP x CP for
+    --mcore-dir, on every rank of a torchrun world of TP x CP ranks, rank 0 writing."""
+    import torch
+
+    if args.hf_dir:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        from megatron_mmprolong.config import torch_dtype
+
+        dtype = torch_dtype(args.dtype) if args.dtype != "auto" else torch.float32
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(args.hf_dir, dtype=dtype).eval(), True
+    import torch.distributed as dist
+
+    from megatron_mmprolong.config import ConfigError, ParallelConfig
+    from megatron_mmprolong.convert.checkpoint_info import resolve_checkpoint
+    from megatron_mmprolong.eval.megatron_generate import MegatronGenerator
+    from megatron_mmprolong.runtime import launch_env
+
+    world = launch_env().world_size
+    if world != args.tp * args.cp:
+        raise ConfigError(f"--tp {args.tp} x --cp {args.cp} needs {args.tp * args.cp} ranks, this run has {world}: "
+                          f"torchrun --nproc-per-node {args.tp * args.cp} -m megatron_mmprolong.cli eval ...")
+    parallel = ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp)
+    return MegatronGenerator.from_checkpoint(resolve_checkpoint(args.mcore_dir), parallel), dist.get_rank() == 0
+
+
 def _eval_qa(args) -> int:
     from tqdm import tqdm
 
+    from megatron_mmprolong import runtime
     from megatron_mmprolong.data.chat import ChatTokenizer
     from megatron_mmprolong.data.store import MultimodalStore
     from megatron_mmprolong.eval.dataset_qa import answer_questions, write_results
@@ -198,37 +226,38 @@ def _eval_qa(args) -> int:
     if not indices:
         print(f"mmprolong eval: error: {args.data} has no samples of tasks {args.tasks}", file=sys.stderr)
         return 2
-    model = _load_hf_model(args)
-    with tqdm(total=len(indices), unit="sample", desc="eval qa", disable=None) as progress:
+    model, writer = _eval_model(args)
+    with tqdm(total=len(indices), unit="sample", desc="eval qa", disable=None if writer else True) as progress:
         results = list(answer_questions(model, store, tokenizer, indices, progress))
-    out = args.out or str(Path(args.hf_dir) / "eval_qa.json")
-    print(json.dumps({"results": out, **write_results(results, out)}, indent=1))
+    if writer:
+        out = args.out or str(Path(args.hf_dir or args.mcore_dir) / "eval_qa.json")
+        print(json.dumps({"results": out, **write_results(results, out)}, indent=1))
+    if args.mcore_dir:
+        runtime.shutdown()
     return 0
 
 
-def _load_hf_model(args):
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from megatron_mmprolong.config import torch_dtype
-
-    dtype = torch_dtype(args.dtype) if args.dtype != "auto" else torch.float32
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(args.hf_dir, dtype=dtype).eval()
-
-
 def _eval_needle(args) -> int:
+    import torch.distributed as dist
+
+    from megatron_mmprolong import runtime
     from megatron_mmprolong.eval.needle import NeedleConfig, run_needle_eval
 
-    tokenizer = Path(args.tokenizer or args.hf_dir).resolve()
-    if not (tokenizer / "tokenizer.json").is_file() and not (tokenizer / "tokenizer_config.json").is_file():
-        print(f"mmprolong eval: error: {tokenizer} has no tokenizer; pass --tokenizer", file=sys.stderr)
+    tokenizer = Path(args.tokenizer or args.hf_dir or "").resolve()
+    if not args.tokenizer and not args.hf_dir or not (tokenizer / "tokenizer.json").is_file():
+        print(f"mmprolong eval: error: no tokenizer.json in {tokenizer}; pass --tokenizer", file=sys.stderr)
         return 2
     config = NeedleConfig(str(tokenizer), tuple(args.lengths), tuple(args.depths), args.per_cell, args.page_width,
                           args.page_height, args.font_size, args.train_length, args.seed)
     config.pages()  # errors in the settings before the model loads
-    report = run_needle_eval(_load_hf_model(args), config, args.out)
-    print(json.dumps({"out": args.out, **{k: report[k] for k in ("exact_match", "samples", "by_length", "by_depth")}},
-                     indent=1))
+    model, writer = _eval_model(args)
+    report = run_needle_eval(model, config, args.out, writer=writer,
+                             barrier=dist.barrier if args.mcore_dir else (lambda: None))
+    if writer:
+        print(json.dumps({"out": args.out, **{k: report[k] for k in ("exact_match", "samples", "by_length", "by_depth")}},
+                         indent=1))
+    if args.mcore_dir:
+        runtime.shutdown()
     return 0
 
 
@@ -367,20 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser("eval", help="evaluate a checkpoint")
     kinds = evaluate.add_subparsers(dest="kind", required=True, metavar="KIND")
     qa = kinds.add_parser("qa", help="answer a dataset's questions (greedy) with an HF checkpoint; exact match")
-    qa.add_argument("--hf-dir", required=True, help="Hugging Face Qwen2.5-VL checkpoint (e.g. exported after training)")
+    _add_eval_model(qa)
     qa.add_argument("--data", required=True, help="dataset prefix (mmprolong build-data)")
     qa.add_argument("--tasks", nargs="+", help="only samples of these tasks (default: all)")
     qa.add_argument("--limit", type=int, help="at most this many samples")
     qa.add_argument("--tokenizer", help="default: the one the dataset was built with")
-    qa.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="default fp32")
     qa.add_argument("--out", help="results JSON (default HF_DIR/eval_qa.json)")
     qa.set_defaults(run=_eval_qa)
 
     needle = kinds.add_parser("needle", help="needle retrieval grid (lengths x depths) on synthetic documents, "
                                              "with a heat map; lengths past the training window test extension")
-    needle.add_argument("--hf-dir", required=True, help="Hugging Face Qwen2.5-VL checkpoint")
+    _add_eval_model(needle)
     needle.add_argument("--out", required=True, help="output folder; a rerun continues what is there")
-    needle.add_argument("--tokenizer", help="default: the checkpoint's own")
+    needle.add_argument("--tokenizer", help="default: the HF checkpoint's own (needed with --mcore-dir)")
     needle.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072],
                         help="context lengths in tokens (default 8K to 128K)")
     needle.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
@@ -391,9 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     needle.add_argument("--page-height", type=int, default=1584)
     needle.add_argument("--font-size", type=int, default=22)
     needle.add_argument("--seed", type=int, default=0)
-    needle.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="default fp32")
     needle.set_defaults(run=_eval_needle)
     return parser
+
+
+def _add_eval_model(parser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-dir", help="Hugging Face Qwen2.5-VL checkpoint, run with transformers")
+    source.add_argument("--mcore-dir", help="Megatron checkpoint or training --save directory, run with this "
+                                            "project's model at --tp x --cp (torchrun with that many ranks)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size with --mcore-dir")
+    parser.add_argument("--cp", type=int, default=1, help="context parallel size with --mcore-dir (long inputs)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="transformers dtype with --hf-dir (default fp32)")
 
 
 def _add_layout(parser) -> None:

@@ -196,3 +196,34 @@ def test_answer_f1(answer, expected, f1):
     from megatron_mmprolong.eval.dataset_qa import answer_f1
 
     assert answer_f1(answer, expected) == pytest.approx(f1)
+
+
+@pytest.mark.parametrize("layout", [["--cp", "2"], ["--tp", "2"]], ids=["cp2", "tp2"])
+def test_megatron_and_transformers_give_the_same_answers(dataset, tmp_path, capsys, layout):
+    """A random model (so replies are long and arbitrary) answers every question the same way
+    through transformers and through this project's model on a Megatron checkpoint at CP2 / TP2."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from megatron_mmprolong.config import ParallelConfig, Qwen25VLConfig
+    from megatron_mmprolong.convert.hf_to_mcore import hf_to_mcore
+    from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
+
+    store, _ = dataset
+    write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), tmp_path / "hf", seed=7)
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", ParallelConfig(), progress=False)
+    common = ["eval", "qa", "--data", store.prefix, "--limit", "4"]
+    assert main([*common, "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "hf.json")]) == 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+                    "-m", "megatron_mmprolong.cli", *common, "--mcore-dir", str(tmp_path / "mcore"), *layout,
+                    "--out", str(tmp_path / "mcore.json")],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+                   stdout=subprocess.DEVNULL)
+    hf, mcore = (json.loads((tmp_path / name).read_text())["results"] for name in ("hf.json", "mcore.json"))
+    assert len(hf) == 4 and all(len(r["answer"]) > 5 for r in hf)  # long, arbitrary replies
+    assert [r["answer"] for r in mcore] == [r["answer"] for r in hf]

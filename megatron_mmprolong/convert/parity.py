@@ -113,15 +113,18 @@ def our_logits(model, sample: Sample, packed_seq_params: PackedSeqParams | None 
     return model(sample.input_ids, **sample.vision_inputs(), packed_seq_params=packed_seq_params)
 
 
+def hf_token_types(hf_model, input_ids: Tensor) -> dict[str, Tensor]:
+    """transformers >= 5 places image and video tokens in M-RoPE only when told which they are
+    (`mm_token_type_ids`: 1 image, 2 video); without it they get text positions."""
+    if "mm_token_type_ids" not in inspect.signature(hf_model.forward).parameters:
+        return {}
+    config = hf_model.config
+    return {"mm_token_type_ids": (input_ids == config.image_token_id).int() + 2 * (input_ids == config.video_token_id).int()}
+
+
 def hf_logits(hf_model, sample: Sample) -> Tensor:
     inputs = dict(input_ids=sample.input_ids, **sample.vision_inputs())
-    if "mm_token_type_ids" in inspect.signature(hf_model.forward).parameters:
-        config = hf_model.config
-        ids = sample.input_ids
-        inputs["mm_token_type_ids"] = (ids == config.image_token_id).int() + 2 * (
-            ids == config.video_token_id
-        ).int()
-    return hf_model(**inputs).logits
+    return hf_model(**inputs, **hf_token_types(hf_model, sample.input_ids)).logits
 
 
 def compare(ours: Tensor, reference: Tensor) -> dict[str, float]:

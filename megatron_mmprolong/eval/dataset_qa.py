@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_mmprolong.convert.parity import hf_token_types
 from megatron_mmprolong.data.pixels import decoder, pixel_values
 from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.files import write_text_whole
@@ -94,7 +95,8 @@ def answer_questions(model, store: MultimodalStore, tokenizer, indices, progress
                               image["temporal_patch_size"])
         inputs = {"input_ids": torch.from_numpy(prompt)[None], "attention_mask": torch.ones(1, len(prompt), dtype=torch.long)}
         if len(grids):
-            inputs |= {"pixel_values": torch.from_numpy(pixels).to(dtype), "image_grid_thw": torch.tensor(grids)}
+            inputs |= {"pixel_values": torch.from_numpy(pixels).to(dtype), "image_grid_thw": torch.tensor(grids),
+                       **hf_token_types(model, inputs["input_ids"])}
         # Room beyond the reference length: the same text may tokenize longer (a leading space).
         out = model.generate(**inputs, max_new_tokens=2 * len(expected) + 8, do_sample=False,
                              eos_token_id=tokenizer.im_end, pad_token_id=tokenizer.im_end)

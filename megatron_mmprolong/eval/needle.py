@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,13 +69,9 @@ class NeedleConfig:
         return pages
 
 
-def run_needle_eval(model, config: NeedleConfig, out_dir: str | Path, progress: bool = True) -> dict:
-    """Build (or reuse) the haystacks, answer what is not answered yet, write the report and the heat map."""
-    from tqdm import tqdm
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_same_config(out / "needle_config.json", config)
+def prepare_needle(config: NeedleConfig, out: Path, progress: bool = True) -> None:
+    """Write (or reuse) the haystack documents and their dataset."""
+    _check_same_config(out / "needle_config.json", config, write=True)
     grid = NeedleGrid(config.pages(), tuple(config.depths), config.per_cell)
     records = out / "docs" / "records.jsonl"
     if not records.is_file():
@@ -85,20 +82,41 @@ def run_needle_eval(model, config: NeedleConfig, out_dir: str | Path, progress: 
         seq_length = 1024 * math.ceil(max(config.lengths) * 1.5 / 1024)
         build_dataset([records], prefix, BuildConfig(tokenizer=config.tokenizer, seq_length=seq_length, shard_size=8),
                       progress=progress)
-    store = MultimodalStore(prefix)
-    cells = {json.loads(line)["id"]: json.loads(line)["meta"]["needle"] for line in records.read_text().splitlines()}
+
+
+def run_needle_eval(model, config: NeedleConfig, out_dir: str | Path, progress: bool = True, writer: bool = True,
+                    barrier=lambda: None) -> dict:
+    """Build (or reuse) the haystacks, answer what is not answered yet, write the report and the heat map.
+
+    With a Megatron model every rank of its world calls this; only the `writer` writes, and
+    `barrier` keeps the others from reading before the writer has prepared, or after it has
+    started to append."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_needle(config, out, progress)
+    barrier()
+    _check_same_config(out / "needle_config.json", config, write=False)
+    store = MultimodalStore(out / "data" / "needle")
+    records = (out / "docs" / "records.jsonl").read_text().splitlines()
+    cells = {json.loads(line)["id"]: json.loads(line)["meta"]["needle"] for line in records}
     answers = out / "answers.jsonl"
     done = {r["id"]: r for r in map(json.loads, answers.read_text().splitlines())} if answers.is_file() else {}
     todo = [i for i in range(len(store)) if store.ids[i] not in done]
-    with open(answers, "a") as sink, tqdm(total=len(store), initial=len(store) - len(todo), unit="sample",
-                                          desc="eval needle", disable=not progress or None) as bar:
+    barrier()
+    with open(answers if writer else os.devnull, "a") as sink, tqdm(
+            total=len(store), initial=len(store) - len(todo), unit="sample", desc="eval needle",
+            disable=not (progress and writer) or None) as bar:
         for result in answer_questions(model, store, ChatTokenizer(config.tokenizer), todo, bar):
             sink.write(json.dumps(asdict(result)) + "\n")
             sink.flush()
             done[result.id] = asdict(result)
     report = needle_report([QAResult(**r) for r in done.values()], cells, config)
-    write_text_whole(out / "needle.json", json.dumps(report, indent=1) + "\n")
-    heat_map_png(report, out / "needle.png")
+    if writer:
+        write_text_whole(out / "needle.json", json.dumps(report, indent=1) + "\n")
+        heat_map_png(report, out / "needle.png")
     return report
 
 
@@ -167,7 +185,7 @@ def _short(tokens: int) -> str:
     return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
 
-def _check_same_config(path: Path, config: NeedleConfig) -> None:
+def _check_same_config(path: Path, config: NeedleConfig, write: bool) -> None:
     wanted = asdict(config)
     wanted["lengths"], wanted["depths"] = list(config.lengths), list(config.depths)
     if path.is_file():
@@ -176,5 +194,5 @@ def _check_same_config(path: Path, config: NeedleConfig) -> None:
             changed = sorted(k for k in wanted if found.get(k) != wanted[k])
             raise NeedleError(f"{path.parent} holds a needle eval with other settings ({', '.join(changed)}); "
                               "use another output folder")
-    else:
+    elif write:
         write_text_whole(path, json.dumps(wanted, indent=1) + "\n")
