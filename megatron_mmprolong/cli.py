@@ -261,6 +261,29 @@ def _eval_needle(args) -> int:
     return 0
 
 
+def _eval_position_loss(args) -> int:
+    import torch
+    from tqdm import tqdm
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_mmprolong.config import torch_dtype
+    from megatron_mmprolong.data.store import MultimodalStore
+    from megatron_mmprolong.eval.position_loss import position_loss, write_report
+
+    store = MultimodalStore(args.data)
+    indices = [i for i in range(len(store)) if int(store.samples[i]["tokens"]) >= args.min_tokens][:args.limit]
+    if not indices:
+        print(f"mmprolong eval: error: {args.data} has no samples of {args.min_tokens} tokens or more", file=sys.stderr)
+        return 2
+    dtype = torch_dtype(args.dtype) if args.dtype != "auto" else torch.float32
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.hf_dir, dtype=dtype).eval()
+    with tqdm(total=len(indices), unit="sample", desc="eval position-loss", disable=None) as progress:
+        report = position_loss(model, store, indices, args.bucket_size, progress)
+    write_report(report, args.out)
+    print(json.dumps({"out": args.out, **report}, indent=1))
+    return 0
+
+
 def _plan_data(args) -> int:
     from megatron_mmprolong.data.packing import Alignment
     from megatron_mmprolong.data.plan import MixtureSpec, PlanConfig, make_plan
@@ -420,6 +443,17 @@ def build_parser() -> argparse.ArgumentParser:
     needle.add_argument("--font-size", type=int, default=22)
     needle.add_argument("--seed", type=int, default=0)
     needle.set_defaults(run=_eval_needle)
+
+    by_position = kinds.add_parser("position-loss", help="loss and next-token accuracy by position bucket over a "
+                                                         "dataset's long samples (JSON and a line plot)")
+    by_position.add_argument("--hf-dir", required=True, help="Hugging Face Qwen2.5-VL checkpoint")
+    by_position.add_argument("--data", required=True, help="dataset prefix of held-out long samples")
+    by_position.add_argument("--out", required=True, help="output folder (position_loss.json, position_loss.png)")
+    by_position.add_argument("--bucket-size", type=int, default=4096, help="positions per bucket (default 4096)")
+    by_position.add_argument("--min-tokens", type=int, default=0, help="only samples at least this long")
+    by_position.add_argument("--limit", type=int, help="at most this many samples")
+    by_position.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="default fp32")
+    by_position.set_defaults(run=_eval_position_loss)
     return parser
 
 

@@ -8,7 +8,8 @@
 5. exported back to Hugging Face and verified against the trained checkpoint;
 6. the exported model answers the dataset's questions with transformers, then a needle grid
    (1K-8K tokens x 5 depths, past the 4K training window) with its heat map (exact match; a
-   tiny model trained for a few dozen steps scores near zero, the point is that the path works).
+   tiny model trained for a few dozen steps scores near zero, the point is that the path works),
+   and the loss by position over the dataset.
 
 Each step is the `mmprolong` command a user would run; a summary closes the demo.
 """
@@ -110,6 +111,9 @@ def main() -> int:
             "eval", "needle", "--hf-dir", str(export), "--out", str(OUT / "needle"), "--lengths", "1024", "2048",
             "4096", "8192", "--per-cell", "1", "--train-length", "4096", "--page-width", "224", "--page-height",
             "336", "--font-size", "9"), timings))
+        by_position = _last_json(_run("loss by position", _mmprolong(
+            "eval", "position-loss", "--hf-dir", str(export), "--data", str(data), "--out", str(OUT / "position_loss"),
+            "--bucket-size", "256"), timings))
     except DemoError as err:
         print(f"\ndemo: {err}", file=sys.stderr)
         return 1
@@ -127,6 +131,8 @@ def main() -> int:
     by_task = ", ".join(f"{task} {score['exact_match']:.0%}" for task, score in scores["by_task"].items())
     print(f"questions: {scores['samples']} answered, exact match {scores['exact_match']:.1%} ({by_task})")
     by_length = ", ".join(f"{int(n) // 1024}K {s['exact_match']:.0%}" for n, s in needle["by_length"].items())
+    losses_by_position = ", ".join(f"{b['start']}-{b['end']} {b['loss']:.2f}" for b in by_position["buckets"] if b["loss"])
+    print(f"loss by position: {losses_by_position}")
     print(f"needle grid: {needle['samples']} documents, exact match {by_length}; heat map {OUT / 'needle' / 'needle.png'}")
     return 0
 

@@ -227,3 +227,55 @@ def test_megatron_and_transformers_give_the_same_answers(dataset, tmp_path, caps
     hf, mcore = (json.loads((tmp_path / name).read_text())["results"] for name in ("hf.json", "mcore.json"))
     assert len(hf) == 4 and all(len(r["answer"]) > 5 for r in hf)  # long, arbitrary replies
     assert [r["answer"] for r in mcore] == [r["answer"] for r in hf]
+
+
+# ---- loss by position -------------------------------------------------------------------------
+
+class FarBlindModel(torch.nn.Module):
+    """Predicts every next token with certainty before position `horizon`, knows nothing after."""
+
+    def __init__(self, vocab, horizon):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.vocab, self.horizon = vocab, horizon
+
+    def forward(self, input_ids, **_):
+        logits = torch.zeros(1, input_ids.shape[1], self.vocab)
+        positions = torch.arange(input_ids.shape[1] - 1)
+        early = positions + 1 < self.horizon  # the predicted token's position
+        logits[0, positions[early], input_ids[0, 1:][early]] = 50.0
+        return type("Output", (), {"logits": logits})
+
+
+def test_loss_by_position_sees_the_horizon(dataset):
+    from megatron_mmprolong.eval.position_loss import position_loss
+
+    store, tokenizer = dataset
+    vocab = len(tokenizer.hf)
+    report = position_loss(FarBlindModel(vocab, horizon=256), store, range(len(store)), bucket_size=128)
+    buckets = [b for b in report["buckets"] if b["tokens"]]
+    assert buckets[0]["start"] == 0 and buckets[1]["loss"] < 1e-6 and buckets[1]["accuracy"] == 1.0
+    after = [b for b in buckets if b["start"] >= 256]
+    assert after and all(b["loss"] == pytest.approx(np.log(vocab)) for b in after)
+    special = store.manifest["tokenizer"]["special_tokens"]
+    text_targets = sum(int(np.isin(np.asarray(store.tokens[i])[1:], [special["image_pad"], special["vision_start"],
+                                                                       special["vision_end"]], invert=True).sum())
+                       for i in range(len(store)))
+    assert sum(b["tokens"] for b in report["buckets"]) == text_targets  # images are not scored
+
+
+def test_position_loss_cli(dataset, tmp_path, capsys):
+    from PIL import Image
+
+    from megatron_mmprolong.config import Qwen25VLConfig
+    from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
+
+    store, _ = dataset
+    write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), tmp_path / "hf", seed=2)
+    assert main(["eval", "position-loss", "--hf-dir", str(tmp_path / "hf"), "--data", store.prefix, "--out",
+                 str(tmp_path / "pl"), "--bucket-size", "256", "--limit", "2"]) == 0
+    report = json.loads((tmp_path / "pl" / "position_loss.json").read_text())
+    assert report["samples"] == 2 and report["buckets"][0]["loss"] > 0
+    assert Image.open(tmp_path / "pl" / "position_loss.png").size == (720, 360)
+    assert main(["eval", "position-loss", "--hf-dir", str(tmp_path / "hf"), "--data", store.prefix, "--out",
+                 str(tmp_path / "x"), "--min-tokens", "10000000"]) == 2
