@@ -101,3 +101,11 @@ def pixel_values(images: list[bytes], grids: np.ndarray, decode, patch: int = 14
         if image.shape[1:] != (h * patch, w * patch):
             raise ValueError(f"stored image of {image.shape[2]}x{image.shape[1]} px does not match its grid {h}x{w}")
     return np.concatenate([patchify(image, patch, merge, temporal) for image in decoded])
+
+
+def sample_pixels(store, index: int, decode) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel values, grids) of one sample of a `MultimodalStore`, with the store's image parameters."""
+    image, grids = store.manifest["image"], store.image_grids(index)
+    pixels = pixel_values(store.image_bytes(index), grids, decode, image["patch_size"], image["merge_size"],
+                          image["temporal_patch_size"])
+    return pixels, grids

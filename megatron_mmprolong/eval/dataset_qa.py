@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from megatron_mmprolong.convert.parity import hf_token_types
-from megatron_mmprolong.data.pixels import decoder, pixel_values
+from megatron_mmprolong.data.pixels import decoder, sample_pixels
 from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.files import write_text_whole
 
@@ -85,14 +85,11 @@ def prompt_and_answer(store: MultimodalStore, index: int) -> tuple[np.ndarray, n
 @torch.no_grad()
 def answer_questions(model, store: MultimodalStore, tokenizer, indices, progress=None):
     """Yield a `QAResult` per sample index; `model` is a transformers Qwen2.5-VL in eval mode."""
-    image = store.manifest["image"]
     decode = decoder("pil")
     dtype = next(model.parameters()).dtype
     for index in indices:
         prompt, expected = prompt_and_answer(store, index)
-        grids = store.image_grids(index)
-        pixels = pixel_values(store.image_bytes(index), grids, decode, image["patch_size"], image["merge_size"],
-                              image["temporal_patch_size"])
+        pixels, grids = sample_pixels(store, index, decode)
         inputs = {"input_ids": torch.from_numpy(prompt)[None], "attention_mask": torch.ones(1, len(prompt), dtype=torch.long)}
         if len(grids):
             inputs |= {"pixel_values": torch.from_numpy(pixels).to(dtype), "image_grid_thw": torch.tensor(grids),

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from megatron_mmprolong.convert.parity import hf_token_types
-from megatron_mmprolong.data.pixels import decoder, pixel_values
+from megatron_mmprolong.data.pixels import decoder, sample_pixels
 from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.files import write_text_whole, written_whole
 
@@ -28,18 +28,15 @@ def position_loss(model, store: MultimodalStore, indices, bucket_size: int, prog
     special = store.manifest["tokenizer"]["special_tokens"]
     not_predicted = torch.tensor([special["image_pad"], special["vision_start"], special["vision_end"],
                                   special.get("video_pad", special["image_pad"])])
-    image = store.manifest["image"]
     decode = decoder("pil")
     dtype = next(model.parameters()).dtype
     buckets = -(-max(int(store.samples[i]["tokens"]) for i in indices) // bucket_size)
     loss_sum, correct, count = (torch.zeros(buckets, dtype=torch.float64) for _ in range(3))
     for index in indices:
         ids = torch.from_numpy(np.asarray(store.tokens[index], dtype=np.int64))[None]
-        grids = store.image_grids(index)
+        pixels, grids = sample_pixels(store, index, decode)
         inputs = {"input_ids": ids}
         if len(grids):
-            pixels = pixel_values(store.image_bytes(index), grids, decode, image["patch_size"], image["merge_size"],
-                                  image["temporal_patch_size"])
             inputs |= {"pixel_values": torch.from_numpy(pixels).to(dtype), "image_grid_thw": torch.tensor(grids),
                        **hf_token_types(model, ids)}
         logits = model(**inputs).logits[0, :-1].float()
