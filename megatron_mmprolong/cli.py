@@ -213,12 +213,12 @@ def _eval_model(args):
 
 
 def _eval_qa(args) -> int:
-    from tqdm import tqdm
+    import torch.distributed as dist
 
     from megatron_mmprolong import runtime
     from megatron_mmprolong.data.chat import ChatTokenizer
     from megatron_mmprolong.data.store import MultimodalStore
-    from megatron_mmprolong.eval.dataset_qa import answer_questions, write_results
+    from megatron_mmprolong.eval.dataset_qa import answer_resumably, write_results
 
     store = MultimodalStore(args.data)
     tokenizer = ChatTokenizer(args.tokenizer or store.manifest["tokenizer"]["path"])
@@ -227,11 +227,13 @@ def _eval_qa(args) -> int:
         print(f"mmprolong eval: error: {args.data} has no samples of tasks {args.tasks}", file=sys.stderr)
         return 2
     model, writer = _eval_model(args)
-    with tqdm(total=len(indices), unit="sample", desc="eval qa", disable=None if writer else True) as progress:
-        results = list(answer_questions(model, store, tokenizer, indices, progress))
+    out = Path(args.out or Path(args.hf_dir or args.mcore_dir) / "eval_qa.json")
+    log = out.with_name(out.name + ".answers.jsonl")  # a rerun after a kill continues from it
+    results = answer_resumably(model, store, tokenizer, indices, log, "eval qa", writer=writer,
+                               barrier=dist.barrier if args.mcore_dir else (lambda: None))
     if writer:
-        out = args.out or str(Path(args.hf_dir or args.mcore_dir) / "eval_qa.json")
-        print(json.dumps({"results": out, **write_results(results, out)}, indent=1))
+        print(json.dumps({"results": str(out), **write_results(results, out)}, indent=1))
+        log.unlink()
     if args.mcore_dir:
         runtime.shutdown()
     return 0

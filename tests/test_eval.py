@@ -279,3 +279,34 @@ def test_position_loss_cli(dataset, tmp_path, capsys):
     assert Image.open(tmp_path / "pl" / "position_loss.png").size == (720, 360)
     assert main(["eval", "position-loss", "--hf-dir", str(tmp_path / "hf"), "--data", store.prefix, "--out",
                  str(tmp_path / "x"), "--min-tokens", "10000000"]) == 2
+
+
+def test_eval_qa_continues_after_a_kill(dataset, tmp_path, monkeypatch, capsys):
+    """A killed `eval qa` keeps what it answered; the rerun asks only the rest."""
+    from megatron_mmprolong import cli
+
+    store, tokenizer = dataset
+    asked = []
+
+    class Killed(Exception):
+        pass
+
+    def scripted(limit):
+        def reply(prompt):
+            if len(asked) == limit:
+                raise Killed
+            asked.append(prompt)
+            return [tokenizer.im_end]
+        return ScriptedModel(reply, tokenizer.image_pad)
+
+    out = tmp_path / "qa.json"
+    args = ["eval", "qa", "--hf-dir", str(tmp_path), "--data", store.prefix, "--out", str(out)]
+    monkeypatch.setattr(cli, "_eval_model", lambda _: (scripted(3), True))
+    with pytest.raises(Killed):
+        main(args)
+    assert not out.exists() and len((tmp_path / "qa.json.answers.jsonl").read_text().splitlines()) == 3
+    monkeypatch.setattr(cli, "_eval_model", lambda _: (scripted(len(store)), True))
+    assert main(args) == 0
+    assert len(asked) == len(set(asked)) == len(store)  # nothing asked twice
+    assert [r["sample"] for r in json.loads(out.read_text())["results"]] == list(range(len(store)))
+    assert not (tmp_path / "qa.json.answers.jsonl").exists()

@@ -12,6 +12,7 @@ dataset's JSONL form from MMLongBench-Doc-style data can be scored too. With syn
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,6 +104,28 @@ def answer_questions(model, store: MultimodalStore, tokenizer, indices, progress
                        normalize(answer) == normalize(truth), answer_f1(answer, truth))
         if progress is not None:
             progress.update(1)
+
+
+def answer_resumably(model, store: MultimodalStore, tokenizer, indices, log: str | Path, desc: str,
+                     progress: bool = True, writer: bool = True, barrier=lambda: None) -> list[QAResult]:
+    """`answer_questions` with every result appended to `log` (JSON lines) as it comes: a rerun
+    after a kill asks only what the log lacks. With a Megatron model every rank calls this with
+    the same arguments; only the `writer` appends, and `barrier` keeps the others from reading
+    the log after the writer has started to append."""
+    from tqdm import tqdm
+
+    log = Path(log)
+    done = {r["id"]: QAResult(**r) for r in map(json.loads, log.read_text().splitlines())} if log.is_file() else {}
+    todo = [i for i in indices if store.ids[i] not in done]
+    barrier()
+    with open(log if writer else os.devnull, "a") as sink, tqdm(
+            total=len(indices), initial=len(indices) - len(todo), unit="sample", desc=desc,
+            disable=not (progress and writer) or None) as bar:
+        for result in answer_questions(model, store, tokenizer, todo, bar):
+            sink.write(json.dumps(asdict(result)) + "\n")
+            sink.flush()
+            done[result.id] = result
+    return [done[store.ids[i]] for i in indices]
 
 
 def _until(ids: list[int], end: int) -> list[int]:

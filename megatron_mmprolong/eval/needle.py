@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from megatron_mmprolong.data.chat import ChatTokenizer
 from megatron_mmprolong.data.images import vision_tokens
 from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.data.synth import NeedleGrid, SynthConfig, needle_docs
-from megatron_mmprolong.eval.dataset_qa import QAResult, answer_questions
+from megatron_mmprolong.eval.dataset_qa import QAResult, answer_resumably
 from megatron_mmprolong.files import written_whole, write_text_whole
 
 PROMPT_TOKENS = 80  # system prompt, chat markers and the question, roughly
@@ -91,8 +90,6 @@ def run_needle_eval(model, config: NeedleConfig, out_dir: str | Path, progress: 
     With a Megatron model every rank of its world calls this; only the `writer` writes, and
     `barrier` keeps the others from reading before the writer has prepared, or after it has
     started to append."""
-    from tqdm import tqdm
-
     out = Path(out_dir)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
@@ -102,18 +99,9 @@ def run_needle_eval(model, config: NeedleConfig, out_dir: str | Path, progress: 
     store = MultimodalStore(out / "data" / "needle")
     records = (out / "docs" / "records.jsonl").read_text().splitlines()
     cells = {json.loads(line)["id"]: json.loads(line)["meta"]["needle"] for line in records}
-    answers = out / "answers.jsonl"
-    done = {r["id"]: r for r in map(json.loads, answers.read_text().splitlines())} if answers.is_file() else {}
-    todo = [i for i in range(len(store)) if store.ids[i] not in done]
-    barrier()
-    with open(answers if writer else os.devnull, "a") as sink, tqdm(
-            total=len(store), initial=len(store) - len(todo), unit="sample", desc="eval needle",
-            disable=not (progress and writer) or None) as bar:
-        for result in answer_questions(model, store, ChatTokenizer(config.tokenizer), todo, bar):
-            sink.write(json.dumps(asdict(result)) + "\n")
-            sink.flush()
-            done[result.id] = asdict(result)
-    report = needle_report([QAResult(**r) for r in done.values()], cells, config)
+    results = answer_resumably(model, store, ChatTokenizer(config.tokenizer), range(len(store)),
+                               out / "answers.jsonl", "eval needle", progress, writer, barrier)
+    report = needle_report(results, cells, config)
     if writer:
         write_text_whole(out / "needle.json", json.dumps(report, indent=1) + "\n")
         heat_map_png(report, out / "needle.png")
