@@ -243,7 +243,7 @@ def _eval_needle(args) -> int:
     import torch.distributed as dist
 
     from megatron_mmprolong import runtime
-    from megatron_mmprolong.eval.needle import NeedleConfig, run_needle_eval
+    from megatron_mmprolong.eval.needle import NeedleConfig, check_same_settings, run_needle_eval
 
     tokenizer = Path(args.tokenizer or args.hf_dir or "").resolve()
     if not args.tokenizer and not args.hf_dir or not (tokenizer / "tokenizer.json").is_file():
@@ -252,6 +252,7 @@ def _eval_needle(args) -> int:
     config = NeedleConfig(str(tokenizer), tuple(args.lengths), tuple(args.depths), args.per_cell, args.page_width,
                           args.page_height, args.font_size, args.train_length, args.seed)
     config.pages()  # errors in the settings before the model loads
+    check_same_settings(Path(args.out) / "needle_config.json", config, write=False)
     model, writer = _eval_model(args)
     report = run_needle_eval(model, config, args.out, writer=writer,
                              barrier=dist.barrier if args.mcore_dir else (lambda: None))
@@ -283,6 +284,27 @@ def _eval_position_loss(args) -> int:
         report = position_loss(model, store, indices, args.bucket_size, progress)
     write_report(report, args.out)
     print(json.dumps({"out": args.out, **report}, indent=1))
+    return 0
+
+
+def _eval_extend(args) -> int:
+    import torch.distributed as dist
+
+    from megatron_mmprolong import runtime
+    from megatron_mmprolong.eval.extension import ExtensionConfig, run_extension_eval
+    from megatron_mmprolong.eval.needle import check_same_settings
+
+    config = ExtensionConfig(str(Path(args.tokenizer).resolve()), tuple(str(Path(r).resolve()) for r in args.records),
+                             tuple(args.lengths), args.dpi, args.seed)
+    check_same_settings(Path(args.out) / "extension_config.json", config, write=False)  # before loading a model
+    model, writer = _eval_model(args)
+    report = run_extension_eval(model, config, args.out, writer=writer,
+                                barrier=dist.barrier if args.mcore_dir else (lambda: None))
+    if writer:
+        print(json.dumps({"out": args.out, **{k: report[k] for k in ("samples", "exact_match", "f1", "by_length")}},
+                         indent=1))
+    if args.mcore_dir:
+        runtime.shutdown()
     return 0
 
 
@@ -446,6 +468,17 @@ def build_parser() -> argparse.ArgumentParser:
     needle.add_argument("--seed", type=int, default=0)
     needle.set_defaults(run=_eval_needle)
 
+    extend = kinds.add_parser("extend", help="context extension: pad each document with the others' pages up to "
+                                             "each length (past the training window) and ask its question again")
+    _add_eval_model(extend)
+    extend.add_argument("--records", nargs="+", required=True, help="JSONL document records (pages or pdf) with answers")
+    extend.add_argument("--tokenizer", required=True, help="Qwen2.5-VL tokenizer directory")
+    extend.add_argument("--lengths", type=int, nargs="+", default=[262144, 524288], help="target lengths in tokens")
+    extend.add_argument("--out", required=True, help="output folder; a rerun continues what is there")
+    extend.add_argument("--dpi", type=int, default=144, help="PDF rendering resolution")
+    extend.add_argument("--seed", type=int, default=0, help="order of the padding pages")
+    extend.set_defaults(run=_eval_extend)
+
     by_position = kinds.add_parser("position-loss", help="loss and next-token accuracy by position bucket over a "
                                                          "dataset's long samples (JSON and a line plot)")
     by_position.add_argument("--hf-dir", required=True, help="Hugging Face Qwen2.5-VL checkpoint")
@@ -502,12 +535,12 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mmprolong.data.chat import TokenizerError
     from megatron_mmprolong.data.plan import PlanError
     from megatron_mmprolong.data.store import StoreError
-    from megatron_mmprolong.eval.needle import NeedleError
+    from megatron_mmprolong.eval.dataset_qa import EvalError
 
     try:
         return args.run(args)
     except (ConfigError, CheckpointError, OutputExistsError, BuildError, TokenizerError, StoreError, PlanError,
-            NeedleError) as err:
+            EvalError) as err:
         print(f"mmprolong {args.verb}: error: {err}", file=sys.stderr)
         return 2
 

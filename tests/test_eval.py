@@ -3,6 +3,7 @@ share, a model that only reads the first half scores by depth), the needle grid 
 real transformers path runs on a checkpoint."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,7 +147,8 @@ def test_needle_grid_scores_by_depth_and_resumes(tiny_train_data, tmp_path):
 
 
 def test_needle_oracle_and_settings(tiny_train_data, tmp_path):
-    from megatron_mmprolong.eval.needle import NeedleError, run_needle_eval
+    from megatron_mmprolong.eval.dataset_qa import EvalError
+    from megatron_mmprolong.eval.needle import run_needle_eval
 
     tokenizer_path, *_ = tiny_train_data
     tokenizer = ChatTokenizer(tokenizer_path)
@@ -158,11 +160,11 @@ def test_needle_oracle_and_settings(tiny_train_data, tmp_path):
     oracle = {tuple(p.tolist()): a.tolist() for p, a in (prompt_and_answer(store, i) for i in range(len(store)))}
     report = run_needle_eval(ScriptedModel(oracle.__getitem__, tokenizer.image_pad), config, out, progress=False)
     assert report["exact_match"] == 1.0 and report["grid"] == [[1.0], [1.0]]
-    with pytest.raises(NeedleError, match="other settings \\(per_cell\\)"):
+    with pytest.raises(EvalError, match="other settings \\(per_cell\\)"):
         run_needle_eval(None, _needle_config(tokenizer_path, lengths=(600,), depths=(0.25, 0.75), per_cell=3), out)
-    with pytest.raises(NeedleError, match="same page counts"):
+    with pytest.raises(EvalError, match="same page counts"):
         _needle_config(tokenizer_path, lengths=(1000, 1010)).pages()
-    with pytest.raises(NeedleError, match="depths"):
+    with pytest.raises(EvalError, match="depths"):
         _needle_config(tokenizer_path, depths=(0.5, 1.5))
 
 
@@ -310,3 +312,47 @@ def test_eval_qa_continues_after_a_kill(dataset, tmp_path, monkeypatch, capsys):
     assert len(asked) == len(set(asked)) == len(store)  # nothing asked twice
     assert [r["sample"] for r in json.loads(out.read_text())["results"]] == list(range(len(store)))
     assert not (tmp_path / "qa.json.answers.jsonl").exists()
+
+
+# ---- context extension ------------------------------------------------------------------------
+
+def test_renumber_pages():
+    from megatron_mmprolong.eval.extension import renumber_pages
+
+    assert renumber_pages("According to page 3, what is on Page 12? See pages 4 and 7, pages 1-2.", 5) == \
+        "According to page 8, what is on Page 17? See pages 9 and 12, pages 6-7."
+    assert renumber_pages("What weighs 731 kg?", 5) == "What weighs 731 kg?"
+
+
+def test_extension_pads_to_each_length_and_keeps_the_evidence(tiny_train_data, tmp_path, capsys):
+    from megatron_mmprolong.eval.extension import ExtensionConfig, run_extension_eval
+
+    tokenizer_path, records, _ = tiny_train_data
+    tokenizer = ChatTokenizer(tokenizer_path)
+    original = {r["id"]: r for r in map(json.loads, Path(records).read_text().splitlines())}
+    config = ExtensionConfig(str(tokenizer_path), (str(records),), lengths=(1024, 3072))
+    out = tmp_path / "extend"
+    with pytest.raises(ZeroDivisionError):  # prepared, then the "model" fails at once
+        run_extension_eval(ScriptedModel(lambda _: 1 / 0, tokenizer.image_pad), config, out, progress=False)
+    padded = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(padded) == 2 * len(original)
+    for record in padded:
+        source = original[record["meta"]["extension"]["source"]]
+        shift = record["meta"]["extension"]["pages_before"]
+        own = record["pages"][shift:shift + len(source["pages"])]
+        assert [Path(p).name for p in own] == [Path(p).name for p in source["pages"]]  # the document, intact
+        assert [Path(p).parent for p in own] == [Path(records).parent / Path(p).parent for p in source["pages"]]
+        assert record["evidence_pages"] == [p + shift for p in source["evidence_pages"]]
+        if "page " in source["question"]:
+            assert f"page {source['evidence_pages'][0] + shift}," in record["question"]
+    store = MultimodalStore(out / "data" / "extended")
+    oracle = {tuple(p.tolist()): a.tolist() for p, a in (prompt_and_answer(store, i) for i in range(len(store)))}
+    report = run_extension_eval(ScriptedModel(oracle.__getitem__, tokenizer.image_pad), config, out, progress=False)
+    assert report["exact_match"] == 1.0 and report["samples"] == len(padded)
+    for length in config.lengths:
+        tokens = report["by_length"][str(length)]["context_tokens"]
+        assert length - 150 < tokens < length + 150  # within about a page
+    assert json.loads((out / "extension.json").read_text())["by_length"] == report["by_length"]
+    assert main(["eval", "extend", "--hf-dir", str(tmp_path), "--records", str(records), "--tokenizer",
+                 str(tokenizer_path), "--out", str(out), "--lengths", "1024"]) == 2
+    assert "other settings (lengths)" in capsys.readouterr().err

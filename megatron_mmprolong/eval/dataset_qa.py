@@ -26,6 +26,10 @@ from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.files import write_text_whole
 
 
+class EvalError(ValueError):
+    """Bad evaluation settings or inputs, said in words."""
+
+
 @dataclass(frozen=True)
 class QAResult:
     sample: int

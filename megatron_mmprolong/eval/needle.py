@@ -26,15 +26,11 @@ from megatron_mmprolong.data.chat import ChatTokenizer
 from megatron_mmprolong.data.images import vision_tokens
 from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.data.synth import NeedleGrid, SynthConfig, needle_docs
-from megatron_mmprolong.eval.dataset_qa import QAResult, answer_resumably
+from megatron_mmprolong.eval.dataset_qa import EvalError, QAResult, answer_resumably
 from megatron_mmprolong.files import written_whole, write_text_whole
 
 PROMPT_TOKENS = 80  # system prompt, chat markers and the question, roughly
 PAGE_LABEL_TOKENS = 6  # "Page N:" and the vision start/end markers
-
-
-class NeedleError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -51,11 +47,11 @@ class NeedleConfig:
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) <= PROMPT_TOKENS:
-            raise NeedleError(f"lengths must be above {PROMPT_TOKENS} tokens, got {self.lengths}")
+            raise EvalError(f"lengths must be above {PROMPT_TOKENS} tokens, got {self.lengths}")
         if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
-            raise NeedleError(f"depths must lie in [0, 1], got {self.depths}")
+            raise EvalError(f"depths must lie in [0, 1], got {self.depths}")
         if self.per_cell < 1:
-            raise NeedleError(f"per_cell must be at least 1, got {self.per_cell}")
+            raise EvalError(f"per_cell must be at least 1, got {self.per_cell}")
 
     def tokens_per_page(self) -> int:
         return vision_tokens(self.page_height, self.page_width) + PAGE_LABEL_TOKENS
@@ -63,14 +59,14 @@ class NeedleConfig:
     def pages(self) -> tuple[int, ...]:
         pages = tuple(max(1, round((n - PROMPT_TOKENS) / self.tokens_per_page())) for n in self.lengths)
         if len(set(pages)) != len(pages):
-            raise NeedleError(f"lengths {self.lengths} give the same page counts {pages} at "
+            raise EvalError(f"lengths {self.lengths} give the same page counts {pages} at "
                               f"{self.tokens_per_page()} tokens per page; space them further apart")
         return pages
 
 
 def prepare_needle(config: NeedleConfig, out: Path, progress: bool = True) -> None:
     """Write (or reuse) the haystack documents and their dataset."""
-    _check_same_config(out / "needle_config.json", config, write=True)
+    check_same_settings(out / "needle_config.json", config, write=True)
     grid = NeedleGrid(config.pages(), tuple(config.depths), config.per_cell)
     records = out / "docs" / "records.jsonl"
     if not records.is_file():
@@ -95,7 +91,7 @@ def run_needle_eval(model, config: NeedleConfig, out_dir: str | Path, progress: 
         out.mkdir(parents=True, exist_ok=True)
         prepare_needle(config, out, progress)
     barrier()
-    _check_same_config(out / "needle_config.json", config, write=False)
+    check_same_settings(out / "needle_config.json", config, write=False)
     store = MultimodalStore(out / "data" / "needle")
     records = (out / "docs" / "records.jsonl").read_text().splitlines()
     cells = {json.loads(line)["id"]: json.loads(line)["meta"]["needle"] for line in records}
@@ -173,14 +169,15 @@ def _short(tokens: int) -> str:
     return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
 
-def _check_same_config(path: Path, config: NeedleConfig, write: bool) -> None:
-    wanted = asdict(config)
-    wanted["lengths"], wanted["depths"] = list(config.lengths), list(config.depths)
+def check_same_settings(path: Path, config, write: bool) -> None:
+    """An output folder holds one evaluation: refuse other settings (a dataclass) than those
+    recorded in `path`; record them if absent and `write`."""
+    wanted = json.loads(json.dumps(asdict(config)))
     if path.is_file():
         found = json.loads(path.read_text())
         if found != wanted:
             changed = sorted(k for k in wanted if found.get(k) != wanted[k])
-            raise NeedleError(f"{path.parent} holds a needle eval with other settings ({', '.join(changed)}); "
+            raise EvalError(f"{path.parent} holds an evaluation with other settings ({', '.join(changed)}); "
                               "use another output folder")
     elif write:
         write_text_whole(path, json.dumps(wanted, indent=1) + "\n")

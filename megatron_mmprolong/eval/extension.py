@@ -1,0 +1,174 @@
+"""Context extension as in the paper (`mmprolong eval extend`): each test document is padded left
+and right with pages of the other, unrelated documents up to a target length (e.g. 256K or 512K,
+past the training window), without further training, and its question is asked again.
+
+Padding shifts the document's pages, so evidence pages and "page N" in the question are
+renumbered. PDF records are rendered to page images once (under OUT/pages). The padded records
+go through the training dataset builder, answers are kept in OUT/answers.jsonl (a rerun
+continues) and the score per length lands in OUT/extension.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megatron_mmprolong.data.build import BuildConfig, build_dataset
+from megatron_mmprolong.data.chat import ChatTokenizer
+from megatron_mmprolong.data.images import ImageError, image_size, vision_tokens
+from megatron_mmprolong.data.pdf import PdfError, open_pdf
+from megatron_mmprolong.data.records import DocumentRecord, RecordError, read_jsonl
+from megatron_mmprolong.data.store import MultimodalStore
+from megatron_mmprolong.eval.dataset_qa import EvalError, QAResult, answer_resumably, score
+from megatron_mmprolong.eval.needle import PAGE_LABEL_TOKENS, PROMPT_TOKENS, check_same_settings
+from megatron_mmprolong.files import write_text_whole
+
+
+@dataclass(frozen=True)
+class ExtensionConfig:
+    tokenizer: str
+    records: tuple[str, ...]
+    lengths: tuple[int, ...] = (262144, 524288)
+    dpi: int = 144
+    seed: int = 0
+
+
+def read_documents(paths) -> list[DocumentRecord]:
+    """Document records of the JSONL files; a bad line or a chat record is an error naming it."""
+    documents = []
+    for path in paths:
+        for source, record in read_jsonl(path, allowed_tasks=ANY_TASK):
+            if isinstance(record, RecordError):
+                raise EvalError(f"{source}: {record}")
+            if not isinstance(record, DocumentRecord):
+                raise EvalError(f"{source}: context extension needs document records (pages or pdf), not chats")
+            documents.append(record)
+    if len(documents) < 2:
+        raise EvalError("context extension needs at least two documents (the others pad each one)")
+    return documents
+
+
+class _AnyTask(tuple):
+    """Every task label is welcome here: the records are evaluated, not trained on."""
+
+    def __contains__(self, task) -> bool:
+        return True
+
+
+ANY_TASK = _AnyTask()
+
+
+def page_images(record: DocumentRecord, pages_dir: Path, dpi: int) -> list[str]:
+    """The record's page image paths; PDF pages are rendered to PNG once."""
+    if record.pages:
+        return list(record.pages)
+    pdf = open_pdf(record.pdf)
+    try:
+        first, last = record.page_range or (1, pdf.page_count)
+        folder = pages_dir / re.sub(r"[^\w.-]", "_", record.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for number in range(first, last + 1):
+            path = folder / f"page_{number:04d}.png"
+            if not path.is_file():
+                pdf.render(number - 1, dpi).save(path)
+            paths.append(str(path))
+        return paths
+    finally:
+        pdf.close()
+
+
+def renumber_pages(question: str, shift: int) -> str:
+    """'page 3' / 'pages 3 and 7' / 'Page 3' -> the same with every number shifted."""
+    def shift_numbers(match):
+        return re.sub(r"\d+", lambda n: str(int(n.group()) + shift), match.group())
+
+    return re.sub(r"\b[Pp]ages?\s+\d+(?:\s*(?:,|and|to|-)\s*\d+)*", shift_numbers, question)
+
+
+def extended_records(documents: list[DocumentRecord], pages: list[list[str]], lengths, page_tokens,
+                     seed: int = 0) -> list[dict]:
+    """One record per document and target length: its pages between pages of the others, half
+    of the padding on each side."""
+    rng = random.Random(seed)
+    records = []
+    for i, (document, own) in enumerate(zip(documents, pages)):
+        pool = [p for j, other in enumerate(pages) if j != i for p in other]
+        rng.shuffle(pool)
+        own_tokens = sum(page_tokens(p) for p in own)
+        for length in lengths:
+            padding, tokens = [], PROMPT_TOKENS + own_tokens
+            while tokens < length:
+                page = pool[len(padding) % len(pool)]
+                padding.append(page)
+                tokens += page_tokens(page)
+            left, right = padding[:len(padding) // 2], padding[len(padding) // 2:]
+            records.append({
+                "id": f"{document.id}@{length}", "task": document.task, "answer": document.answer,
+                "question": renumber_pages(document.question, len(left)), "pages": left + own + right,
+                "evidence_pages": [p + len(left) for p in document.evidence_pages],
+                "meta": {"extension": {"source": document.id, "length": length, "pages_before": len(left),
+                                       "pages_after": len(right)}},
+            })
+    return records
+
+
+def prepare_extension(config: ExtensionConfig, out: Path, progress: bool = True) -> None:
+    """Write (or reuse) the padded records and their dataset."""
+    check_same_settings(out / "extension_config.json", config, write=True)
+    prefix = out / "data" / "extended"
+    if Path(f"{prefix}.manifest.json").is_file():
+        return
+    documents = read_documents(config.records)
+    sizes: dict[str, int] = {}
+
+    def page_tokens(path):
+        if path not in sizes:
+            sizes[path] = vision_tokens(*image_size(path)) + PAGE_LABEL_TOKENS
+        return sizes[path]
+
+    try:
+        pages = [page_images(d, out / "pages", config.dpi) for d in documents]
+        records = extended_records(documents, pages, config.lengths, page_tokens, config.seed)
+    except (PdfError, ImageError) as err:
+        raise EvalError(str(err)) from None
+    write_text_whole(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    build_dataset([out / "records.jsonl"], prefix, BuildConfig(
+        tokenizer=config.tokenizer, seq_length=1024 * math.ceil(max(config.lengths) * 1.5 / 1024), dpi=config.dpi,
+        tasks=tuple(sorted({r["task"] for r in records})), shard_size=8), progress=progress)
+
+
+def run_extension_eval(model, config: ExtensionConfig, out_dir: str | Path, progress: bool = True,
+                       writer: bool = True, barrier=lambda: None) -> dict:
+    """Prepare (writer only), answer what is not answered yet, write OUT/extension.json."""
+    out = Path(out_dir)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_extension(config, out, progress)
+    barrier()
+    check_same_settings(out / "extension_config.json", config, write=False)
+    store = MultimodalStore(out / "data" / "extended")
+    lengths = {json.loads(line)["id"]: json.loads(line)["meta"]["extension"]["length"]
+               for line in (out / "records.jsonl").read_text().splitlines()}
+    results = answer_resumably(model, store, ChatTokenizer(config.tokenizer), range(len(store)),
+                               out / "answers.jsonl", "eval extend", progress, writer, barrier)
+    report = extension_report(results, lengths, config)
+    if writer:
+        write_text_whole(out / "extension.json", json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def extension_report(results: list[QAResult], lengths: dict[str, int], config: ExtensionConfig) -> dict:
+    by_length = {}
+    for length in config.lengths:
+        mine = [r for r in results if lengths[r.id] == length]
+        by_length[str(length)] = {**score(mine), "context_tokens": float(np.mean([r.context_tokens for r in mine]))
+                                  if mine else None}
+    return {"config": asdict(config), **score(results), "by_length": by_length,
+            "results": [asdict(r) for r in results]}
