@@ -7,7 +7,6 @@ same random weights, same multimodal batch; prints the ratio measured in this ru
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import tempfile

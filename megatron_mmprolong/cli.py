@@ -243,7 +243,8 @@ def _eval_needle(args) -> int:
     import torch.distributed as dist
 
     from megatron_mmprolong import runtime
-    from megatron_mmprolong.eval.needle import NeedleConfig, check_same_settings, run_needle_eval
+    from megatron_mmprolong.eval.needle import NeedleConfig, run_needle_eval
+    from megatron_mmprolong.eval.output_dir import check_same_settings
 
     tokenizer = Path(args.tokenizer or args.hf_dir or "").resolve()
     if not args.tokenizer and not args.hf_dir or not (tokenizer / "tokenizer.json").is_file():
@@ -292,7 +293,7 @@ def _eval_extend(args) -> int:
 
     from megatron_mmprolong import runtime
     from megatron_mmprolong.eval.extension import ExtensionConfig, run_extension_eval
-    from megatron_mmprolong.eval.needle import check_same_settings
+    from megatron_mmprolong.eval.output_dir import check_same_settings
 
     config = ExtensionConfig(str(Path(args.tokenizer).resolve()), tuple(str(Path(r).resolve()) for r in args.records),
                              tuple(args.lengths), args.dpi, args.seed)

@@ -10,7 +10,7 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from megatron_mmprolong.config import Qwen25VLConfig, TextConfig, VisionConfig  # noqa: E402
+from megatron_mmprolong.config import Qwen25VLConfig  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,7 +1,6 @@
 """build-data over real PDFs (broken ones included) and synthetic documents."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -1,12 +1,11 @@
 """Every documented training argument reaches the Megatron config it names; recipes are defaults,
 the command line wins, bad values are errors."""
 
-import math
 
 import pytest
 import yaml
 
-from megatron_mmprolong.config import ConfigError, Qwen25VLConfig, language_transformer_config, vision_transformer_config
+from megatron_mmprolong.config import ConfigError, language_transformer_config, vision_transformer_config
 from megatron_mmprolong.training import arguments as A
 
 # A non-default value per argument with a target, and the value its target should hold.

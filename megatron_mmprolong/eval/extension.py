@@ -24,9 +24,9 @@ from megatron_mmprolong.data.chat import ChatTokenizer
 from megatron_mmprolong.data.images import ImageError, image_size, vision_tokens
 from megatron_mmprolong.data.pdf import PdfError, open_pdf
 from megatron_mmprolong.data.records import DocumentRecord, RecordError, read_jsonl
-from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.eval.dataset_qa import EvalError, QAResult, answer_resumably, score
-from megatron_mmprolong.eval.needle import PAGE_LABEL_TOKENS, PROMPT_TOKENS, check_same_settings
+from megatron_mmprolong.eval.needle import PAGE_LABEL_TOKENS, PROMPT_TOKENS
+from megatron_mmprolong.eval.output_dir import prepared_store
 from megatron_mmprolong.files import write_text_whole
 
 
@@ -121,7 +121,6 @@ def extended_records(documents: list[DocumentRecord], pages: list[list[str]], le
 
 def prepare_extension(config: ExtensionConfig, out: Path, progress: bool = True) -> None:
     """Write (or reuse) the padded records and their dataset."""
-    check_same_settings(out / "extension_config.json", config, write=True)
     prefix = out / "data" / "extended"
     if Path(f"{prefix}.manifest.json").is_file():
         return
@@ -148,12 +147,8 @@ def run_extension_eval(model, config: ExtensionConfig, out_dir: str | Path, prog
                        writer: bool = True, barrier=lambda: None) -> dict:
     """Prepare (writer only), answer what is not answered yet, write OUT/extension.json."""
     out = Path(out_dir)
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        prepare_extension(config, out, progress)
-    barrier()
-    check_same_settings(out / "extension_config.json", config, write=False)
-    store = MultimodalStore(out / "data" / "extended")
+    store = prepared_store(out, config, "extension_config.json", "extended",
+                           lambda c, o: prepare_extension(c, o, progress), writer, barrier)
     lengths = {json.loads(line)["id"]: json.loads(line)["meta"]["extension"]["length"]
                for line in (out / "records.jsonl").read_text().splitlines()}
     results = answer_resumably(model, store, ChatTokenizer(config.tokenizer), range(len(store)),

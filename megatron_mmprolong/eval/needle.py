@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,9 @@ from PIL import Image, ImageDraw, ImageFont
 from megatron_mmprolong.data.build import BuildConfig, build_dataset
 from megatron_mmprolong.data.chat import ChatTokenizer
 from megatron_mmprolong.data.images import vision_tokens
-from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.data.synth import NeedleGrid, SynthConfig, needle_docs
 from megatron_mmprolong.eval.dataset_qa import EvalError, QAResult, answer_resumably
+from megatron_mmprolong.eval.output_dir import prepared_store
 from megatron_mmprolong.files import written_whole, write_text_whole
 
 PROMPT_TOKENS = 80  # system prompt, chat markers and the question, roughly
@@ -66,7 +66,6 @@ class NeedleConfig:
 
 def prepare_needle(config: NeedleConfig, out: Path, progress: bool = True) -> None:
     """Write (or reuse) the haystack documents and their dataset."""
-    check_same_settings(out / "needle_config.json", config, write=True)
     grid = NeedleGrid(config.pages(), tuple(config.depths), config.per_cell)
     records = out / "docs" / "records.jsonl"
     if not records.is_file():
@@ -87,12 +86,8 @@ def run_needle_eval(model, config: NeedleConfig, out_dir: str | Path, progress: 
     `barrier` keeps the others from reading before the writer has prepared, or after it has
     started to append."""
     out = Path(out_dir)
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        prepare_needle(config, out, progress)
-    barrier()
-    check_same_settings(out / "needle_config.json", config, write=False)
-    store = MultimodalStore(out / "data" / "needle")
+    store = prepared_store(out, config, "needle_config.json", "needle",
+                           lambda c, o: prepare_needle(c, o, progress), writer, barrier)
     records = (out / "docs" / "records.jsonl").read_text().splitlines()
     cells = {json.loads(line)["id"]: json.loads(line)["meta"]["needle"] for line in records}
     results = answer_resumably(model, store, ChatTokenizer(config.tokenizer), range(len(store)),
@@ -167,17 +162,3 @@ def heat_map_png(report: dict, path: str | Path, cell: int = 64) -> Path:
 
 def _short(tokens: int) -> str:
     return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
-
-
-def check_same_settings(path: Path, config, write: bool) -> None:
-    """An output folder holds one evaluation: refuse other settings (a dataclass) than those
-    recorded in `path`; record them if absent and `write`."""
-    wanted = json.loads(json.dumps(asdict(config)))
-    if path.is_file():
-        found = json.loads(path.read_text())
-        if found != wanted:
-            changed = sorted(k for k in wanted if found.get(k) != wanted[k])
-            raise EvalError(f"{path.parent} holds an evaluation with other settings ({', '.join(changed)}); "
-                              "use another output folder")
-    elif write:
-        write_text_whole(path, json.dumps(wanted, indent=1) + "\n")
