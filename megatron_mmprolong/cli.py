@@ -185,18 +185,21 @@ def _inspect_data(args) -> int:
     return 0
 
 
-def _eval_model(args):
-    """(model, writes output): transformers for --hf-dir; this project's model at TP x CP for
-    --mcore-dir, on every rank of a torchrun world of TP x CP ranks, rank 0 writing."""
+def _load_hf_model(hf_dir: str, dtype: str):
     import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from megatron_mmprolong.config import torch_dtype
+
+    dtype = torch_dtype(dtype) if dtype != "auto" else torch.float32
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).eval()
+
+
+def _eval_model(args):
+    """(model, writes output, barrier): transformers for --hf-dir; this project's model at TP x CP
+    for --mcore-dir, on every rank of a torchrun world of TP x CP ranks, rank 0 writing."""
     if args.hf_dir:
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        from megatron_mmprolong.config import torch_dtype
-
-        dtype = torch_dtype(args.dtype) if args.dtype != "auto" else torch.float32
-        return Qwen2_5_VLForConditionalGeneration.from_pretrained(args.hf_dir, dtype=dtype).eval(), True
+        return _load_hf_model(args.hf_dir, args.dtype), True, lambda: None
     import torch.distributed as dist
 
     from megatron_mmprolong.config import ConfigError, ParallelConfig
@@ -209,12 +212,11 @@ def _eval_model(args):
         raise ConfigError(f"--tp {args.tp} x --cp {args.cp} needs {args.tp * args.cp} ranks, this run has {world}: "
                           f"torchrun --nproc-per-node {args.tp * args.cp} -m megatron_mmprolong.cli eval ...")
     parallel = ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp)
-    return MegatronGenerator.from_checkpoint(resolve_checkpoint(args.mcore_dir), parallel), dist.get_rank() == 0
+    model = MegatronGenerator.from_checkpoint(resolve_checkpoint(args.mcore_dir), parallel)
+    return model, dist.get_rank() == 0, dist.barrier
 
 
 def _eval_qa(args) -> int:
-    import torch.distributed as dist
-
     from megatron_mmprolong import runtime
     from megatron_mmprolong.data.chat import ChatTokenizer
     from megatron_mmprolong.data.store import MultimodalStore
@@ -226,11 +228,10 @@ def _eval_qa(args) -> int:
     if not indices:
         print(f"mmprolong eval: error: {args.data} has no samples of tasks {args.tasks}", file=sys.stderr)
         return 2
-    model, writer = _eval_model(args)
+    model, writer, barrier = _eval_model(args)
     out = Path(args.out or Path(args.hf_dir or args.mcore_dir) / "eval_qa.json")
     log = out.with_name(out.name + ".answers.jsonl")  # a rerun after a kill continues from it
-    results = answer_resumably(model, store, tokenizer, indices, log, "eval qa", writer=writer,
-                               barrier=dist.barrier if args.mcore_dir else (lambda: None))
+    results = answer_resumably(model, store, tokenizer, indices, log, "eval qa", writer=writer, barrier=barrier)
     if writer:
         print(json.dumps({"results": str(out), **write_results(results, out)}, indent=1))
         log.unlink()
@@ -240,23 +241,21 @@ def _eval_qa(args) -> int:
 
 
 def _eval_needle(args) -> int:
-    import torch.distributed as dist
-
     from megatron_mmprolong import runtime
     from megatron_mmprolong.eval.needle import NeedleConfig, run_needle_eval
     from megatron_mmprolong.eval.output_dir import check_same_settings
 
-    tokenizer = Path(args.tokenizer or args.hf_dir or "").resolve()
-    if not args.tokenizer and not args.hf_dir or not (tokenizer / "tokenizer.json").is_file():
-        print(f"mmprolong eval: error: no tokenizer.json in {tokenizer}; pass --tokenizer", file=sys.stderr)
+    tokenizer = Path(args.tokenizer or args.hf_dir).resolve() if args.tokenizer or args.hf_dir else None
+    if tokenizer is None or not (tokenizer / "tokenizer.json").is_file():
+        print(f"mmprolong eval: error: no tokenizer.json in {tokenizer or 'the arguments'}; pass --tokenizer",
+              file=sys.stderr)
         return 2
     config = NeedleConfig(str(tokenizer), tuple(args.lengths), tuple(args.depths), args.per_cell, args.page_width,
                           args.page_height, args.font_size, args.train_length, args.seed)
     config.pages()  # errors in the settings before the model loads
     check_same_settings(Path(args.out) / "needle_config.json", config, write=False)
-    model, writer = _eval_model(args)
-    report = run_needle_eval(model, config, args.out, writer=writer,
-                             barrier=dist.barrier if args.mcore_dir else (lambda: None))
+    model, writer, barrier = _eval_model(args)
+    report = run_needle_eval(model, config, args.out, writer=writer, barrier=barrier)
     if writer:
         print(json.dumps({"out": args.out, **{k: report[k] for k in ("exact_match", "samples", "by_length", "by_depth")}},
                          indent=1))
@@ -266,11 +265,8 @@ def _eval_needle(args) -> int:
 
 
 def _eval_position_loss(args) -> int:
-    import torch
     from tqdm import tqdm
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_mmprolong.config import torch_dtype
     from megatron_mmprolong.data.store import MultimodalStore
     from megatron_mmprolong.eval.position_loss import position_loss, write_report
 
@@ -279,8 +275,7 @@ def _eval_position_loss(args) -> int:
     if not indices:
         print(f"mmprolong eval: error: {args.data} has no samples of {args.min_tokens} tokens or more", file=sys.stderr)
         return 2
-    dtype = torch_dtype(args.dtype) if args.dtype != "auto" else torch.float32
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.hf_dir, dtype=dtype).eval()
+    model = _load_hf_model(args.hf_dir, args.dtype)
     with tqdm(total=len(indices), unit="sample", desc="eval position-loss", disable=None) as progress:
         report = position_loss(model, store, indices, args.bucket_size, progress)
     write_report(report, args.out)
@@ -289,8 +284,6 @@ def _eval_position_loss(args) -> int:
 
 
 def _eval_extend(args) -> int:
-    import torch.distributed as dist
-
     from megatron_mmprolong import runtime
     from megatron_mmprolong.eval.extension import ExtensionConfig, run_extension_eval
     from megatron_mmprolong.eval.output_dir import check_same_settings
@@ -298,9 +291,8 @@ def _eval_extend(args) -> int:
     config = ExtensionConfig(str(Path(args.tokenizer).resolve()), tuple(str(Path(r).resolve()) for r in args.records),
                              tuple(args.lengths), args.dpi, args.seed)
     check_same_settings(Path(args.out) / "extension_config.json", config, write=False)  # before loading a model
-    model, writer = _eval_model(args)
-    report = run_extension_eval(model, config, args.out, writer=writer,
-                                barrier=dist.barrier if args.mcore_dir else (lambda: None))
+    model, writer, barrier = _eval_model(args)
+    report = run_extension_eval(model, config, args.out, writer=writer, barrier=barrier)
     if writer:
         print(json.dumps({"out": args.out, **{k: report[k] for k in ("samples", "exact_match", "f1", "by_length")}},
                          indent=1))

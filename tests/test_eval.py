@@ -303,11 +303,11 @@ def test_eval_qa_continues_after_a_kill(dataset, tmp_path, monkeypatch, capsys):
 
     out = tmp_path / "qa.json"
     args = ["eval", "qa", "--hf-dir", str(tmp_path), "--data", store.prefix, "--out", str(out)]
-    monkeypatch.setattr(cli, "_eval_model", lambda _: (scripted(3), True))
+    monkeypatch.setattr(cli, "_eval_model", lambda _: (scripted(3), True, lambda: None))
     with pytest.raises(Killed):
         main(args)
     assert not out.exists() and len((tmp_path / "qa.json.answers.jsonl").read_text().splitlines()) == 3
-    monkeypatch.setattr(cli, "_eval_model", lambda _: (scripted(len(store)), True))
+    monkeypatch.setattr(cli, "_eval_model", lambda _: (scripted(len(store)), True, lambda: None))
     assert main(args) == 0
     assert len(asked) == len(set(asked)) == len(store)  # nothing asked twice
     assert [r["sample"] for r in json.loads(out.read_text())["results"]] == list(range(len(store)))

@@ -89,7 +89,8 @@ def prompt_and_answer(store: MultimodalStore, index: int) -> tuple[np.ndarray, n
 
 @torch.no_grad()
 def answer_questions(model, store: MultimodalStore, tokenizer, indices, progress=None):
-    """Yield a `QAResult` per sample index; `model` is a transformers Qwen2.5-VL in eval mode."""
+    """Yield a `QAResult` per sample index; `model` is a transformers Qwen2.5-VL in eval mode or
+    a `MegatronGenerator` (the same `generate` interface)."""
     decode = decoder("pil")
     dtype = next(model.parameters()).dtype
     for index in indices:

@@ -13,7 +13,6 @@ the plan is fixed, so the iteration says exactly which micro-batches come next.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from dataclasses import asdict
@@ -27,6 +26,7 @@ from megatron.core import dist_checkpointing
 from megatron_mmprolong.config import Qwen25VLConfig
 from megatron_mmprolong.convert.checkpoint_info import LATEST, iteration_dir, latest_iteration, write_info
 from megatron_mmprolong.convert.mcore_checkpoint import apply_model_state, load_sharded
+from megatron_mmprolong.files import write_text_whole
 
 def _rng_state() -> dict:
     """Plain containers and tensors only, so that loading needs no unpickling of objects."""
@@ -79,10 +79,7 @@ def save_checkpoint(save: str | Path, iteration: int, model, optimizer, schedule
                                     "context_parallel": args.context_parallel_size})
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
-        marker = Path(save) / LATEST
-        temporary = marker.with_suffix(".tmp")
-        temporary.write_text(f"{iteration}\n")
-        os.replace(temporary, marker)
+        write_text_whole(Path(save) / LATEST, f"{iteration}\n")
     dist.barrier()
     return final
 
