@@ -241,9 +241,7 @@ def _eval_qa(args) -> int:
 
 
 def _eval_needle(args) -> int:
-    from megatron_mmprolong import runtime
     from megatron_mmprolong.eval.needle import NeedleConfig, run_needle_eval
-    from megatron_mmprolong.eval.output_dir import check_same_settings
 
     tokenizer = Path(args.tokenizer or args.hf_dir).resolve() if args.tokenizer or args.hf_dir else None
     if tokenizer is None or not (tokenizer / "tokenizer.json").is_file():
@@ -253,15 +251,8 @@ def _eval_needle(args) -> int:
     config = NeedleConfig(str(tokenizer), tuple(args.lengths), tuple(args.depths), args.per_cell, args.page_width,
                           args.page_height, args.font_size, args.train_length, args.seed)
     config.pages()  # errors in the settings before the model loads
-    check_same_settings(Path(args.out) / "needle_config.json", config, write=False)
-    model, writer, barrier = _eval_model(args)
-    report = run_needle_eval(model, config, args.out, writer=writer, barrier=barrier)
-    if writer:
-        print(json.dumps({"out": args.out, **{k: report[k] for k in ("exact_match", "samples", "by_length", "by_depth")}},
-                         indent=1))
-    if args.mcore_dir:
-        runtime.shutdown()
-    return 0
+    return _eval_into_folder(args, run_needle_eval, config, "needle_config.json",
+                             ("exact_match", "samples", "by_length", "by_depth"))
 
 
 def _eval_position_loss(args) -> int:
@@ -284,18 +275,25 @@ def _eval_position_loss(args) -> int:
 
 
 def _eval_extend(args) -> int:
-    from megatron_mmprolong import runtime
     from megatron_mmprolong.eval.extension import ExtensionConfig, run_extension_eval
-    from megatron_mmprolong.eval.output_dir import check_same_settings
 
     config = ExtensionConfig(str(Path(args.tokenizer).resolve()), tuple(str(Path(r).resolve()) for r in args.records),
                              tuple(args.lengths), args.dpi, args.seed)
-    check_same_settings(Path(args.out) / "extension_config.json", config, write=False)  # before loading a model
+    return _eval_into_folder(args, run_extension_eval, config, "extension_config.json",
+                             ("samples", "exact_match", "f1", "by_length"))
+
+
+def _eval_into_folder(args, run, config, settings: str, keys) -> int:
+    """needle and extend: the folder's settings checked before a model loads, `run` on every
+    rank, rank 0 printing the report's `keys`."""
+    from megatron_mmprolong import runtime
+    from megatron_mmprolong.eval.output_dir import check_same_settings
+
+    check_same_settings(Path(args.out) / settings, config, write=False)
     model, writer, barrier = _eval_model(args)
-    report = run_extension_eval(model, config, args.out, writer=writer, barrier=barrier)
+    report = run(model, config, args.out, writer=writer, barrier=barrier)
     if writer:
-        print(json.dumps({"out": args.out, **{k: report[k] for k in ("samples", "exact_match", "f1", "by_length")}},
-                         indent=1))
+        print(json.dumps({"out": args.out, **{k: report[k] for k in keys}}, indent=1))
     if args.mcore_dir:
         runtime.shutdown()
     return 0
