@@ -61,6 +61,15 @@ class Qwen25VLModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
+    # Megatron's finalize_model_grads reads these two on the wrapped model to all-reduce a tied
+    # word embedding's gradient between the first and last pipeline stages.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
     def freeze(self, vision_encoder: bool = False, merger: bool = False) -> None:
         """Stop training the vision blocks (patch embedding included) and/or the merger."""
         if self.vision_model is None:
