@@ -313,6 +313,23 @@ def _plan_data(args) -> int:
     return 0
 
 
+def _plan_layouts(args) -> int:
+    from megatron_mmprolong.config import Qwen25VLConfig
+    from megatron_mmprolong.training import planner
+
+    config = Qwen25VLConfig.from_hf_dir(args.hf_config) if args.hf_config else Qwen25VLConfig.preset(args.preset)
+    name = f"Qwen2.5-VL {args.preset}" if args.preset else f"Qwen2.5-VL from {args.hf_config}"
+    workload = planner.Workload(
+        seq_length=args.seq_length, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size,
+        sample_length=args.sample_length, image_fraction=args.image_fraction, page_grid=tuple(args.page_grid),
+        params_bytes=2, fp8=args.fp8)
+    cluster = planner.Cluster(args.nodes, args.gpus_per_node, args.gpu_memory)
+    estimates = planner.plan(config, workload, cluster, tuple(args.recompute.split(",")),
+                             distributed_optimizer=not args.no_distributed_optimizer)
+    print(planner.format_report(name, estimates, workload, cluster, args.top))
+    return 0 if any(e.fits for e in estimates) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprolong", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -422,6 +439,29 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--data-parallel-size", type=int, help="report the compute utilisation for this many ranks")
     plan.add_argument("--out", help="plan path prefix (default: next to the mixture file)")
     plan.set_defaults(run=_plan_data)
+
+    layouts = verbs.add_parser("plan", help="parallel layouts that fit a model and sequence length on a cluster: "
+                                            "memory per GPU, step time, ready-to-paste arguments")
+    source = layouts.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="7b", help="3b, 7b, 32b or 72b (default 7b)")
+    source.add_argument("--hf-config", help="directory with a Qwen2.5-VL config.json")
+    layouts.add_argument("--seq-length", type=int, default=131072)
+    layouts.add_argument("--global-batch-size", type=int, default=32, help="packed sequences per step")
+    layouts.add_argument("--micro-batch-size", type=int, default=1)
+    layouts.add_argument("--gpus-per-node", type=int, default=8)
+    layouts.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU")
+    layouts.add_argument("--nodes", type=int, default=1)
+    layouts.add_argument("--fp8", action="store_true", help="FP8 GEMMs (Transformer Engine, H100)")
+    layouts.add_argument("--recompute", default="none,selective,full",
+                         help="activation recompute options to consider, comma-separated")
+    layouts.add_argument("--no-distributed-optimizer", action="store_true")
+    layouts.add_argument("--sample-length", type=int,
+                         help="tokens per packed sample (default: one sample per sequence, the costliest attention)")
+    layouts.add_argument("--image-fraction", type=float, default=0.9, help="share of image tokens")
+    layouts.add_argument("--page-grid", type=int, nargs=3, default=(1, 88, 114), metavar=("T", "H", "W"),
+                         help="patches per page image (default: a Letter page at 144 DPI, ~2.5K tokens)")
+    layouts.add_argument("--top", type=int, default=10, help="layouts to list")
+    layouts.set_defaults(run=_plan_layouts)
 
     inspect_ = verbs.add_parser("inspect-data", help="summary, histograms and decoded samples of a dataset")
     inspect_.add_argument("prefix")

@@ -1,0 +1,452 @@
+"""`mmprolong plan`: which (TP, CP, PP, DP, recompute) layouts fit a model and sequence length on a
+cluster, their memory per GPU and their estimated step time.
+
+Memory is estimated for the busiest pipeline stage, per GPU:
+- model states per parameter: weights (2 B bf16), the fp32 gradient buffer (4 B) and Adam's fp32
+  main weights and two moments (12 B), the last sharded over DP by the distributed optimizer
+  (Megatron: 18 B, or 6 + 12/DP). fp32 training keeps no main copy: 4 + 4 + 8 B.
+- activations: what each transformer layer keeps for backward, from an inventory of its saved
+  tensors per token (`SavedTensors`), scaled by the tokens of one micro-batch on this rank
+  (sequence / CP), sharded by TP (and SP for the norms), times the micro-batches in flight on the
+  stage under 1F1B (the first stage holds PP of them). Full recompute keeps only each layer's input
+  and rebuilds one layer at a time; selective recompute drops core attention's saved tensors.
+- the vision encoder's blocks and merger on the first stage (each CP rank encodes its own images),
+  and on the last stage the fp32 logits [tokens, vocab / TP] that the cross entropy keeps.
+- in backward, the largest gradient (the MLP's gate/up output) and, with full recompute, the
+  layer being rebuilt (the logits are gone by then); and a fixed reserve for the CUDA context, NCCL buffers and fragmentation.
+
+Step time: model FLOPs (training/flops.py, the same count the training log reports) at
+achievable rates per kind of work (GEMMs in BF16 or FP8, attention, always BF16), plus recompute,
+exposed TP communication (SP all-gathers and reduce-scatters; not overlapped), CP ring
+exchanges beyond what attention hides, the DP gradient reduction beyond the last micro-batch's
+backward, and the 1F1B pipeline bubble. The rates are assumptions, kept in `GpuSpec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_mmprolong.config import ConfigError, ParallelConfig, Qwen25VLConfig
+from megatron_mmprolong.training import flops
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """Peak and achievable rates of one GPU and its links (H100 SXM defaults)."""
+
+    name: str = "H100 SXM"
+    bf16_tflops: float = 989.0  # dense peak
+    fp8_tflops: float = 1979.0
+    gemm_efficiency_bf16: float = 0.65  # large GEMMs inside a training step, launch and norm gaps included
+    gemm_efficiency_fp8: float = 0.50  # plus Transformer Engine's casts and amax bookkeeping
+    attention_efficiency: float = 0.50  # causal flash attention, forward and backward, long sequences
+    intra_node_gbs: float = 360.0  # NVLink all-gather / reduce-scatter bus bandwidth, GB/s per GPU
+    inter_node_gbs: float = 45.0  # one 400 Gb/s InfiniBand NIC per GPU, achieved
+    reserved_gib: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+
+
+@dataclass(frozen=True)
+class SavedTensors:
+    """Elements one transformer layer keeps for backward, per token, in units of a dimension:
+    `norm` x hidden (sharded by SP), `heads` x hidden and `kv` x (KV heads x head dim) and `ffn` x
+    ffn size (sharded by TP), `rotary` x head dim (not sharded). With CP, `gathered` x hidden per
+    token of the whole CP group and a `mask` of bytes per (local token, group token) pair."""
+
+    norm: float
+    heads: float
+    kv: float
+    ffn: float
+    rotary: float
+    gathered: float = 0.0
+    mask: float = 0.0
+
+
+# Transformer Engine (GPU): LayerNormLinear keeps its input and normalised output (2 per norm);
+# flash attention keeps q, k, v and its output, which is also the projection's input; the fused
+# SwiGLU keeps the gate/up output (2 ffn) and the down projection its input (1 ffn); fused RoPE
+# keeps only the shared angles.
+TE_SAVED = SavedTensors(norm=4, heads=2, kv=2, ffn=3, rotary=0)
+# The plain-torch backend (CPU), as measured by tests/test_planner.py: the RMSNorm keeps its input,
+# normalised and scaled outputs (3 per norm); attention keeps q and k, v repeated to every query head,
+# its output and the re-ordered output the projection takes; SwiGLU keeps gate/up, silu(gate) and
+# up (4 ffn) and the down projection its input; cos and sin for q and k. With CP it gathers k and v
+# of the whole group and keeps a boolean mask of the local queries against them.
+LOCAL_SAVED = SavedTensors(norm=6, heads=3, kv=0, ffn=5, rotary=4, gathered=2, mask=1)
+# Selective recompute (core attention): only attention's inputs stay (q, k, v) with the output.
+SELECTIVE_SAVED = {"te": TE_SAVED, "local": SavedTensors(norm=6, heads=2, kv=2, ffn=5, rotary=4)}
+SAVED = {"te": TE_SAVED, "local": LOCAL_SAVED}
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one step trains: packed sequences of `seq_length` tokens, `image_fraction` of them
+    image tokens from pages of `page_grid` patches (T, H, W); samples of `sample_length` tokens
+    (default: one per sequence, the costliest attention)."""
+
+    seq_length: int
+    global_batch: int
+    micro_batch: int = 1
+    sample_length: int | None = None
+    image_fraction: float = 0.9
+    page_grid: tuple[int, int, int] = (1, 88, 114)  # a Letter page at 144 DPI: ~2.5K tokens
+    params_bytes: int = 2  # 2: bf16 with fp32 main weights; 4: fp32
+    fp8: bool = False
+
+    def segment_lengths(self) -> np.ndarray:
+        length = min(self.sample_length or self.seq_length, self.seq_length)
+        full, rest = divmod(self.seq_length, length)
+        return np.array([length] * full + ([rest] if rest else []), dtype=np.float64)
+
+    def image_grids(self, config: Qwen25VLConfig) -> np.ndarray:
+        """Pages of one sequence, as many as its image tokens need."""
+        grid = np.array(self.page_grid, dtype=np.int64)
+        tokens = int(grid.prod()) // config.vision.spatial_merge_size**2
+        pages = math.floor(self.image_fraction * self.seq_length / tokens + 1e-9)
+        return np.tile(grid, (pages, 1))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_gib: float
+    gpu: GpuSpec = GpuSpec()
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    cp: int
+    pp: int
+    dp: int
+    recompute: str = "none"
+    distributed_optimizer: bool = True
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.tp > 1
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(tensor_parallel=self.tp, pipeline_parallel=self.pp, context_parallel=self.cp,
+                              sequence_parallel=self.sequence_parallel)
+
+    def arguments(self) -> list[str]:
+        """`mmprolong train` arguments of this layout."""
+        args = ["--tensor-model-parallel-size", str(self.tp), "--context-parallel-size", str(self.cp),
+                "--pipeline-model-parallel-size", str(self.pp)]
+        if self.sequence_parallel:
+            args.append("--sequence-parallel")
+        if self.distributed_optimizer:
+            args += ["--use-distributed-optimizer", "--overlap-grad-reduce"]
+        if self.recompute == "selective":
+            args += ["--recompute-granularity", "selective"]
+        elif self.recompute == "full":
+            args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+        return args
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per GPU on the busiest pipeline stage (`stage`)."""
+
+    stage: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float  # language model layers, all micro-batches in flight
+    vision: float
+    logits: float  # kept until the loss's backward, which frees them before any layer is rebuilt
+    rebuilt: float  # full recompute: the one layer being rebuilt in backward
+    workspace: float  # the largest gradient in flight
+    reserved: float
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.vision
+                + max(self.logits, self.rebuilt) + self.workspace + self.reserved)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    layout: Layout
+    memory: Memory
+    step_seconds: float
+    tflops_per_gpu: float  # model FLOPs (no recompute), as the training log reports
+    fits: bool
+
+
+# ---- parameters -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageParameters:
+    """Parameters one GPU holds on a pipeline stage (TP shards)."""
+
+    language: float
+    vision: float
+
+    @property
+    def total(self) -> float:
+        return self.language + self.vision
+
+
+def language_layer_parameters(config: Qwen25VLConfig, tp: int) -> float:
+    t = config.text
+    qkv = (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+    sharded = qkv * (t.hidden_size + 1) + t.num_attention_heads * t.head_dim * t.hidden_size \
+        + 3 * t.hidden_size * t.intermediate_size
+    return sharded / tp + 2 * t.hidden_size  # the two norms are replicated
+
+
+def vision_parameters(config: Qwen25VLConfig, tp: int) -> float:
+    """Patch embedding, blocks and merger; the norms, the patch embedding and row-parallel
+    biases are replicated over the vision TP group."""
+    v = config.vision
+    h, f, m = v.hidden_size, v.intermediate_size, v.merger_hidden_size
+    block_sharded = 3 * h * (h + 1) + h * h + 2 * f * (h + 1) + f * h
+    block_replicated = 2 * h + h + h  # norms, projection and down-projection biases
+    merger_sharded = m * (m + 1) + m * v.out_hidden_size
+    merger_replicated = h + v.out_hidden_size
+    return (v.patch_dim * h + v.depth * (block_sharded / tp + block_replicated)
+            + merger_sharded / tp + merger_replicated)
+
+
+def stage_parameters(config: Qwen25VLConfig, tp: int, pp: int, stage: int) -> StageParameters:
+    t = config.text
+    layers = t.num_layers // pp
+    language = layers * language_layer_parameters(config, tp)
+    embedding = t.vocab_size * t.hidden_size / tp
+    first, last = stage == 0, stage == pp - 1
+    if first:
+        language += embedding
+    if last:
+        language += t.hidden_size  # final norm
+        if not (t.tie_word_embeddings and first):
+            language += embedding  # the output layer, or the tied copy Megatron keeps on the last stage
+    return StageParameters(language, vision_parameters(config, tp) if first else 0.0)
+
+
+# ---- memory ---------------------------------------------------------------------------------
+
+def _layer_bytes(saved: SavedTensors, hidden: int, kv: int, ffn: int, head_dim: int, tp: int, sp: bool,
+                 element: int, tokens: float, cp: int = 1) -> float:
+    """Bytes one layer keeps for `tokens` tokens on one rank (tokens / CP of a sequence)."""
+    per_token = (saved.norm * hidden / (tp if sp else 1) + (saved.heads * hidden + saved.kv * kv
+                 + saved.ffn * ffn + saved.gathered * hidden * cp) / tp + saved.rotary * head_dim)
+    mask = saved.mask * tokens * tokens * cp if cp > 1 else 0.0
+    return per_token * tokens * element + mask
+
+
+def estimate_memory(config: Qwen25VLConfig, workload: Workload, layout: Layout, backend: str = "te",
+                    reserved_gib: float = 0.0) -> Memory:
+    """Memory per GPU of the busiest pipeline stage."""
+    stages = [_stage_memory(config, workload, layout, backend, reserved_gib, stage) for stage in range(layout.pp)]
+    return max(stages, key=lambda memory: memory.total)
+
+
+def _stage_memory(config, workload, layout, backend, reserved_gib, stage) -> Memory:
+    t, v = config.text, config.vision
+    tp, cp, pp, sp = layout.tp, layout.cp, layout.pp, layout.sequence_parallel
+    act_bytes = workload.params_bytes
+    params = stage_parameters(config, tp, pp, stage).total
+    weights = params * workload.params_bytes
+    gradients = params * 4
+    optimizer_bytes = (12 if workload.params_bytes == 2 else 8) * params
+    optimizer = optimizer_bytes / layout.dp if layout.distributed_optimizer else optimizer_bytes
+
+    microbatches = workload.global_batch // layout.dp
+    in_flight = min(pp - stage, microbatches)
+    tokens = workload.micro_batch * workload.seq_length / cp
+    layers = t.num_layers // pp
+    kv = t.num_key_value_heads * t.head_dim
+    saved = (SELECTIVE_SAVED if layout.recompute == "selective" else SAVED)[backend]
+    dims = (t.hidden_size, kv, t.intermediate_size, t.head_dim, tp, sp, act_bytes, tokens, cp)
+    if layout.recompute == "full":
+        kept = t.hidden_size / (tp if sp else 1) * tokens * act_bytes  # each layer's input
+        rebuilt = _layer_bytes(SAVED[backend], *dims)
+    else:
+        kept = _layer_bytes(saved, *dims)
+        rebuilt = 0.0
+    activations = in_flight * layers * kept
+    workspace = 2 * t.intermediate_size / tp * tokens * act_bytes  # gradient of the gate/up output
+
+    vision = 0.0
+    if stage == 0:
+        grids = workload.image_grids(config)
+        patches = float(grids.prod(1).sum()) / cp * workload.micro_batch if len(grids) else 0.0
+        if v.depth and patches:
+            # windows and frames are local to the rank: k and v count as local heads, no mask
+            local = SAVED[backend]
+            local = dataclasses.replace(local, heads=local.heads + local.gathered, gathered=0, mask=0)
+            block = _layer_bytes(local, v.hidden_size,
+                                 v.hidden_size, v.intermediate_size, v.head_dim, tp, False, act_bytes, patches)
+            kept_block = v.hidden_size * patches * act_bytes if layout.recompute == "full" else block
+            merger = 5 * v.hidden_size  # norm input and output per patch, 3 x merged width per merged token
+            vision = in_flight * (v.depth * kept_block + (merger + v.patch_dim) * patches * act_bytes)
+            if layout.recompute == "full":
+                rebuilt = max(rebuilt, block)
+    logits = 0.0
+    if stage == pp - 1:
+        logits = 4.0 * tokens * t.vocab_size / tp  # fp32 softmax kept by the cross entropy
+    return Memory(stage, weights, gradients, optimizer, activations, vision, logits, rebuilt, workspace,
+                  reserved_gib * GIB)
+
+
+# ---- time -----------------------------------------------------------------------------------
+
+def step_flops(config: Qwen25VLConfig, workload: Workload) -> dict[str, float]:
+    """Training FLOPs of one sequence by kind of work (forward + backward)."""
+    lengths = workload.segment_lengths()
+    grids = workload.image_grids(config)
+    return {
+        "gemm": 3.0 * flops.language_linear_flops_per_token(config) * workload.seq_length,
+        "attention": 3.0 * flops.language_attention_flops(config, lengths),
+        "vision": 3.0 * flops.vision_flops(config, grids),
+    }
+
+
+def estimate_step_seconds(config: Qwen25VLConfig, workload: Workload, layout: Layout, cluster: Cluster) -> float:
+    gpu, t = cluster.gpu, config.text
+    work = step_flops(config, workload)
+    per_gpu = layout.tp * layout.cp * layout.pp
+    gemm_rate = (gpu.fp8_tflops * gpu.gemm_efficiency_fp8 if workload.fp8
+                 else gpu.bf16_tflops * gpu.gemm_efficiency_bf16) * 1e12
+    bf16_gemm = gpu.bf16_tflops * gpu.gemm_efficiency_bf16 * 1e12
+    attention_rate = gpu.bf16_tflops * gpu.attention_efficiency * 1e12
+    gemm = work["gemm"] / gemm_rate
+    attention = work["attention"] / attention_rate
+    vision = work["vision"] / bf16_gemm
+    recompute = {"none": 0.0, "selective": attention / 3, "full": (gemm + attention + vision) / 3}[layout.recompute]
+    compute = (gemm + attention + vision + recompute) / per_gpu  # one micro-batch on one stage
+
+    tokens = workload.micro_batch * workload.seq_length / layout.cp
+    layers = t.num_layers // layout.pp
+    intra, inter = gpu.intra_node_gbs * 1e9, gpu.inter_node_gbs * 1e9
+    tp_comm = 0.0
+    if layout.tp > 1:  # SP: 2 all-gathers and 2 reduce-scatters forward, as many backward (and in recompute)
+        collectives = 8 + (4 if layout.recompute == "full" else 0)
+        tp_comm = collectives * layers * tokens * t.hidden_size * 2 * (layout.tp - 1) / layout.tp / intra
+    cp_comm = 0.0
+    if layout.cp > 1:  # ring: K and V forward, K, V and their gradients backward, hidden behind attention
+        bandwidth = intra if layout.tp * layout.cp <= cluster.gpus_per_node else inter
+        chunk = 2 * t.num_key_value_heads / layout.tp * t.head_dim * tokens * 2
+        ring = 3 * (layout.cp - 1) * chunk * layers / bandwidth
+        cp_comm = max(0.0, ring - attention / per_gpu)
+    microbatch = compute + tp_comm + cp_comm
+    microbatches = workload.global_batch // layout.dp
+    pipeline = (microbatches + layout.pp - 1) * microbatch
+    dp_comm = 0.0
+    if layout.dp > 1:  # gradient reduce-scatter (or all-reduce) and, with the distributed optimizer, the gather
+        bandwidth = intra if per_gpu * layout.dp <= cluster.gpus_per_node else inter
+        params = max(stage_parameters(config, layout.tp, layout.pp, s).total for s in range(layout.pp))
+        volume = params * (4 + workload.params_bytes if layout.distributed_optimizer else 8)
+        dp_comm = max(0.0, volume * (layout.dp - 1) / layout.dp / bandwidth - 2 * microbatch / 3)
+    pp_comm = 0.0
+    if layout.pp > 1:
+        pp_comm = 2 * (microbatches + layout.pp - 1) * tokens * t.hidden_size * 2 / inter
+    return pipeline + dp_comm + pp_comm
+
+
+# ---- layouts ----------------------------------------------------------------------------------
+
+def candidate_layouts(config: Qwen25VLConfig, workload: Workload, cluster: Cluster,
+                      recompute: tuple[str, ...] = RECOMPUTE, distributed_optimizer: bool = True) -> list[Layout]:
+    """Every layout the model, sequence and batch allow; TP stays within a node."""
+    layouts = []
+    gpus = cluster.gpus
+    for tp in _divisors(cluster.gpus_per_node):
+        for cp in _divisors(gpus // tp):
+            for pp in _divisors(gpus // (tp * cp)):
+                dp = gpus // (tp * cp * pp)
+                if workload.global_batch % (dp * workload.micro_batch):
+                    continue
+                layout = Layout(tp, cp, pp, dp)
+                try:
+                    config.validate_parallel(layout.parallel_config())
+                except ConfigError:
+                    continue
+                if workload.seq_length % (2 * cp * tp):  # zigzag CP halves, SP shards
+                    continue
+                layouts += [dataclasses.replace(layout, recompute=mode, distributed_optimizer=distributed_optimizer)
+                            for mode in recompute]
+    return layouts
+
+
+def plan(config: Qwen25VLConfig, workload: Workload, cluster: Cluster, recompute: tuple[str, ...] = RECOMPUTE,
+         distributed_optimizer: bool = True) -> list[Estimate]:
+    """Estimates of every candidate layout: those that fit first, fastest first."""
+    if cluster.gpus < 1 or workload.seq_length < 1 or workload.global_batch < 1:
+        raise ConfigError("nodes, GPUs per node, sequence length and global batch must be positive")
+    bad = [mode for mode in recompute if mode not in RECOMPUTE]
+    if bad:
+        raise ConfigError(f"recompute must be among {', '.join(RECOMPUTE)}, got {', '.join(bad)}")
+    model_flops = sum(step_flops(config, workload).values()) * workload.global_batch
+    estimates = []
+    for layout in candidate_layouts(config, workload, cluster, recompute, distributed_optimizer):
+        memory = estimate_memory(config, workload, layout, "te", cluster.gpu.reserved_gib)
+        seconds = estimate_step_seconds(config, workload, layout, cluster)
+        estimates.append(Estimate(layout, memory, seconds, model_flops / seconds / cluster.gpus / 1e12,
+                                  memory.total <= cluster.gpu_memory_gib * GIB))
+    return sorted(estimates, key=lambda e: (not e.fits, e.step_seconds, e.memory.total))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+def training_arguments(estimate: Estimate, workload: Workload) -> list[str]:
+    args = estimate.layout.arguments() + ["--seq-length", str(workload.seq_length), "--global-batch-size",
+                                          str(workload.global_batch), "--micro-batch-size", str(workload.micro_batch)]
+    if workload.params_bytes == 2:
+        args.append("--bf16")
+    if workload.fp8:
+        args += ["--fp8-format", "hybrid"]
+    return args
+
+
+def format_report(name: str, estimates: list[Estimate], workload: Workload, cluster: Cluster, top: int = 10) -> str:
+    """The table of layouts (those that fit, fastest first, at most `top`), then the best one as
+    `mmprolong train` arguments and as the Slurm script's settings."""
+    fitting = [e for e in estimates if e.fits]
+    precision = "FP8 GEMMs" if workload.fp8 else ("BF16" if workload.params_bytes == 2 else "FP32")
+    lines = [f"{name}: {workload.seq_length:,} tokens per sequence, global batch {workload.global_batch}, "
+             f"{cluster.nodes} x {cluster.gpus_per_node} {cluster.gpu.name} ({cluster.gpu_memory_gib:g} GiB), "
+             f"{precision}",
+             f"{len(estimates)} layouts considered, {len(fitting)} fit in memory"]
+    header = (f"{'TP':>3} {'CP':>3} {'PP':>3} {'DP':>4} {'recompute':>9} | {'states':>7} {'activ.':>7} "
+              f"{'vision':>7} {'logits':>7} {'total':>7} GiB | {'step s':>8} {'TFLOP/s':>8}")
+    shown = (fitting or estimates)[:top]
+    if not fitting:
+        lines.append("no layout fits; the smallest ones:")
+        shown = sorted(estimates, key=lambda e: e.memory.total)[:top]
+    lines += [header, "-" * len(header)]
+    for e in shown:
+        m, lay = e.memory, e.layout
+        states = (m.weights + m.gradients + m.optimizer) / GIB
+        lines.append(f"{lay.tp:>3} {lay.cp:>3} {lay.pp:>3} {lay.dp:>4} {lay.recompute:>9} | {states:7.1f} "
+                     f"{m.activations / GIB:7.1f} {m.vision / GIB:7.1f} {m.logits / GIB:7.1f} {m.total / GIB:7.1f}     | "
+                     f"{e.step_seconds:8.2f} {e.tflops_per_gpu:8.0f}")
+    if fitting:
+        best = fitting[0]
+        args = " ".join(training_arguments(best, workload))
+        lines += ["", f"best: TP {best.layout.tp} x CP {best.layout.cp} x PP {best.layout.pp} x DP {best.layout.dp}, "
+                      f"recompute {best.layout.recompute}: {best.memory.total / GIB:.1f} GiB per GPU "
+                      f"(incl. {cluster.gpu.reserved_gib:g} GiB reserve), {best.step_seconds:.2f} s per step, "
+                      f"{best.tflops_per_gpu:.0f} TFLOP/s per GPU",
+                  "", "mmprolong train arguments:", f"  {args}",
+                  "", "slurm/train.sbatch:",
+                  f"  sbatch --nodes={cluster.nodes} --ntasks-per-node={cluster.gpus_per_node} "
+                  f"--gres=gpu:{cluster.gpus_per_node} slurm/train.sbatch {args}"]
+    return "\n".join(lines)
