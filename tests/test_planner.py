@@ -12,7 +12,7 @@ import torch
 from megatron_mmprolong.cli import main
 from megatron_mmprolong.config import ParallelConfig, Qwen25VLConfig, TextConfig
 from megatron_mmprolong.training import planner
-from megatron_mmprolong.training.planner import Cluster, GpuSpec, Layout, Workload
+from megatron_mmprolong.training.planner import Cluster, Layout, Workload
 
 from conftest import tiny_config
 from multiprocess import run_ranks
