@@ -197,7 +197,7 @@ def _load_hf_model(hf_dir: str, dtype: str):
 
 def _eval_model(args):
     """(model, writes output, barrier): transformers for --hf-dir; this project's model at TP x CP
-    for --mcore-dir, on every rank of a torchrun world of TP x CP ranks, rank 0 writing."""
+    x PP for --mcore-dir, on every rank of a torchrun world of that many ranks, rank 0 writing."""
     if args.hf_dir:
         return _load_hf_model(args.hf_dir, args.dtype), True, lambda: None
     import torch.distributed as dist
@@ -207,11 +207,11 @@ def _eval_model(args):
     from megatron_mmprolong.eval.megatron_generate import MegatronGenerator
     from megatron_mmprolong.runtime import launch_env
 
-    world = launch_env().world_size
-    if world != args.tp * args.cp:
-        raise ConfigError(f"--tp {args.tp} x --cp {args.cp} needs {args.tp * args.cp} ranks, this run has {world}: "
-                          f"torchrun --nproc-per-node {args.tp * args.cp} -m megatron_mmprolong.cli eval ...")
-    parallel = ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp)
+    world, ranks = launch_env().world_size, args.tp * args.cp * args.pp
+    if world != ranks:
+        raise ConfigError(f"--tp {args.tp} x --cp {args.cp} x --pp {args.pp} needs {ranks} ranks, this run has "
+                          f"{world}: torchrun --nproc-per-node {ranks} -m megatron_mmprolong.cli eval ...")
+    parallel = ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp, pipeline_parallel=args.pp)
     model = MegatronGenerator.from_checkpoint(resolve_checkpoint(args.mcore_dir), parallel)
     return model, dist.get_rank() == 0, dist.barrier
 
@@ -527,9 +527,10 @@ def _add_eval_model(parser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-dir", help="Hugging Face Qwen2.5-VL checkpoint, run with transformers")
     source.add_argument("--mcore-dir", help="Megatron checkpoint or training --save directory, run with this "
-                                            "project's model at --tp x --cp (torchrun with that many ranks)")
+                                            "project's model at --tp x --cp x --pp (torchrun with that many ranks)")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size with --mcore-dir")
     parser.add_argument("--cp", type=int, default=1, help="context parallel size with --mcore-dir (long inputs)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size with --mcore-dir")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="transformers dtype with --hf-dir (default fp32)")
 

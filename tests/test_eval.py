@@ -200,10 +200,10 @@ def test_answer_f1(answer, expected, f1):
     assert answer_f1(answer, expected) == pytest.approx(f1)
 
 
-@pytest.mark.parametrize("layout", [["--cp", "2"], ["--tp", "2"]], ids=["cp2", "tp2"])
+@pytest.mark.parametrize("layout", [["--cp", "2"], ["--tp", "2"], ["--pp", "2"]], ids=["cp2", "tp2", "pp2"])
 def test_megatron_and_transformers_give_the_same_answers(dataset, tmp_path, capsys, layout):
     """A random model (so replies are long and arbitrary) answers every question the same way
-    through transformers and through this project's model on a Megatron checkpoint at CP2 / TP2."""
+    through transformers and through this project's model on a Megatron checkpoint at CP2 / TP2 / PP2."""
     import os
     import socket
     import subprocess

@@ -1,11 +1,13 @@
-"""Greedy answers from a Megatron checkpoint at TP x CP, behind transformers' `generate` interface,
-so that `answer_questions` (and so `eval qa` and `eval needle`) run on either kind of checkpoint.
+"""Greedy answers from a Megatron checkpoint at TP x CP x PP, behind transformers' `generate`
+interface, so that `answer_questions` (and so `eval qa`, `needle` and `extend`) run on either kind
+of checkpoint.
 
 Long inputs need context parallelism, so the whole prompt runs through the model as one packed
-sample (THD), split over the CP ranks in the training layout; each new token re-runs the
-sequence (no KV cache: answers are a few tokens, prompts are long). The rank that holds the last
-position picks the token and the CP group agrees on it. Every rank of the TP x CP world calls
-`generate` with the same inputs. Pipeline parallelism is not supported here: export to HF.
+sample (THD), split over the CP ranks in the training layout, through Megatron-Core's pipeline
+schedule (forward only) when PP > 1. The pages are encoded once per prompt; each new token re-runs
+the language model over the sequence (no KV cache: answers are a few tokens, prompts are long).
+The rank that holds the last position on the last stage picks the token and every rank agrees on
+it. Every rank of the TP x CP x PP world calls `generate` with the same inputs.
 """
 
 from __future__ import annotations
@@ -27,17 +29,18 @@ class MegatronGenerator(torch.nn.Module):
 
     @classmethod
     def from_checkpoint(cls, mcore_dir: str | Path, parallel: ParallelConfig) -> "MegatronGenerator":
+        from megatron.core import parallel_state as ps
+
         from megatron_mmprolong import runtime
         from megatron_mmprolong.convert.checkpoint_info import checkpoint_config
         from megatron_mmprolong.convert.mcore_checkpoint import load_mcore_checkpoint
         from megatron_mmprolong.model.builder import build_model
 
-        if parallel.pipeline_parallel != 1:
-            raise ValueError("evaluation on a Megatron checkpoint runs at TP x CP; for pipeline parallel "
-                             "models export to HF (mmprolong convert mcore-to-hf)")
         runtime.initialize(parallel)
         config = checkpoint_config(mcore_dir)
-        model = build_model(config, parallel)
+        # the prompt grows by one token per step: pipeline stages exchange shapes each time
+        model = build_model(config, parallel, pre_process=ps.is_pipeline_first_stage(),
+                            post_process=ps.is_pipeline_last_stage(), variable_seq_lengths=True, training=False)
         load_mcore_checkpoint(model, mcore_dir)
         return cls(model.eval())
 
@@ -52,6 +55,8 @@ class MegatronGenerator(torch.nn.Module):
         vision = {}
         if pixel_values is not None:
             vision = {"pixel_values": pixel_values.to(device), "image_grid_thw": image_grid_thw}
+            if model.pre_process:
+                vision["vision_features"] = model.encode_vision(vision["pixel_values"], image_grid_thw)
         for _ in range(max_new_tokens):
             length = len(ids)
             padded = align * math.ceil(length / align)  # padding after the last token cannot change it (causal)
@@ -59,17 +64,26 @@ class MegatronGenerator(torch.nn.Module):
             cu = torch.tensor([0, padded], dtype=torch.int32)
             packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device),
                                      max_seqlen_q=padded, max_seqlen_kv=padded)
-            cp_index = model.cp_token_index(padded, cu) if model.cp_size > 1 else None
-            logits = model(tokens, packed_seq_params=packed, cp_index=None if cp_index is None else cp_index.to(device),
-                           **vision)[0]
-            if cp_index is None:
-                token = int(logits[length - 1].argmax())
-            else:
-                here = (cp_index == length - 1).nonzero()
-                choice = torch.tensor([int(logits[int(here[0, 0])].argmax()) if len(here) else -1])
-                dist.all_reduce(choice, op=dist.ReduceOp.MAX, group=model.pg_collection.cp)
-                token = int(choice)
+            cp_index = model.cp_token_index(padded, cu) if model.cp_size > 1 else torch.arange(padded)
+            logits = self._forward(tokens, packed, cp_index.to(device) if model.cp_size > 1 else None, vision)
+            here = (cp_index == length - 1).nonzero()
+            choice = torch.tensor([int(logits[int(here[0, 0])].argmax()) if logits is not None and len(here) else -1])
+            dist.all_reduce(choice, op=dist.ReduceOp.MAX)  # the world is this model's TP x CP x PP ranks
+            token = int(choice)
             ids.append(token)
             if token == eos_token_id:
                 break
         return torch.tensor(ids)[None]
+
+    def _forward(self, tokens, packed, cp_index, vision):
+        """Logits [local tokens, vocab] on the last pipeline stage, None on the others."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def step(data_iterator, model):
+            output = model(tokens, packed_seq_params=packed, cp_index=cp_index, **vision)
+            return output, lambda out, non_loss_data=True: out
+
+        outputs = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter([None]), model=[self.model], num_microbatches=1,
+            seq_length=tokens.shape[1], micro_batch_size=1, forward_only=True, collect_non_loss_data=True)
+        return outputs[0][0] if self.model.post_process else None
