@@ -258,19 +258,24 @@ def _eval_needle(args) -> int:
 def _eval_position_loss(args) -> int:
     from tqdm import tqdm
 
+    from megatron_mmprolong import runtime
     from megatron_mmprolong.data.store import MultimodalStore
-    from megatron_mmprolong.eval.position_loss import position_loss, write_report
+    from megatron_mmprolong.eval.position_loss import hf_scorer, position_loss, write_report
 
     store = MultimodalStore(args.data)
     indices = [i for i in range(len(store)) if int(store.samples[i]["tokens"]) >= args.min_tokens][:args.limit]
     if not indices:
         print(f"mmprolong eval: error: {args.data} has no samples of {args.min_tokens} tokens or more", file=sys.stderr)
         return 2
-    model = _load_hf_model(args.hf_dir, args.dtype)
-    with tqdm(total=len(indices), unit="sample", desc="eval position-loss", disable=None) as progress:
-        report = position_loss(model, store, indices, args.bucket_size, progress)
-    write_report(report, args.out)
-    print(json.dumps({"out": args.out, **report}, indent=1))
+    model, writer, _ = _eval_model(args)
+    score = model.token_scores if args.mcore_dir else hf_scorer(model)
+    with tqdm(total=len(indices), unit="sample", desc="eval position-loss", disable=None if writer else True) as progress:
+        report = position_loss(score, store, indices, args.bucket_size, progress)
+    if writer:
+        write_report(report, args.out)
+        print(json.dumps({"out": args.out, **report}, indent=1))
+    if args.mcore_dir:
+        runtime.shutdown()
     return 0
 
 
@@ -512,13 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     by_position = kinds.add_parser("position-loss", help="loss and next-token accuracy by position bucket over a "
                                                          "dataset's long samples (JSON and a line plot)")
-    by_position.add_argument("--hf-dir", required=True, help="Hugging Face Qwen2.5-VL checkpoint")
+    _add_eval_model(by_position)
     by_position.add_argument("--data", required=True, help="dataset prefix of held-out long samples")
     by_position.add_argument("--out", required=True, help="output folder (position_loss.json, position_loss.png)")
     by_position.add_argument("--bucket-size", type=int, default=4096, help="positions per bucket (default 4096)")
     by_position.add_argument("--min-tokens", type=int, default=0, help="only samples at least this long")
     by_position.add_argument("--limit", type=int, help="at most this many samples")
-    by_position.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="default fp32")
     by_position.set_defaults(run=_eval_position_loss)
     return parser
 

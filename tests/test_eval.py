@@ -250,11 +250,11 @@ class FarBlindModel(torch.nn.Module):
 
 
 def test_loss_by_position_sees_the_horizon(dataset):
-    from megatron_mmprolong.eval.position_loss import position_loss
+    from megatron_mmprolong.eval.position_loss import hf_scorer, position_loss
 
     store, tokenizer = dataset
     vocab = len(tokenizer.hf)
-    report = position_loss(FarBlindModel(vocab, horizon=256), store, range(len(store)), bucket_size=128)
+    report = position_loss(hf_scorer(FarBlindModel(vocab, horizon=256)), store, range(len(store)), bucket_size=128)
     buckets = [b for b in report["buckets"] if b["tokens"]]
     assert buckets[0]["start"] == 0 and buckets[1]["loss"] < 1e-6 and buckets[1]["accuracy"] == 1.0
     after = [b for b in buckets if b["start"] >= 256]
@@ -281,6 +281,38 @@ def test_position_loss_cli(dataset, tmp_path, capsys):
     assert Image.open(tmp_path / "pl" / "position_loss.png").size == (720, 360)
     assert main(["eval", "position-loss", "--hf-dir", str(tmp_path / "hf"), "--data", store.prefix, "--out",
                  str(tmp_path / "x"), "--min-tokens", "10000000"]) == 2
+
+
+@pytest.mark.parametrize("layout", [["--cp", "2"], ["--pp", "2"]], ids=["cp2", "pp2"])
+def test_position_loss_on_a_megatron_checkpoint_equals_transformers(dataset, tmp_path, layout):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from megatron_mmprolong.config import ParallelConfig, Qwen25VLConfig
+    from megatron_mmprolong.convert.hf_to_mcore import hf_to_mcore
+    from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
+
+    store, _ = dataset
+    write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), tmp_path / "hf", seed=3)
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", ParallelConfig(), progress=False)
+    common = ["eval", "position-loss", "--data", store.prefix, "--bucket-size", "64", "--limit", "3"]
+    assert main([*common, "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "hf")]) == 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+                    "-m", "megatron_mmprolong.cli", *common, "--mcore-dir", str(tmp_path / "mcore"), *layout,
+                    "--out", str(tmp_path / "mcore")],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+                   stdout=subprocess.DEVNULL)
+    hf, mcore = (json.loads((tmp_path / name / "position_loss.json").read_text())["buckets"] for name in ("hf", "mcore"))
+    assert len(hf) > 2 and [b["tokens"] for b in mcore] == [b["tokens"] for b in hf]
+    for ours, theirs in zip(mcore, hf):
+        if theirs["tokens"]:
+            assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+            assert ours["accuracy"] == pytest.approx(theirs["accuracy"], abs=1.5 / theirs["tokens"])
 
 
 def test_eval_qa_continues_after_a_kill(dataset, tmp_path, monkeypatch, capsys):

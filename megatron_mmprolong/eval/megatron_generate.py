@@ -1,6 +1,6 @@
 """Greedy answers from a Megatron checkpoint at TP x CP x PP, behind transformers' `generate`
 interface, so that `answer_questions` (and so `eval qa`, `needle` and `extend`) run on either kind
-of checkpoint.
+of checkpoint; and per-position scores for `eval position-loss`.
 
 Long inputs need context parallelism, so the whole prompt runs through the model as one packed
 sample (THD), split over the CP ranks in the training layout, through Megatron-Core's pipeline
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_mmprolong.config import ParallelConfig
@@ -29,8 +30,6 @@ class MegatronGenerator(torch.nn.Module):
 
     @classmethod
     def from_checkpoint(cls, mcore_dir: str | Path, parallel: ParallelConfig) -> "MegatronGenerator":
-        from megatron.core import parallel_state as ps
-
         from megatron_mmprolong import runtime
         from megatron_mmprolong.convert.checkpoint_info import checkpoint_config
         from megatron_mmprolong.convert.mcore_checkpoint import load_mcore_checkpoint
@@ -74,6 +73,38 @@ class MegatronGenerator(torch.nn.Module):
             if token == eos_token_id:
                 break
         return torch.tensor(ids)[None]
+
+    @torch.no_grad()
+    def token_scores(self, input_ids, pixels, grids, chunk: int = 4096):
+        """Per-position (loss, correct) for predicting token p + 1 from tokens <= p, on every rank:
+        float64 [n - 1] and bool [n - 1] (`eval position-loss`). Each CP rank scores its own
+        positions, `chunk` of them at a time in fp32, and one all-reduce assembles the sequence."""
+        model = self.model
+        device = next(model.parameters()).device
+        length = input_ids.shape[1]
+        align = 2 * model.cp_size if model.cp_size > 1 else 1
+        padded = align * math.ceil(length / align)
+        ids = torch.cat([input_ids[0], input_ids.new_zeros(padded - length)])
+        cu = torch.tensor([0, padded], dtype=torch.int32)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device),
+                                 max_seqlen_q=padded, max_seqlen_kv=padded)
+        cp_index = model.cp_token_index(padded, cu) if model.cp_size > 1 else torch.arange(padded)
+        vision = {}
+        if len(grids):
+            dtype = next(model.parameters()).dtype
+            vision = {"pixel_values": torch.from_numpy(pixels).to(device, dtype), "image_grid_thw": torch.tensor(grids)}
+        logits = self._forward(ids[None].to(device), packed, cp_index.to(device) if model.cp_size > 1 else None, vision)
+        scores = torch.zeros(2, padded, dtype=torch.float64)  # loss, hit; by position
+        if logits is not None and ps.get_tensor_model_parallel_rank() == 0:  # TP ranks hold the same logits
+            keep = (cp_index < length - 1).nonzero()[:, 0]
+            for part in keep.split(chunk):
+                positions = cp_index[part]
+                part_logits = logits[part.to(device)].float()
+                target = ids[positions + 1].to(device)
+                scores[0, positions] = torch.nn.functional.cross_entropy(part_logits, target, reduction="none").double().cpu()
+                scores[1, positions] = (part_logits.argmax(-1) == target).double().cpu()
+        dist.all_reduce(scores)
+        return scores[0, :length - 1], scores[1, :length - 1].bool()
 
     def _forward(self, tokens, packed, cp_index, vision):
         """Logits [local tokens, vocab] on the last pipeline stage, None on the others."""

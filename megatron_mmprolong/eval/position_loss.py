@@ -1,7 +1,8 @@
 """Loss and next-token accuracy by position over long held-out sequences
 (`mmprolong eval position-loss`): does the model use the far context?
 
-Each sample of a dataset runs through transformers once; every text token after the first is
+Each sample of a dataset runs through the model once (transformers, or this project's model on a
+Megatron checkpoint at TP x CP x PP); every text token after the first is
 scored against the model's prediction from everything before it (image placeholders and vision
 markers are not predicted), and the per-token results are summed into buckets of
 `bucket_size` positions. A model that uses long context keeps its loss falling with position;
@@ -23,29 +24,41 @@ from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.files import write_text_whole, written_whole
 
 
-@torch.no_grad()
-def position_loss(model, store: MultimodalStore, indices, bucket_size: int, progress=None) -> dict:
-    special = store.manifest["tokenizer"]["special_tokens"]
-    not_predicted = torch.tensor([special["image_pad"], special["vision_start"], special["vision_end"],
-                                  special.get("video_pad", special["image_pad"])])
-    decode = decoder("pil")
+def hf_scorer(model):
+    """Per-position (loss, correct) of a transformers model: `score(ids [1, n], pixels, grids)` ->
+    float64 [n - 1] losses and bool [n - 1] hits, for predicting token p + 1 from tokens <= p."""
     dtype = next(model.parameters()).dtype
-    buckets = -(-max(int(store.samples[i]["tokens"]) for i in indices) // bucket_size)
-    loss_sum, correct, count = (torch.zeros(buckets, dtype=torch.float64) for _ in range(3))
-    for index in indices:
-        ids = torch.from_numpy(np.asarray(store.tokens[index], dtype=np.int64))[None]
-        pixels, grids = sample_pixels(store, index, decode)
+
+    @torch.no_grad()
+    def score(ids, pixels, grids):
         inputs = {"input_ids": ids}
         if len(grids):
             inputs |= {"pixel_values": torch.from_numpy(pixels).to(dtype), "image_grid_thw": torch.tensor(grids),
                        **hf_token_types(model, ids)}
         logits = model(**inputs).logits[0, :-1].float()
         target = ids[0, 1:]
-        scored = ~torch.isin(target, not_predicted)
-        losses = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        return (torch.nn.functional.cross_entropy(logits, target, reduction="none").double(),
+                logits.argmax(-1) == target)
+
+    return score
+
+
+def position_loss(score, store: MultimodalStore, indices, bucket_size: int, progress=None) -> dict:
+    """`score`: `hf_scorer(model)` or a MegatronGenerator's `token_scores`."""
+    special = store.manifest["tokenizer"]["special_tokens"]
+    not_predicted = torch.tensor([special["image_pad"], special["vision_start"], special["vision_end"],
+                                  special.get("video_pad", special["image_pad"])])
+    decode = decoder("pil")
+    buckets = -(-max(int(store.samples[i]["tokens"]) for i in indices) // bucket_size)
+    loss_sum, correct, count = (torch.zeros(buckets, dtype=torch.float64) for _ in range(3))
+    for index in indices:
+        ids = torch.from_numpy(np.asarray(store.tokens[index], dtype=np.int64))[None]
+        pixels, grids = sample_pixels(store, index, decode)
+        losses, hits = score(ids, pixels, grids)
+        scored = ~torch.isin(ids[0, 1:], not_predicted)
         bucket = (torch.arange(1, ids.shape[1]) // bucket_size)[scored]  # position of the predicted token
-        loss_sum += torch.bincount(bucket, losses[scored].double(), minlength=buckets)
-        correct += torch.bincount(bucket, (logits.argmax(-1) == target)[scored].double(), minlength=buckets)
+        loss_sum += torch.bincount(bucket, losses[scored], minlength=buckets)
+        correct += torch.bincount(bucket, hits[scored].double(), minlength=buckets)
         count += torch.bincount(bucket, minlength=buckets).double()
         if progress is not None:
             progress.update(1)
