@@ -9,7 +9,8 @@
 6. the exported model answers the dataset's questions with transformers, then a needle grid
    (1K-8K tokens x 5 depths, past the 4K training window) with its heat map (exact match; a
    tiny model trained for a few dozen steps scores near zero, the point is that the path works),
-   and the loss by position over the dataset.
+   its longest column (8K) on the trained Megatron checkpoint split over two context-parallel ranks
+   (answers compared with the export's), and the loss by position over the dataset.
 
 Each step is the `mmprolong` command a user would run; a summary closes the demo.
 """
@@ -60,6 +61,13 @@ def _last_json(text: str) -> dict:
     return json.loads(text[text.rindex("\n{\n") if "\n{\n" in text else text.index("{"):])
 
 
+def _same_answers(first: Path, second: Path) -> tuple[int, int]:
+    """(answers equal in both, questions) over the questions of the first answers.jsonl."""
+    answers = [{json.loads(line)["id"]: json.loads(line)["answer"] for line in path.read_text().splitlines()}
+               for path in (first, second)]
+    return sum(answers[1].get(key) == answer for key, answer in answers[0].items()), len(answers[0])
+
+
 def _mmprolong(*args: str) -> list[str]:
     return [sys.executable, "-m", "megatron_mmprolong.cli", *args]
 
@@ -107,10 +115,16 @@ def main() -> int:
         scores = _last_json(_run("dataset questions on the exported model (transformers)", _mmprolong(
             "eval", "qa", "--hf-dir", str(export), "--data", str(data), "--out", str(OUT / "eval_qa.json")),
             timings))
+        pages = ["--per-cell", "1", "--train-length", "4096", "--page-width", "224", "--page-height", "336",
+                 "--font-size", "9"]
         needle = _last_json(_run("needle grid, 1K-8K tokens (trained at 4K)", _mmprolong(
-            "eval", "needle", "--hf-dir", str(export), "--out", str(OUT / "needle"), "--lengths", "1024", "2048",
-            "4096", "8192", "--per-cell", "1", "--train-length", "4096", "--page-width", "224", "--page-height",
-            "336", "--font-size", "9"), timings))
+            "eval", "needle", "--hf-dir", str(export), "--out", str(OUT / "needle"),
+            "--lengths", "1024", "2048", "4096", "8192", *pages), timings))
+        _run("the 8K column on the trained Megatron checkpoint, CP2 (2 ranks)", [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+            "-m", "megatron_mmprolong.cli", "eval", "needle", "--mcore-dir", str(run_dir), "--cp", "2",
+            "--tokenizer", str(export), "--out", str(OUT / "needle-cp2"), "--lengths", "8192", *pages], timings)
+        same, asked = _same_answers(OUT / "needle-cp2" / "answers.jsonl", OUT / "needle" / "answers.jsonl")
         by_position = _last_json(_run("loss by position", _mmprolong(
             "eval", "position-loss", "--hf-dir", str(export), "--data", str(data), "--out", str(OUT / "position_loss"),
             "--bucket-size", "256"), timings))
@@ -134,6 +148,8 @@ def main() -> int:
     losses_by_position = ", ".join(f"{b['start']}-{b['end']} {b['loss']:.2f}" for b in by_position["buckets"] if b["loss"])
     print(f"loss by position: {losses_by_position}")
     print(f"needle grid: {needle['samples']} documents, exact match {by_length}; heat map {OUT / 'needle' / 'needle.png'}")
+    print(f"needle 8K column on the Megatron checkpoint at CP2: {same} of {asked} answers equal to the export's "
+          f"(transformers); heat map {OUT / 'needle-cp2' / 'needle.png'}")
     return 0
 
 

@@ -134,3 +134,26 @@ def test_json_schema_accepts_what_the_parser_accepts(small_synth, tmp_path):
                 {"pdf": "a.pdf", "pages": ["p.png"], "task": "reasoning", "question": "q", "answer": "a"},
                 {"pdf": "a.pdf", "task": "reasoning", "question": "q"}):
         assert not validator.is_valid(bad)
+
+
+def test_needle_documents_do_not_depend_on_the_other_cells(tmp_path):
+    """A grid of some of the lengths holds the very documents of the full grid (so a CP run on the
+    longest inputs can be compared with a run over all of them)."""
+    import hashlib
+    import json
+
+    from megatron_mmprolong.data.synth import NeedleGrid, needle_docs
+
+    def documents(out, pages):
+        records = needle_docs(out, NeedleGrid(pages, (0.0, 1.0), 1), SynthConfig(page_width=224, page_height=336,
+                                                                               font_size=9, seed=3))
+        found = {}
+        for line in records.read_text().splitlines():
+            record = json.loads(line)
+            digest = [hashlib.sha256((out / p).read_bytes()).hexdigest() for p in record["pages"]]
+            found[record["id"]] = (record["question"], record["answer"], digest)
+        return found
+
+    full, longest = documents(tmp_path / "full", (2, 4)), documents(tmp_path / "longest", (4,))
+    assert set(longest) < set(full) and all(full[key] == value for key, value in longest.items())
+    assert len({answer for _, answer, _ in full.values()}) == len(full)  # distinct needles per cell

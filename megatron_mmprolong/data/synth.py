@@ -147,17 +147,19 @@ def needle_page(pages: int, depth: float) -> int:
 
 def needle_docs(out_dir: str | Path, grid: NeedleGrid, config: SynthConfig = SynthConfig()) -> Path:
     """One document per grid cell and repeat, asking for the fact on the page at the cell's depth;
-    every other page is a distractor with its own fact. Writes `records.jsonl`; returns its path."""
+    every other page is a distractor with its own fact. Each document depends only on the seed and
+    its cell, so a grid of some of the lengths holds the same documents. Writes `records.jsonl`;
+    returns its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(config.seed)
     lines = []
     for pages in grid.pages:
         for depth in grid.depths:
             for repeat in range(grid.per_cell):
+                name = f"needle-p{pages:04d}-d{depth:.3f}-{repeat}"
+                rng = random.Random(f"{config.seed}/{name}")
                 facts = _facts(rng, pages)
                 needle = facts[needle_page(pages, depth) - 1]
-                name = f"needle-p{pages:04d}-d{depth:.3f}-{repeat}"
                 document = _write_document(out, name, facts, config, rng)
                 lines.append(json.dumps({
                     "id": name, **document, "task": "extract-single", "question": single_question(needle),
