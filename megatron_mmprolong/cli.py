@@ -323,7 +323,7 @@ def _plan_layouts(args) -> int:
     from megatron_mmprolong.training import planner
 
     config = Qwen25VLConfig.from_hf_dir(args.hf_config) if args.hf_config else Qwen25VLConfig.preset(args.preset)
-    name = f"Qwen2.5-VL {args.preset}" if args.preset else f"Qwen2.5-VL from {args.hf_config}"
+    name = f"Qwen2.5-VL from {args.hf_config}" if args.hf_config else f"Qwen2.5-VL {args.preset}"
     workload = planner.Workload(
         seq_length=args.seq_length, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size,
         sample_length=args.sample_length, image_fraction=args.image_fraction, page_grid=tuple(args.page_grid),

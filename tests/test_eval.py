@@ -234,19 +234,21 @@ def test_megatron_and_transformers_give_the_same_answers(dataset, tmp_path, caps
 # ---- loss by position -------------------------------------------------------------------------
 
 class FarBlindModel(torch.nn.Module):
-    """Predicts every next token with certainty before position `horizon`, knows nothing after."""
+    """Predicts every next token with certainty before position `horizon`, knows nothing after
+    (transformers' layout: `model` gives hidden states, here logits already, `lm_head` maps them)."""
 
     def __init__(self, vocab, horizon):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.vocab, self.horizon = vocab, horizon
+        self.lm_head = torch.nn.Identity()
 
-    def forward(self, input_ids, **_):
+    def model(self, input_ids, **_):
         logits = torch.zeros(1, input_ids.shape[1], self.vocab)
         positions = torch.arange(input_ids.shape[1] - 1)
         early = positions + 1 < self.horizon  # the predicted token's position
         logits[0, positions[early], input_ids[0, 1:][early]] = 50.0
-        return type("Output", (), {"logits": logits})
+        return (logits,)
 
 
 def test_loss_by_position_sees_the_horizon(dataset):
@@ -254,7 +256,8 @@ def test_loss_by_position_sees_the_horizon(dataset):
 
     store, tokenizer = dataset
     vocab = len(tokenizer.hf)
-    report = position_loss(hf_scorer(FarBlindModel(vocab, horizon=256)), store, range(len(store)), bucket_size=128)
+    report = position_loss(hf_scorer(FarBlindModel(vocab, horizon=256), chunk=100), store, range(len(store)),
+                           bucket_size=128)
     buckets = [b for b in report["buckets"] if b["tokens"]]
     assert buckets[0]["start"] == 0 and buckets[1]["loss"] < 1e-6 and buckets[1]["accuracy"] == 1.0
     after = [b for b in buckets if b["start"] >= 256]

@@ -24,9 +24,10 @@ from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.files import write_text_whole, written_whole
 
 
-def hf_scorer(model):
+def hf_scorer(model, chunk: int = 4096):
     """Per-position (loss, correct) of a transformers model: `score(ids [1, n], pixels, grids)` ->
-    float64 [n - 1] losses and bool [n - 1] hits, for predicting token p + 1 from tokens <= p."""
+    float64 [n - 1] losses and bool [n - 1] hits, for predicting token p + 1 from tokens <= p. The
+    output layer runs on `chunk` positions at a time: [128K, vocab] fp32 logits would be ~80 GB."""
     dtype = next(model.parameters()).dtype
 
     @torch.no_grad()
@@ -35,10 +36,15 @@ def hf_scorer(model):
         if len(grids):
             inputs |= {"pixel_values": torch.from_numpy(pixels).to(dtype), "image_grid_thw": torch.tensor(grids),
                        **hf_token_types(model, ids)}
-        logits = model(**inputs).logits[0, :-1].float()
-        target = ids[0, 1:]
-        return (torch.nn.functional.cross_entropy(logits, target, reduction="none").double(),
-                logits.argmax(-1) == target)
+        hidden = model.model(**inputs, use_cache=False)[0][0, :-1]
+        target = ids[0, 1:].to(hidden.device)
+        losses, hits = [], []
+        for start in range(0, len(target), chunk):
+            logits = model.lm_head(hidden[start:start + chunk]).float()
+            part = target[start:start + chunk]
+            losses.append(torch.nn.functional.cross_entropy(logits, part, reduction="none").double().cpu())
+            hits.append((logits.argmax(-1) == part).cpu())
+        return torch.cat(losses), torch.cat(hits)
 
     return score
 
