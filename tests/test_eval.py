@@ -200,10 +200,9 @@ def test_answer_f1(answer, expected, f1):
     assert answer_f1(answer, expected) == pytest.approx(f1)
 
 
-@pytest.mark.parametrize("layout", [["--cp", "2"], ["--tp", "2"], ["--pp", "2"]], ids=["cp2", "tp2", "pp2"])
-def test_megatron_and_transformers_give_the_same_answers(dataset, tmp_path, capsys, layout):
-    """A random model (so replies are long and arbitrary) answers every question the same way
-    through transformers and through this project's model on a Megatron checkpoint at CP2 / TP2 / PP2."""
+def _on_both_checkpoints(tmp_path, seed: int, command: list[str], hf_out: str, mcore_out: str, layout: list[str]):
+    """`command` on a random tiny checkpoint with transformers (in this process), then on its
+    Megatron conversion at `layout` over two torchrun ranks; outputs under tmp_path."""
     import os
     import socket
     import subprocess
@@ -213,19 +212,26 @@ def test_megatron_and_transformers_give_the_same_answers(dataset, tmp_path, caps
     from megatron_mmprolong.convert.hf_to_mcore import hf_to_mcore
     from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
 
-    store, _ = dataset
-    write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), tmp_path / "hf", seed=7)
+    write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), tmp_path / "hf", seed=seed)
     hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", ParallelConfig(), progress=False)
-    common = ["eval", "qa", "--data", store.prefix, "--limit", "4"]
-    assert main([*common, "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "hf.json")]) == 0
+    assert main([*command, "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / hf_out)]) == 0
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-                    "-m", "megatron_mmprolong.cli", *common, "--mcore-dir", str(tmp_path / "mcore"), *layout,
-                    "--out", str(tmp_path / "mcore.json")],
+                    "-m", "megatron_mmprolong.cli", *command, "--mcore-dir", str(tmp_path / "mcore"), *layout,
+                    "--out", str(tmp_path / mcore_out)],
                    check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
                    stdout=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("layout", [["--cp", "2"], ["--tp", "2"], ["--pp", "2"]], ids=["cp2", "tp2", "pp2"])
+def test_megatron_and_transformers_give_the_same_answers(dataset, tmp_path, capsys, layout):
+    """A random model (so replies are long and arbitrary) answers every question the same way
+    through transformers and through this project's model on a Megatron checkpoint at CP2 / TP2 / PP2."""
+    store, _ = dataset
+    _on_both_checkpoints(tmp_path, 7, ["eval", "qa", "--data", store.prefix, "--limit", "4"], "hf.json", "mcore.json",
+                         layout)
     hf, mcore = (json.loads((tmp_path / name).read_text())["results"] for name in ("hf.json", "mcore.json"))
     assert len(hf) == 4 and all(len(r["answer"]) > 5 for r in hf)  # long, arbitrary replies
     assert [r["answer"] for r in mcore] == [r["answer"] for r in hf]
@@ -288,28 +294,9 @@ def test_position_loss_cli(dataset, tmp_path, capsys):
 
 @pytest.mark.parametrize("layout", [["--cp", "2"], ["--pp", "2"]], ids=["cp2", "pp2"])
 def test_position_loss_on_a_megatron_checkpoint_equals_transformers(dataset, tmp_path, layout):
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    from megatron_mmprolong.config import ParallelConfig, Qwen25VLConfig
-    from megatron_mmprolong.convert.hf_to_mcore import hf_to_mcore
-    from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
-
     store, _ = dataset
-    write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), tmp_path / "hf", seed=3)
-    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", ParallelConfig(), progress=False)
-    common = ["eval", "position-loss", "--data", store.prefix, "--bucket-size", "64", "--limit", "3"]
-    assert main([*common, "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "hf")]) == 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-                    "-m", "megatron_mmprolong.cli", *common, "--mcore-dir", str(tmp_path / "mcore"), *layout,
-                    "--out", str(tmp_path / "mcore")],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
-                   stdout=subprocess.DEVNULL)
+    _on_both_checkpoints(tmp_path, 3, ["eval", "position-loss", "--data", store.prefix, "--bucket-size", "64",
+                                       "--limit", "3"], "hf", "mcore", layout)
     hf, mcore = (json.loads((tmp_path / name / "position_loss.json").read_text())["buckets"] for name in ("hf", "mcore"))
     assert len(hf) > 2 and [b["tokens"] for b in mcore] == [b["tokens"] for b in hf]
     for ours, theirs in zip(mcore, hf):
