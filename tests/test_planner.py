@@ -169,3 +169,19 @@ def test_plan_rejects_bad_input(capsys):
     assert "recompute must be among" in capsys.readouterr().err
     assert main(["plan", "--preset", "7b", "--nodes", "1", "--gpu-memory", "8", "--seq-length", "131072"]) == 1
     assert "no layout fits" in capsys.readouterr().out
+
+
+def test_the_7b_recipe_layout_fits_only_with_its_recompute():
+    """examples/mmprolong_7b_128k.yaml on its 8 x 8 H100: the planner agrees with its choices."""
+    from pathlib import Path
+
+    from megatron_mmprolong.training.arguments import read_recipe
+
+    recipe = read_recipe(Path(__file__).parents[1] / "examples" / "mmprolong_7b_128k.yaml")
+    tp, cp = recipe["tensor_model_parallel_size"], recipe["context_parallel_size"]
+    workload = Workload(recipe["seq_length"], recipe["global_batch_size"], fp8=recipe["fp8_format"] is not None)
+    layout = Layout(tp, cp, 1, 64 // (tp * cp), recipe["recompute_granularity"], recipe["use_distributed_optimizer"])
+    config = Qwen25VLConfig.preset(recipe["model"])
+    assert planner.estimate_memory(config, workload, layout, reserved_gib=4).total <= 80 * planner.GIB
+    without = dataclasses.replace(layout, recompute="none")
+    assert planner.estimate_memory(config, workload, without, reserved_gib=4).total > 80 * planner.GIB
