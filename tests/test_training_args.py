@@ -144,3 +144,13 @@ def test_recipes_in_examples_parse():
             continue
         args = A.parse_args(["--config", str(recipe)])
         assert A.model_config(args).text.num_layers >= 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for CPU runs")
+def test_distributed_optimizer_is_refused_on_cpu_before_anything_starts(capsys):
+    """Megatron-Core's DistributedOptimizer takes only CUDA tensors: a clear error, not a TypeError
+    from inside it after the model is built."""
+    from megatron_mmprolong.train import main
+
+    assert main(["--data-plan", "missing.plan", "--use-distributed-optimizer"]) == 2
+    assert "--use-distributed-optimizer needs CUDA" in capsys.readouterr().err

@@ -94,6 +94,9 @@ def train(args: A.TrainArgs) -> TrainResult:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
+    if args.use_distributed_optimizer and not torch.cuda.is_available():
+        raise ConfigError("--use-distributed-optimizer needs CUDA: Megatron-Core's DistributedOptimizer accepts "
+                          "only CUDA tensors; train without it on CPU")
     parallel, precision = A.parallel_config(args), A.precision_config(args)
     rt = runtime.initialize(parallel, seed=args.seed)
     resume = bool(args.load) and latest_iteration(args.load) is not None
