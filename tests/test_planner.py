@@ -185,3 +185,23 @@ def test_the_7b_recipe_layout_fits_only_with_its_recompute():
     assert planner.estimate_memory(config, workload, layout, reserved_gib=4).total <= 80 * planner.GIB
     without = dataclasses.replace(layout, recompute="none")
     assert planner.estimate_memory(config, workload, without, reserved_gib=4).total > 80 * planner.GIB
+
+
+def test_printed_arguments_override_the_recipe():
+    """Pasted after the 7B recipe (TP2 x CP4, SP, full recompute, FP8, distributed optimizer), a
+    plan's arguments give exactly the plan's layout, switches turned off included."""
+    from pathlib import Path
+
+    from megatron_mmprolong.training.arguments import parse_args
+
+    recipe = str(Path(__file__).parents[1] / "examples" / "mmprolong_7b_128k.yaml")
+    for layout, fp8 in ((Layout(1, 8, 1, 8, "none", distributed_optimizer=False), False),
+                        (Layout(4, 2, 2, 4, "selective"), True), (Layout(2, 4, 1, 8, "full"), True)):
+        estimate = planner.Estimate(layout, None, 1.0, 1.0, True)
+        args = parse_args(["--config", recipe, *planner.training_arguments(estimate, Workload(131072, 32, fp8=fp8))])
+        assert (args.tensor_model_parallel_size, args.context_parallel_size, args.pipeline_model_parallel_size) == \
+            (layout.tp, layout.cp, layout.pp)
+        assert args.sequence_parallel == layout.sequence_parallel
+        assert args.use_distributed_optimizer == layout.distributed_optimizer
+        assert (args.recompute_granularity or "none") == layout.recompute
+        assert (args.fp8_format == "hybrid") == fp8 and args.bf16

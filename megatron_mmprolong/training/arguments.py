@@ -133,12 +133,13 @@ ARGUMENTS: tuple[Arg, ...] = (
     Arg("use_distributed_optimizer", "shard optimizer state over data-parallel ranks", "optimizer.use_distributed_optimizer"),
     Arg("overlap_grad_reduce", "overlap the gradient all-reduce with backward", "ddp.overlap_grad_reduce"),
     Arg("bf16", "bfloat16 parameters and compute", "transformer.bf16"),
-    Arg("fp8_format", "FP8 GEMMs (Transformer Engine)", "transformer.fp8", ("hybrid", "e4m3")),
+    Arg("fp8_format", "FP8 GEMMs (Transformer Engine)", "transformer.fp8", ("hybrid", "e4m3", "none")),
     Arg("fp8_recipe", "FP8 scaling", "transformer.fp8_recipe", ("delayed", "tensorwise", "blockwise", "mxfp8")),
     Arg("fp8_dot_product_attention", "FP8 attention (unpacked sequences only for training)",
         "transformer.fp8_dot_product_attention"),
     Arg("fp8_vision", "FP8 also in the vision encoder", "vision.fp8"),
-    Arg("recompute_granularity", "activation recompute", "transformer.recompute_granularity", ("full", "selective")),
+    Arg("recompute_granularity", "activation recompute", "transformer.recompute_granularity",
+        ("full", "selective", "none")),
     Arg("recompute_method", "full recompute method", "transformer.recompute_method", ("uniform", "block")),
     Arg("recompute_num_layers", "layers per recompute unit", "transformer.recompute_num_layers"),
     Arg("save", "checkpoint directory to write"),
@@ -166,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     for arg in ARGUMENTS:
         flag = "--" + arg.name.replace("_", "-")
         kind = fields[arg.name].type
-        if "bool" in str(kind):
-            parser.add_argument(flag, action="store_true", default=None, help=arg.help)
+        if "bool" in str(kind):  # --flag / --no-flag: a recipe's true can be turned off
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=arg.help)
             continue
         cast = int if "int" in str(kind) else float if "float" in str(kind) else str
         parser.add_argument(flag, type=cast, default=None, choices=arg.choices,
@@ -185,6 +186,9 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     if namespace.config:
         values.update(read_recipe(namespace.config))
     values.update({k: v for k, v in vars(namespace).items() if k != "config" and v is not None})
+    switchable = {a.name for a in ARGUMENTS if a.choices and "none" in a.choices}
+    for name in switchable & values.keys():  # e.g. --fp8-format none over a recipe's hybrid
+        values[name] = None if values[name] == "none" else values[name]
     args = TrainArgs(**values)
     validate(args)
     return args

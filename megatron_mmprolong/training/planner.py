@@ -16,7 +16,8 @@ Memory is estimated for the busiest pipeline stage, per GPU:
   layer being rebuilt (the logits are gone by then); and a fixed reserve for the CUDA context, NCCL buffers and fragmentation.
 
 Step time: model FLOPs (training/flops.py, the same count the training log reports) at
-achievable rates per kind of work (GEMMs in BF16 or FP8, attention, always BF16), plus recompute,
+achievable rates per kind of work (GEMMs in BF16 or FP8, attention, always BF16) on the slowest
+pipeline stage (the first, which also runs the vision encoder), plus recompute,
 exposed TP communication (SP all-gathers and reduce-scatters; not overlapped), CP ring
 exchanges beyond what attention hides, the DP gradient reduction beyond the last micro-batch's
 backward, and the 1F1B pipeline bubble. The rates are assumptions, kept in `GpuSpec`.
@@ -142,17 +143,14 @@ class Layout:
                               sequence_parallel=self.sequence_parallel)
 
     def arguments(self) -> list[str]:
-        """`mmprolong train` arguments of this layout."""
+        """`mmprolong train` arguments of this layout, every choice explicit (they override a recipe)."""
         args = ["--tensor-model-parallel-size", str(self.tp), "--context-parallel-size", str(self.cp),
-                "--pipeline-model-parallel-size", str(self.pp)]
-        if self.sequence_parallel:
-            args.append("--sequence-parallel")
-        if self.distributed_optimizer:
-            args += ["--use-distributed-optimizer", "--overlap-grad-reduce"]
-        if self.recompute == "selective":
-            args += ["--recompute-granularity", "selective"]
-        elif self.recompute == "full":
-            args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+                "--pipeline-model-parallel-size", str(self.pp),
+                "--sequence-parallel" if self.sequence_parallel else "--no-sequence-parallel",
+                "--use-distributed-optimizer" if self.distributed_optimizer else "--no-use-distributed-optimizer",
+                "--overlap-grad-reduce", "--recompute-granularity", self.recompute]
+        if self.recompute == "full":
+            args += ["--recompute-method", "uniform", "--recompute-num-layers", "1"]
         return args
 
 
@@ -326,8 +324,12 @@ def estimate_step_seconds(config: Qwen25VLConfig, workload: Workload, layout: La
     gemm = work["gemm"] / gemm_rate
     attention = work["attention"] / attention_rate
     vision = work["vision"] / bf16_gemm
-    recompute = {"none": 0.0, "selective": attention / 3, "full": (gemm + attention + vision) / 3}[layout.recompute]
-    compute = (gemm + attention + vision + recompute) / per_gpu  # one micro-batch on one stage
+    if layout.recompute == "full":  # one more forward of everything: 4/3 of forward + backward
+        gemm, attention, vision = (x * 4 / 3 for x in (gemm, attention, vision))
+    elif layout.recompute == "selective":  # core attention's forward again
+        attention *= 4 / 3
+    # one micro-batch on the slowest stage: the first also runs the vision encoder, over TP x CP
+    compute = (gemm + attention) / per_gpu + vision / (layout.tp * layout.cp)
 
     tokens = workload.micro_batch * workload.seq_length / layout.cp
     layers = t.num_layers // layout.pp
@@ -409,11 +411,8 @@ def _divisors(n: int) -> list[int]:
 def training_arguments(estimate: Estimate, workload: Workload) -> list[str]:
     args = estimate.layout.arguments() + ["--seq-length", str(workload.seq_length), "--global-batch-size",
                                           str(workload.global_batch), "--micro-batch-size", str(workload.micro_batch)]
-    if workload.params_bytes == 2:
-        args.append("--bf16")
-    if workload.fp8:
-        args += ["--fp8-format", "hybrid"]
-    return args
+    args.append("--bf16" if workload.params_bytes == 2 else "--no-bf16")
+    return args + ["--fp8-format", "hybrid" if workload.fp8 else "none"]
 
 
 def format_report(name: str, estimates: list[Estimate], workload: Workload, cluster: Cluster, top: int = 10) -> str:
