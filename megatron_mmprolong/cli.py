@@ -249,8 +249,10 @@ def _eval_needle(args) -> int:
               file=sys.stderr)
         return 2
     config = NeedleConfig(str(tokenizer), tuple(args.lengths), tuple(args.depths), args.per_cell, args.page_width,
-                          args.page_height, args.font_size, args.train_length, args.seed)
-    config.pages()  # errors in the settings before the model loads
+                          args.page_height, args.font_size, args.train_length, args.seed,
+                          tuple(str(Path(r).resolve()) for r in args.haystack or ()), args.dpi)
+    if not config.haystack:
+        config.pages()  # errors in the settings before the model loads
     return _eval_into_folder(args, run_needle_eval, config, "needle_config.json",
                              ("exact_match", "samples", "by_length", "by_depth"))
 
@@ -502,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     needle.add_argument("--page-height", type=int, default=1584)
     needle.add_argument("--font-size", type=int, default=22)
     needle.add_argument("--seed", type=int, default=0)
+    needle.add_argument("--haystack", nargs="+", metavar="RECORDS",
+                        help="your document records (JSONL, page images or PDFs): their pages surround the needle "
+                             "page instead of synthetic distractor pages")
+    needle.add_argument("--dpi", type=int, default=144, help="rendering of PDF haystack records")
     needle.set_defaults(run=_eval_needle)
 
     extend = kinds.add_parser("extend", help="context extension: pad each document with the others' pages up to "

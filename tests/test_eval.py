@@ -185,6 +185,47 @@ def test_needle_cli_on_a_checkpoint(tiny_train_data, tmp_path, capsys):
                  "--lengths", "50"]) == 2
 
 
+def test_needle_in_your_own_documents(tiny_train_data, tmp_path):
+    """--haystack: the needle page sits among the given documents' pages (a real PDF included),
+    at the cell's depth, contexts reach their lengths, an oracle scores 100% and a reader that
+    ignores the needle page scores 0."""
+    from conftest import CORPUS
+
+    from megatron_mmprolong.data.synth import needle_page
+    from megatron_mmprolong.eval.needle import run_needle_eval
+
+    tokenizer_path, records, _ = tiny_train_data
+    pdf = tmp_path / "pdf.jsonl"
+    pdf.write_text(json.dumps({"id": "corpus-pdf", "pdf": str(CORPUS / "google-doc-document.pdf"), "task": "other",
+                               "question": "ignored", "answer": "ignored"}) + "\n")
+    tokenizer = ChatTokenizer(tokenizer_path)
+    config = _needle_config(tokenizer_path, lengths=(1024, 4096), depths=(0.0, 0.5, 1.0), per_cell=1,
+                            haystack=(str(records), str(pdf)), dpi=36)
+    out = tmp_path / "needle"
+    with pytest.raises(ZeroDivisionError):
+        run_needle_eval(ScriptedModel(lambda _: 1 / 0, tokenizer.image_pad), config, out, progress=False)
+    written = [json.loads(line) for line in (out / "docs" / "records.jsonl").read_text().splitlines()]
+    own_pages = {str(p) for p in (out / "pages").rglob("*.png")}
+    assert own_pages  # the PDF was rendered once, into OUT/pages
+    for record in written:
+        cell = record["meta"]["needle"]
+        position = record["evidence_pages"][0]
+        assert position == needle_page(len(record["pages"]), cell["depth"])
+        assert Path(record["pages"][position - 1]).parent == out / "docs"  # the inserted needle page
+        assert f"page {position}" in record["question"]
+        assert all(Path(p).parent != out / "docs" for i, p in enumerate(record["pages"]) if i != position - 1)
+    assert any(p in own_pages for r in written for p in r["pages"])  # PDF pages made it into haystacks
+    store = MultimodalStore(out / "data" / "needle")
+    oracle = {tuple(p.tolist()): a.tolist() for p, a in (prompt_and_answer(store, i) for i in range(len(store)))}
+    report = run_needle_eval(ScriptedModel(oracle.__getitem__, tokenizer.image_pad), config, out, progress=False)
+    assert report["exact_match"] == 1.0 and report["samples"] == 6
+    for length in config.lengths:
+        assert length <= report["by_length"][str(length)]["context_tokens"] < 1.5 * length
+    blind = run_needle_eval(ScriptedModel(lambda _: [tokenizer.im_end], tokenizer.image_pad), config,
+                            tmp_path / "blind", progress=False)
+    assert blind["exact_match"] == 0.0
+
+
 @pytest.mark.parametrize("answer, expected, f1", [
     ("NG-2537", "ng-2537", 1.0),
     ("NG-2537, RQ-8737", "RQ-8737, NG-2537", 1.0),  # lists: items, any order

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -205,16 +205,28 @@ def _write_document(out: Path, name: str, facts: list[Fact], config: SynthConfig
         doc.save(path, garbage=0, deflate=True, no_new_id=True)
         doc.close()
         return {"pdf": path.name}
-    font = ImageFont.load_default(size=config.font_size)
     folder = out / name
     folder.mkdir(exist_ok=True)
     paths = []
     for number, lines in enumerate(page_lines, start=1):
-        image = Image.new("RGB", (config.page_width, config.page_height), "white")
-        draw = ImageDraw.Draw(image)
-        for row, text in enumerate(lines):
-            draw.text((config.font_size * 2, config.font_size * 2 + row * step), text, fill="black", font=font)
         path = folder / f"page_{number:03d}.png"
-        image.save(path)
+        _render_page(lines, config).save(path)
         paths.append(str(path.relative_to(out)))
     return {"pages": paths}
+
+
+def _render_page(lines: list[str], config: SynthConfig) -> Image.Image:
+    image = Image.new("RGB", (config.page_width, config.page_height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=config.font_size)
+    step = int(config.font_size * 1.5)
+    for row, text in enumerate(lines):
+        draw.text((config.font_size * 2, config.font_size * 2 + row * step), text, fill="black", font=font)
+    return image
+
+
+def needle_page_image(rng: random.Random, page: int, config: SynthConfig) -> tuple[Fact, Image.Image]:
+    """A page stating one access code among filler text, to insert as page `page` of someone
+    else's document; returns its fact and image."""
+    fact = replace(_facts(rng, 1)[0], page=page)  # page 1 of _facts states a code
+    return fact, _render_page(_page_lines(fact, rng, config), config)

@@ -21,11 +21,11 @@ import numpy as np
 
 from megatron_mmprolong.data.build import BuildConfig, build_dataset
 from megatron_mmprolong.data.chat import ChatTokenizer
-from megatron_mmprolong.data.images import ImageError, image_size, vision_tokens
-from megatron_mmprolong.data.pdf import PdfError, open_pdf
-from megatron_mmprolong.data.records import DocumentRecord, RecordError, read_jsonl
+from megatron_mmprolong.data.images import ImageError
+from megatron_mmprolong.data.pdf import PdfError
+from megatron_mmprolong.data.records import DocumentRecord
 from megatron_mmprolong.eval.dataset_qa import EvalError, QAResult, answer_resumably, score
-from megatron_mmprolong.eval.needle import PAGE_LABEL_TOKENS, PROMPT_TOKENS
+from megatron_mmprolong.eval.documents import PROMPT_TOKENS, PageTokens, page_images, read_documents
 from megatron_mmprolong.eval.output_dir import prepared_store
 from megatron_mmprolong.files import write_text_whole
 
@@ -37,51 +37,6 @@ class ExtensionConfig:
     lengths: tuple[int, ...] = (262144, 524288)
     dpi: int = 144
     seed: int = 0
-
-
-def read_documents(paths) -> list[DocumentRecord]:
-    """Document records of the JSONL files; a bad line or a chat record is an error naming it."""
-    documents = []
-    for path in paths:
-        for source, record in read_jsonl(path, allowed_tasks=ANY_TASK):
-            if isinstance(record, RecordError):
-                raise EvalError(f"{source}: {record}")
-            if not isinstance(record, DocumentRecord):
-                raise EvalError(f"{source}: context extension needs document records (pages or pdf), not chats")
-            documents.append(record)
-    if len(documents) < 2:
-        raise EvalError("context extension needs at least two documents (the others pad each one)")
-    return documents
-
-
-class _AnyTask(tuple):
-    """Every task label is welcome here: the records are evaluated, not trained on."""
-
-    def __contains__(self, task) -> bool:
-        return True
-
-
-ANY_TASK = _AnyTask()
-
-
-def page_images(record: DocumentRecord, pages_dir: Path, dpi: int) -> list[str]:
-    """The record's page image paths; PDF pages are rendered to PNG once."""
-    if record.pages:
-        return list(record.pages)
-    pdf = open_pdf(record.pdf)
-    try:
-        first, last = record.page_range or (1, pdf.page_count)
-        folder = pages_dir / re.sub(r"[^\w.-]", "_", record.id)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for number in range(first, last + 1):
-            path = folder / f"page_{number:04d}.png"
-            if not path.is_file():
-                pdf.render(number - 1, dpi).save(path)
-            paths.append(str(path))
-        return paths
-    finally:
-        pdf.close()
 
 
 def renumber_pages(question: str, shift: int) -> str:
@@ -125,16 +80,11 @@ def prepare_extension(config: ExtensionConfig, out: Path, progress: bool = True)
     if Path(f"{prefix}.manifest.json").is_file():
         return
     documents = read_documents(config.records)
-    sizes: dict[str, int] = {}
-
-    def page_tokens(path):
-        if path not in sizes:
-            sizes[path] = vision_tokens(*image_size(path)) + PAGE_LABEL_TOKENS
-        return sizes[path]
-
+    if len(documents) < 2:
+        raise EvalError("context extension needs at least two documents (the others pad each one)")
     try:
         pages = [page_images(d, out / "pages", config.dpi) for d in documents]
-        records = extended_records(documents, pages, config.lengths, page_tokens, config.seed)
+        records = extended_records(documents, pages, config.lengths, PageTokens(), config.seed)
     except (PdfError, ImageError) as err:
         raise EvalError(str(err)) from None
     write_text_whole(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))

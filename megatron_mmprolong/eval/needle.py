@@ -2,7 +2,9 @@
 
 A grid of context lengths x needle depths: for each cell, synthetic documents (`needle_docs`)
 sized to the length in tokens, whose question asks for the fact on the page at that depth, every
-other page a distractor with a fact of its own. Lengths past the training window measure context
+other page a distractor with a fact of its own. With `haystack` records (the user's own
+documents, page images or PDFs) each haystack is instead a run of their pages, in document
+order from a random start, with one rendered needle page inserted at the depth. Lengths past the training window measure context
 extension without further training, as in the paper. The documents go through the same dataset
 builder as training data, so the prompts are exactly those a trained model knows.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +26,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from megatron_mmprolong.data.build import BuildConfig, build_dataset
 from megatron_mmprolong.data.chat import ChatTokenizer
-from megatron_mmprolong.data.images import vision_tokens
-from megatron_mmprolong.data.synth import NeedleGrid, SynthConfig, needle_docs
+from megatron_mmprolong.data.images import ImageError, vision_tokens
+from megatron_mmprolong.data.pdf import PdfError
+from megatron_mmprolong.data.synth import (NeedleGrid, SynthConfig, needle_docs, needle_page, needle_page_image,
+                                           single_question)
 from megatron_mmprolong.eval.dataset_qa import EvalError, QAResult, answer_resumably
+from megatron_mmprolong.eval.documents import PAGE_LABEL_TOKENS, PROMPT_TOKENS, PageTokens, page_images, read_documents
 from megatron_mmprolong.eval.output_dir import prepared_store
 from megatron_mmprolong.files import written_whole, write_text_whole
-
-PROMPT_TOKENS = 80  # system prompt, chat markers and the question, roughly
-PAGE_LABEL_TOKENS = 6  # "Page N:" and the vision start/end markers
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class NeedleConfig:
     font_size: int = 9
     train_length: int | None = None  # marked on the heat map; longer contexts are extension
     seed: int = 0
+    haystack: tuple[str, ...] = ()  # document records whose pages surround the needle
+    dpi: int = 144  # rendering of PDF haystack records
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) <= PROMPT_TOKENS:
@@ -66,16 +71,54 @@ class NeedleConfig:
 
 def prepare_needle(config: NeedleConfig, out: Path, progress: bool = True) -> None:
     """Write (or reuse) the haystack documents and their dataset."""
-    grid = NeedleGrid(config.pages(), tuple(config.depths), config.per_cell)
     records = out / "docs" / "records.jsonl"
     if not records.is_file():
-        needle_docs(out / "docs", grid, SynthConfig(page_width=config.page_width, page_height=config.page_height,
-                                                    font_size=config.font_size, seed=config.seed))
+        synth = SynthConfig(page_width=config.page_width, page_height=config.page_height,
+                            font_size=config.font_size, seed=config.seed)
+        if config.haystack:
+            haystack_docs(config, out, synth)
+        else:
+            needle_docs(out / "docs", NeedleGrid(config.pages(), tuple(config.depths), config.per_cell), synth)
     prefix = out / "data" / "needle"
     if not Path(f"{prefix}.manifest.json").is_file():
         seq_length = 1024 * math.ceil(max(config.lengths) * 1.5 / 1024)
         build_dataset([records], prefix, BuildConfig(tokenizer=config.tokenizer, seq_length=seq_length, shard_size=8),
                       progress=progress)
+
+
+def haystack_docs(config: NeedleConfig, out: Path, synth: SynthConfig) -> Path:
+    """One record per cell and repeat: pages of the `haystack` documents up to the length, a
+    needle page inserted at the depth. Each record depends only on the seed and its cell."""
+    documents = read_documents(config.haystack)
+    if not documents:
+        raise EvalError(f"{', '.join(config.haystack)}: no document records for the haystack")
+    try:
+        pool = [page for document in documents for page in page_images(document, out / "pages", config.dpi)]
+    except (PdfError, ImageError) as err:
+        raise EvalError(str(err)) from None
+    page_tokens, lines = PageTokens(), []
+    (out / "docs").mkdir(parents=True, exist_ok=True)
+    for length in config.lengths:
+        for depth in config.depths:
+            for repeat in range(config.per_cell):
+                name = f"needle-n{length:07d}-d{depth:.3f}-{repeat}"
+                rng = random.Random(f"{config.seed}/{name}")
+                start, pages, tokens = rng.randrange(len(pool)), [], PROMPT_TOKENS + config.tokens_per_page()
+                while tokens < length:
+                    pages.append(pool[(start + len(pages)) % len(pool)])
+                    tokens += page_tokens(pages[-1])
+                position = needle_page(len(pages) + 1, depth)
+                fact, image = needle_page_image(rng, position, synth)
+                needle = out / "docs" / f"{name}.png"
+                image.save(needle)
+                pages.insert(position - 1, str(needle))
+                lines.append(json.dumps({
+                    "id": name, "pages": pages, "task": "extract-single", "question": single_question(fact),
+                    "answer": fact.value, "evidence_pages": [position],
+                    "meta": {"needle": {"pages": len(pages), "depth": depth, "length": length}}}) + "\n")
+    records = out / "docs" / "records.jsonl"
+    write_text_whole(records, "".join(lines))
+    return records
 
 
 def run_needle_eval(model, config: NeedleConfig, out_dir: str | Path, progress: bool = True, writer: bool = True,
@@ -102,11 +145,12 @@ def run_needle_eval(model, config: NeedleConfig, out_dir: str | Path, progress: 
 def needle_report(results: list[QAResult], cells: dict[str, dict], config: NeedleConfig) -> dict:
     """Exact match per (length, depth) cell, per length and per depth; lengths are the targets,
     `context_tokens` the measured mean prompt length of each."""
-    pages = dict(zip(config.pages(), config.lengths))
+    pages = {} if config.haystack else dict(zip(config.pages(), config.lengths))
     by_cell: dict[tuple[int, float], list[QAResult]] = {}
     for r in results:
         cell = cells[r.id]
-        by_cell.setdefault((pages[cell["pages"]], cell["depth"]), []).append(r)
+        length = cell["length"] if "length" in cell else pages[cell["pages"]]
+        by_cell.setdefault((length, cell["depth"]), []).append(r)
     lengths, depths = list(config.lengths), list(config.depths)
 
     def mean(rs):
