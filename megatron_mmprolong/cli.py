@@ -250,11 +250,11 @@ def _eval_needle(args) -> int:
         return 2
     config = NeedleConfig(str(tokenizer), tuple(args.lengths), tuple(args.depths), args.per_cell, args.page_width,
                           args.page_height, args.font_size, args.train_length, args.seed,
-                          tuple(str(Path(r).resolve()) for r in args.haystack or ()), args.dpi)
+                          tuple(str(Path(r).resolve()) for r in args.haystack or ()), args.dpi, args.metric)
     if not config.haystack:
         config.pages()  # errors in the settings before the model loads
     return _eval_into_folder(args, run_needle_eval, config, "needle_config.json",
-                             ("exact_match", "samples", "by_length", "by_depth"))
+                             ("metric", "exact_match", "f1", "samples", "by_length", "by_depth"))
 
 
 def _eval_position_loss(args) -> int:
@@ -508,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="your document records (JSONL, page images or PDFs): their pages surround the needle "
                              "page instead of synthetic distractor pages")
     needle.add_argument("--dpi", type=int, default=144, help="rendering of PDF haystack records")
+    needle.add_argument("--metric", choices=["exact_match", "f1"], default="exact_match",
+                        help="score of the grid and heat map (both are reported per length)")
     needle.set_defaults(run=_eval_needle)
 
     extend = kinds.add_parser("extend", help="context extension: pad each document with the others' pages up to "

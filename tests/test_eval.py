@@ -185,6 +185,22 @@ def test_needle_cli_on_a_checkpoint(tiny_train_data, tmp_path, capsys):
                  "--lengths", "50"]) == 2
 
 
+def test_needle_report_scores_the_grid_by_the_chosen_metric(tmp_path):
+    from megatron_mmprolong.eval.dataset_qa import QAResult
+    from megatron_mmprolong.eval.needle import needle_report
+
+    results = [QAResult(i, f"n{i}", "extract-single", 900 + 100 * i, "A, B", answer, answer == "A, B", f1)
+               for i, (answer, f1) in enumerate([("A, B", 1.0), ("A", 2 / 3), ("C", 0.0), ("B, A, C", 0.8)])]
+    cells = {f"n{i}": {"length": length, "depth": depth, "pages": 0}
+             for i, (length, depth) in enumerate([(1000, 0.0), (1000, 1.0), (2000, 0.0), (2000, 1.0)])}
+    for metric, grid in (("exact_match", [[1.0, 0.0], [0.0, 0.0]]), ("f1", [[1.0, 0.0], [2 / 3, 0.8]])):
+        config = _needle_config(tmp_path, lengths=(1000, 2000), depths=(0.0, 1.0), per_cell=1, haystack=("x",),
+                                metric=metric)
+        report = needle_report(results, cells, config)
+        assert np.allclose(report["grid"], grid) and report["metric"] == metric
+        assert report["exact_match"] == 0.25 and report["f1"] == pytest.approx((1 + 2 / 3 + 0.8) / 4)
+
+
 def test_needle_in_your_own_documents(tiny_train_data, tmp_path):
     """--haystack: the needle page sits among the given documents' pages (a real PDF included),
     at the cell's depth, contexts reach their lengths, an oracle scores 100% and a reader that

@@ -49,6 +49,7 @@ class NeedleConfig:
     seed: int = 0
     haystack: tuple[str, ...] = ()  # document records whose pages surround the needle
     dpi: int = 144  # rendering of PDF haystack records
+    metric: str = "exact_match"  # of the grid and heat map: exact_match or f1
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) <= PROMPT_TOKENS:
@@ -57,6 +58,8 @@ class NeedleConfig:
             raise EvalError(f"depths must lie in [0, 1], got {self.depths}")
         if self.per_cell < 1:
             raise EvalError(f"per_cell must be at least 1, got {self.per_cell}")
+        if self.metric not in ("exact_match", "f1"):
+            raise EvalError(f"metric must be exact_match or f1, got {self.metric!r}")
 
     def tokens_per_page(self) -> int:
         return vision_tokens(self.page_height, self.page_width) + PAGE_LABEL_TOKENS
@@ -143,8 +146,9 @@ def run_needle_eval(model, config: NeedleConfig, out_dir: str | Path, progress: 
 
 
 def needle_report(results: list[QAResult], cells: dict[str, dict], config: NeedleConfig) -> dict:
-    """Exact match per (length, depth) cell, per length and per depth; lengths are the targets,
-    `context_tokens` the measured mean prompt length of each."""
+    """Exact match and F1 overall and per length; `metric` per (length, depth) cell (`grid`, the
+    heat map's) and per depth. Lengths are the targets, `context_tokens` the measured mean prompt
+    length of each."""
     pages = {} if config.haystack else dict(zip(config.pages(), config.lengths))
     by_cell: dict[tuple[int, float], list[QAResult]] = {}
     for r in results:
@@ -153,8 +157,8 @@ def needle_report(results: list[QAResult], cells: dict[str, dict], config: Needl
         by_cell.setdefault((length, cell["depth"]), []).append(r)
     lengths, depths = list(config.lengths), list(config.depths)
 
-    def mean(rs):
-        return float(np.mean([r.correct for r in rs])) if rs else None
+    def mean(rs, metric=config.metric):
+        return float(np.mean([float(r.correct if metric == "exact_match" else r.f1) for r in rs])) if rs else None
 
     def column(length):
         return [r for d in depths for r in by_cell.get((length, d), [])]
@@ -163,10 +167,13 @@ def needle_report(results: list[QAResult], cells: dict[str, dict], config: Needl
         "lengths": lengths,
         "depths": depths,
         "train_length": config.train_length,
-        "exact_match": mean(results),
+        "metric": config.metric,
+        "exact_match": mean(results, "exact_match"),
+        "f1": mean(results, "f1"),
         "samples": len(results),
         "grid": [[mean(by_cell.get((n, d), [])) for n in lengths] for d in depths],  # rows: depths
-        "by_length": {str(n): {"exact_match": mean(column(n)), "samples": len(column(n)),
+        "by_length": {str(n): {"exact_match": mean(column(n), "exact_match"), "f1": mean(column(n), "f1"),
+                               "samples": len(column(n)),
                                "context_tokens": float(np.mean([r.context_tokens for r in column(n)])) if column(n) else None}
                       for n in lengths},
         "by_depth": {str(d): mean([r for n in lengths for r in by_cell.get((n, d), [])]) for d in depths},
@@ -182,7 +189,9 @@ def heat_map_png(report: dict, path: str | Path, cell: int = 64) -> Path:
     width, height = left + cell * len(lengths) + 16, top + cell * len(depths) + bottom
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((left, 8), f"needle exact match: {report['exact_match']:.0%} of {report['samples']}", fill="black", font=font)
+    metric = report.get("metric", "exact_match")
+    draw.text((left, 8), f"needle {metric.replace('_', ' ')}: {report[metric]:.0%} of {report['samples']}",
+              fill="black", font=font)
     for row, depth in enumerate(depths):
         y = top + row * cell
         draw.text((6, y + cell // 2 - 6), f"{depth:.0%}", fill="black", font=font)
