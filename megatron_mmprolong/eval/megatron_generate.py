@@ -2,12 +2,12 @@
 interface, so that `answer_questions` (and so `eval qa`, `needle` and `extend`) run on either kind
 of checkpoint; and per-position scores for `eval position-loss`.
 
-Long inputs need context parallelism, so the whole prompt runs through the model as one packed
-sample (THD), split over the CP ranks in the training layout, through Megatron-Core's pipeline
-schedule (forward only) when PP > 1. The pages are encoded once per prompt; each new token re-runs
-the language model over the sequence (no KV cache: answers are a few tokens, prompts are long).
-The rank that holds the last position on the last stage picks the token and every rank agrees on
-it. Every rank of the TP x CP x PP world calls `generate` with the same inputs.
+Long inputs need context parallelism, so the whole prompt runs through the model once as one
+packed sample (THD), split over the CP ranks in the training layout, through Megatron-Core's
+pipeline schedule (forward only); its keys and values stay in a cache (model/kv_cache.py) and
+each new token then runs alone against it. The rank that holds the last position on the last
+stage picks the token and every rank agrees on it. Every rank of the TP x CP x PP world calls
+`generate` with the same inputs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_mmprolong.config import ParallelConfig
+from megatron_mmprolong.model.kv_cache import KVCache
 
 
 class MegatronGenerator(torch.nn.Module):
@@ -51,27 +52,36 @@ class MegatronGenerator(torch.nn.Module):
         device = next(model.parameters()).device
         align = 2 * model.cp_size if model.cp_size > 1 else 1  # the zigzag split needs 2*CP chunks
         ids = input_ids[0].tolist()
+        length = len(ids)
         vision = {}
         if pixel_values is not None:
             vision = {"pixel_values": pixel_values.to(device), "image_grid_thw": image_grid_thw}
-            if model.pre_process:
-                vision["vision_features"] = model.encode_vision(vision["pixel_values"], image_grid_thw)
-        for _ in range(max_new_tokens):
-            length = len(ids)
-            padded = align * math.ceil(length / align)  # padding after the last token cannot change it (causal)
-            tokens = torch.tensor(ids + [pad_token_id] * (padded - length), device=device)[None]
-            cu = torch.tensor([0, padded], dtype=torch.int32)
-            packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device),
-                                     max_seqlen_q=padded, max_seqlen_kv=padded)
-            cp_index = model.cp_token_index(padded, cu) if model.cp_size > 1 else torch.arange(padded)
+        padded = align * math.ceil(length / align)  # padding after the last token cannot change it (causal)
+        tokens = torch.tensor(ids + [pad_token_id] * (padded - length), device=device)[None]
+        cu = torch.tensor([0, padded], dtype=torch.int32)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device),
+                                 max_seqlen_q=padded, max_seqlen_kv=padded)
+        cp_index = model.cp_token_index(padded, cu) if model.cp_size > 1 else torch.arange(padded)
+        # new tokens continue from the prompt's largest M-RoPE position, in all three sections
+        next_position = int(model.position_ids(input_ids[:, :length].cpu(), image_grid_thw).max()) + 1
+        cache = KVCache(model.pg_collection.cp)
+        attention = [layer.self_attention for layer in model.language_model.decoder.layers]
+        for module in attention:
+            module.kv_cache = cache
+        try:
             logits = self._forward(tokens, packed, cp_index.to(device) if model.cp_size > 1 else None, vision)
             here = (cp_index == length - 1).nonzero()
-            choice = torch.tensor([int(logits[int(here[0, 0])].argmax()) if logits is not None and len(here) else -1])
-            dist.all_reduce(choice, op=dist.ReduceOp.MAX)  # the world is this model's TP x CP x PP ranks
-            token = int(choice)
-            ids.append(token)
-            if token == eos_token_id:
-                break
+            ids.append(_agreed_token(logits, int(here[0, 0]) if len(here) else None))
+            cache.keep_prompt_tokens((cp_index < length).to(device))
+            one = torch.zeros(1, dtype=torch.long, device=device)  # every CP rank keeps the new token
+            while len(ids) - length < max_new_tokens and ids[-1] != eos_token_id:
+                position = torch.full((3, 1, 1), next_position + len(ids) - 1 - length, device=device)
+                logits = self._forward(torch.tensor([[ids[-1]]], device=device), None,
+                                       one if model.cp_size > 1 else None, {}, position)
+                ids.append(_agreed_token(logits, 0))
+        finally:
+            for module in attention:
+                module.kv_cache = None
         return torch.tensor(ids)[None]
 
     @torch.no_grad()
@@ -106,15 +116,23 @@ class MegatronGenerator(torch.nn.Module):
         dist.all_reduce(scores)
         return scores[0, :length - 1], scores[1, :length - 1].bool()
 
-    def _forward(self, tokens, packed, cp_index, vision):
+    def _forward(self, tokens, packed, cp_index, vision, position_ids=None):
         """Logits [local tokens, vocab] on the last pipeline stage, None on the others."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def step(data_iterator, model):
-            output = model(tokens, packed_seq_params=packed, cp_index=cp_index, **vision)
+            output = model(tokens, position_ids, packed_seq_params=packed, cp_index=cp_index, **vision)
             return output, lambda out, non_loss_data=True: out
 
         outputs = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter([None]), model=[self.model], num_microbatches=1,
             seq_length=tokens.shape[1], micro_batch_size=1, forward_only=True, collect_non_loss_data=True)
         return outputs[0][0] if self.model.post_process else None
+
+
+def _agreed_token(logits, index: int | None) -> int:
+    """The greedy token at local position `index` of the rank that holds it (last stage); one
+    all-reduce over the model's TP x CP x PP world gives it to every rank."""
+    choice = torch.tensor([int(logits[index].argmax()) if logits is not None and index is not None else -1])
+    dist.all_reduce(choice, op=dist.ReduceOp.MAX)
+    return int(choice)

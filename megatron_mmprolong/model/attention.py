@@ -18,13 +18,20 @@ from megatron.core.transformer.attention import SelfAttention
 
 
 class TokenRotarySelfAttention(SelfAttention):
-    """SelfAttention whose `rotary_pos_emb` holds per-token angles [tokens, batch, 1, dim]."""
+    """SelfAttention whose `rotary_pos_emb` holds per-token angles [tokens, batch, 1, dim].
+
+    With a `kv_cache` (model/kv_cache.py, set for generation) the prompt's forward stores the
+    rotated keys and values, and a new token's forward attends over the cache instead of
+    running core attention."""
 
     _token_angles = None
+    kv_cache = None
 
     def forward(self, hidden_states, attention_mask=None, *, rotary_pos_emb=None, **kwargs):
         self._token_angles = rotary_pos_emb
         try:
+            if self.kv_cache is not None and self.kv_cache.decoding:
+                return self._decode(hidden_states)
             return super().forward(hidden_states, attention_mask, rotary_pos_emb=None, **kwargs)
         finally:
             self._token_angles = None
@@ -34,7 +41,17 @@ class TokenRotarySelfAttention(SelfAttention):
         if self._token_angles is not None:
             query = apply_rotary_pos_emb(query, self._token_angles, config=self.config)
             key = apply_rotary_pos_emb(key, self._token_angles, config=self.config)
+        if self.kv_cache is not None and not self.kv_cache.decoding:
+            self.kv_cache.store_prompt(self.layer_number, key.reshape(-1, *key.shape[-2:]),
+                                       value.reshape(-1, *value.shape[-2:]))
         return query, key, value
+
+    def _decode(self, hidden_states):
+        """One new token [1, 1, hidden] -> (output, bias) of the projection."""
+        query, key, value = self.get_query_key_value_tensors(hidden_states, None)
+        scale = self.config.softmax_scale or query.shape[-1] ** -0.5
+        context = self.kv_cache.attend(self.layer_number, query[0, 0], key[0, 0], value[0, 0], scale)
+        return self.linear_proj(context.reshape(1, 1, -1))
 
 
 @dataclass

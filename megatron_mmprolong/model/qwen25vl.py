@@ -113,15 +113,12 @@ class Qwen25VLModel(MegatronModule):
         packed_seq_params: PackedSeqParams | None = None,
         labels: Tensor | None = None,
         cp_index: Tensor | None = None,
-        vision_features: Tensor | None = None,
     ) -> Tensor:
         """input_ids [batch, seq] ([1, tokens] with `packed_seq_params` for packed samples).
 
         Position ids [3, batch, seq] normally come from the data loader; without them they are
         computed here. Grids and `cp_index` (this CP rank's token positions, `cp_token_index`)
         are best computed on the CPU by the caller; otherwise they are derived here.
-        `vision_features`: `encode_vision` of these pixels computed before (generation encodes
-        the pages once, not once per new token).
         Returns logits [batch, local seq, vocab], or the per-token loss [batch, local seq] given
         labels (full-sequence labels; the local share is taken here).
         """
@@ -136,8 +133,7 @@ class Qwen25VLModel(MegatronModule):
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(
-                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, cp_index,
-                vision_features,
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, cp_index
             )
         return self.language_model(decoder_input, position_ids, packed_seq_params, labels)
 
@@ -154,7 +150,6 @@ class Qwen25VLModel(MegatronModule):
         pixel_values_videos: Tensor | None = None,
         video_grid_thw: Tensor | None = None,
         cp_index: Tensor | None = None,
-        vision_features: Tensor | None = None,
     ) -> Tensor:
         """Token embeddings with vision features in the placeholder positions, [seq, batch, hidden]:
         this CP rank's tokens (`cp_index`), scattered over the tensor-parallel ranks when
@@ -172,9 +167,7 @@ class Qwen25VLModel(MegatronModule):
         if items:
             # One encoder pass for images and videos: attention segments never cross items.
             grids = torch.cat([g for _, g, _ in items])
-            if vision_features is None:
-                vision_features = self.encode_vision(torch.cat([p for p, _, _ in items]), grids)
-            features = vision_features.to(embeddings.dtype)
+            features = self.encode_vision(torch.cat([p for p, _, _ in items]), grids).to(embeddings.dtype)
             merge = self.model_config.vision.spatial_merge_size
             sizes = [int(g.prod(-1).sum()) // merge**2 for _, g, _ in items]
             for (_, _, token), part in zip(items, features.split(sizes)):

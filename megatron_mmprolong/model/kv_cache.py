@@ -1,0 +1,55 @@
+"""Key/value cache of the language model's attention layers for greedy decoding at TP x CP x PP.
+
+The prompt runs once through the normal (packed, context-parallel) forward while each layer
+stores its rotated keys and values: every CP rank keeps those of its own share of the prompt.
+Each new token then runs alone, the same on every CP rank: its query attends to the rank's
+cached keys (the token's own key and value are kept on CP rank 0 only, so they count once),
+and the ranks' partial results are merged with their log-sum-exp weights, two all-reduces per
+layer instead of a forward over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class KVCache:
+    def __init__(self, cp_group=None):
+        self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
+        self.decoding = False
+        self._keys: dict[int, Tensor] = {}  # layer number -> [tokens, KV heads, head dim]
+        self._values: dict[int, Tensor] = {}
+
+    def store_prompt(self, layer: int, key: Tensor, value: Tensor) -> None:
+        """Keys and values [tokens, KV heads, head dim] of this rank's prompt tokens."""
+        self._keys[layer], self._values[layer] = key.detach(), value.detach()
+
+    def keep_prompt_tokens(self, keep: Tensor) -> None:
+        """Drop the cached padding after the prompt (`keep`: bool per local token); decode next."""
+        for layer in self._keys:
+            self._keys[layer] = self._keys[layer][keep]
+            self._values[layer] = self._values[layer][keep]
+        self.decoding = True
+
+    def attend(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+        """Attention of one new token over the cache: query [heads, dim], key/value [KV heads,
+        dim] of the same token -> [heads, dim]; the token joins the cache."""
+        if self.cp_group is None or self.cp_group.rank() == 0:
+            self._keys[layer] = torch.cat([self._keys[layer], key[None]])
+            self._values[layer] = torch.cat([self._values[layer], value[None]])
+        keys, values = self._keys[layer], self._values[layer]
+        groups = query.shape[0] // keys.shape[1]
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        scores = torch.einsum("hd,nhd->hn", query.float(), keys.float()) * scale
+        lse = torch.logsumexp(scores, dim=-1)  # -inf on a rank with nothing cached
+        out = torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1).nan_to_num(), values.float())
+        if self.cp_group is not None:
+            top = lse.clone()
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.cp_group)
+            weight = torch.exp(lse - top)
+            parts = torch.cat([out * weight[:, None], weight[:, None]], dim=1)
+            dist.all_reduce(parts, group=self.cp_group)
+            out = parts[:, :-1] / parts[:, -1:]
+        return out.to(query.dtype)
