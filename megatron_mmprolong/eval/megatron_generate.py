@@ -50,20 +50,13 @@ class MegatronGenerator(torch.nn.Module):
         """[1, prompt] -> [1, prompt + reply], greedy, stopping after `eos_token_id`."""
         model = self.model
         device = next(model.parameters()).device
-        align = 2 * model.cp_size if model.cp_size > 1 else 1  # the zigzag split needs 2*CP chunks
         ids = input_ids[0].tolist()
         length = len(ids)
-        vision = {}
-        if pixel_values is not None:
-            vision = {"pixel_values": pixel_values.to(device), "image_grid_thw": image_grid_thw}
-        padded = align * math.ceil(length / align)  # padding after the last token cannot change it (causal)
-        tokens = torch.tensor(ids + [pad_token_id] * (padded - length), device=device)[None]
-        cu = torch.tensor([0, padded], dtype=torch.int32)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device),
-                                 max_seqlen_q=padded, max_seqlen_kv=padded)
-        cp_index = model.cp_token_index(padded, cu) if model.cp_size > 1 else torch.arange(padded)
+        grids = image_grid_thw.cpu() if image_grid_thw is not None else None
+        vision = {} if pixel_values is None else {"pixel_values": pixel_values.to(device), "image_grid_thw": grids}
+        tokens, packed, cp_index = self._prompt(input_ids[0], pad_token_id)
         # new tokens continue from the prompt's largest M-RoPE position, in all three sections
-        next_position = int(model.position_ids(input_ids[:, :length].cpu(), image_grid_thw).max()) + 1
+        next_position = int(model.position_ids(input_ids.cpu(), grids).max()) + 1
         cache = KVCache(model.pg_collection.cp)
         attention = [layer.self_attention for layer in model.language_model.decoder.layers]
         for module in attention:
@@ -92,19 +85,14 @@ class MegatronGenerator(torch.nn.Module):
         model = self.model
         device = next(model.parameters()).device
         length = input_ids.shape[1]
-        align = 2 * model.cp_size if model.cp_size > 1 else 1
-        padded = align * math.ceil(length / align)
-        ids = torch.cat([input_ids[0], input_ids.new_zeros(padded - length)])
-        cu = torch.tensor([0, padded], dtype=torch.int32)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device),
-                                 max_seqlen_q=padded, max_seqlen_kv=padded)
-        cp_index = model.cp_token_index(padded, cu) if model.cp_size > 1 else torch.arange(padded)
+        tokens, packed, cp_index = self._prompt(input_ids[0], 0)
+        ids = tokens[0].cpu()
         vision = {}
         if len(grids):
             dtype = next(model.parameters()).dtype
             vision = {"pixel_values": torch.from_numpy(pixels).to(device, dtype), "image_grid_thw": torch.tensor(grids)}
-        logits = self._forward(ids[None].to(device), packed, cp_index.to(device) if model.cp_size > 1 else None, vision)
-        scores = torch.zeros(2, padded, dtype=torch.float64)  # loss, hit; by position
+        logits = self._forward(tokens, packed, cp_index.to(device) if model.cp_size > 1 else None, vision)
+        scores = torch.zeros(2, len(ids), dtype=torch.float64)  # loss, hit; by position
         if logits is not None and ps.get_tensor_model_parallel_rank() == 0:  # TP ranks hold the same logits
             keep = (cp_index < length - 1).nonzero()[:, 0]
             for part in keep.split(chunk):
@@ -115,6 +103,20 @@ class MegatronGenerator(torch.nn.Module):
                 scores[1, positions] = (part_logits.argmax(-1) == target).double().cpu()
         dist.all_reduce(scores)
         return scores[0, :length - 1], scores[1, :length - 1].bool()
+
+    def _prompt(self, ids, pad: int):
+        """The prompt as one packed sample padded for the zigzag CP split (padding after the last
+        token cannot change it: attention is causal): tokens [1, padded] on the model's device,
+        its PackedSeqParams, and this rank's positions of it (CPU; all of them without CP)."""
+        device = next(self.model.parameters()).device
+        align = 2 * self.model.cp_size if self.model.cp_size > 1 else 1
+        padded = align * math.ceil(len(ids) / align)
+        tokens = torch.cat([ids.cpu(), torch.full((padded - len(ids),), pad, dtype=ids.dtype)])[None].to(device)
+        cu = torch.tensor([0, padded], dtype=torch.int32)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device),
+                                 max_seqlen_q=padded, max_seqlen_kv=padded)
+        cp_index = self.model.cp_token_index(padded, cu) if self.model.cp_size > 1 else torch.arange(padded)
+        return tokens, packed, cp_index
 
     def _forward(self, tokens, packed, cp_index, vision, position_ids=None):
         """Logits [local tokens, vocab] on the last pipeline stage, None on the others."""
