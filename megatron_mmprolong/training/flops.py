@@ -61,9 +61,15 @@ def _window_square_sum(grids: np.ndarray, side: int, merge: int) -> float:
     return total
 
 
+def training_flops_by_kind(config: Qwen25VLConfig, segment_lengths, grids) -> dict[str, float]:
+    """Forward and backward FLOPs (3x forward) of one batch: language model GEMMs, causal
+    attention, vision encoder (the planner prices each at its own rate)."""
+    tokens = float(np.sum(segment_lengths))
+    return {"gemm": 3.0 * language_linear_flops_per_token(config) * tokens,
+            "attention": 3.0 * language_attention_flops(config, segment_lengths),
+            "vision": 3.0 * vision_flops(config, grids)}
+
+
 def training_flops(config: Qwen25VLConfig, segment_lengths, grids) -> float:
     """Forward and backward FLOPs of one batch (3x forward)."""
-    tokens = float(np.sum(segment_lengths))
-    forward = (language_linear_flops_per_token(config) * tokens
-               + language_attention_flops(config, segment_lengths) + vision_flops(config, grids))
-    return 3.0 * forward
+    return sum(training_flops_by_kind(config, segment_lengths, grids).values())

@@ -304,13 +304,7 @@ def _stage_memory(config, workload, layout, backend, reserved_gib, stage) -> Mem
 
 def step_flops(config: Qwen25VLConfig, workload: Workload) -> dict[str, float]:
     """Training FLOPs of one sequence by kind of work (forward + backward)."""
-    lengths = workload.segment_lengths()
-    grids = workload.image_grids(config)
-    return {
-        "gemm": 3.0 * flops.language_linear_flops_per_token(config) * workload.seq_length,
-        "attention": 3.0 * flops.language_attention_flops(config, lengths),
-        "vision": 3.0 * flops.vision_flops(config, grids),
-    }
+    return flops.training_flops_by_kind(config, workload.segment_lengths(), workload.image_grids(config))
 
 
 def estimate_step_seconds(config: Qwen25VLConfig, workload: Workload, layout: Layout, cluster: Cluster) -> float:
