@@ -66,3 +66,13 @@ class PageTokens:
         if path not in self._sizes:
             self._sizes[path] = vision_tokens(*image_size(path)) + PAGE_LABEL_TOKENS
         return self._sizes[path]
+
+
+def pages_until(pool: list[str], start: int, tokens: int, length: int, page_tokens) -> list[str]:
+    """Pages of `pool` from index `start` on, wrapping around, until a prompt of `tokens` tokens
+    plus these pages reaches `length`."""
+    pages = []
+    while tokens < length:
+        pages.append(pool[(start + len(pages)) % len(pool)])
+        tokens += page_tokens(pages[-1])
+    return pages

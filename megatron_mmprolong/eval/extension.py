@@ -25,7 +25,7 @@ from megatron_mmprolong.data.images import ImageError
 from megatron_mmprolong.data.pdf import PdfError
 from megatron_mmprolong.data.records import DocumentRecord
 from megatron_mmprolong.eval.dataset_qa import EvalError, QAResult, answer_resumably, score
-from megatron_mmprolong.eval.documents import PROMPT_TOKENS, PageTokens, page_images, read_documents
+from megatron_mmprolong.eval.documents import PROMPT_TOKENS, PageTokens, page_images, pages_until, read_documents
 from megatron_mmprolong.eval.output_dir import prepared_store
 from megatron_mmprolong.files import write_text_whole
 
@@ -58,11 +58,7 @@ def extended_records(documents: list[DocumentRecord], pages: list[list[str]], le
         rng.shuffle(pool)
         own_tokens = sum(page_tokens(p) for p in own)
         for length in lengths:
-            padding, tokens = [], PROMPT_TOKENS + own_tokens
-            while tokens < length:
-                page = pool[len(padding) % len(pool)]
-                padding.append(page)
-                tokens += page_tokens(page)
+            padding = pages_until(pool, 0, PROMPT_TOKENS + own_tokens, length, page_tokens)
             left, right = padding[:len(padding) // 2], padding[len(padding) // 2:]
             records.append({
                 "id": f"{document.id}@{length}", "task": document.task, "answer": document.answer,

@@ -31,7 +31,8 @@ from megatron_mmprolong.data.pdf import PdfError
 from megatron_mmprolong.data.synth import (NeedleGrid, SynthConfig, needle_docs, needle_page, needle_page_image,
                                            single_question)
 from megatron_mmprolong.eval.dataset_qa import EvalError, QAResult, answer_resumably
-from megatron_mmprolong.eval.documents import PAGE_LABEL_TOKENS, PROMPT_TOKENS, PageTokens, page_images, read_documents
+from megatron_mmprolong.eval.documents import (PAGE_LABEL_TOKENS, PROMPT_TOKENS, PageTokens, page_images,
+                                                pages_until, read_documents)
 from megatron_mmprolong.eval.output_dir import prepared_store
 from megatron_mmprolong.files import written_whole, write_text_whole
 
@@ -106,10 +107,8 @@ def haystack_docs(config: NeedleConfig, out: Path, synth: SynthConfig) -> Path:
             for repeat in range(config.per_cell):
                 name = f"needle-n{length:07d}-d{depth:.3f}-{repeat}"
                 rng = random.Random(f"{config.seed}/{name}")
-                start, pages, tokens = rng.randrange(len(pool)), [], PROMPT_TOKENS + config.tokens_per_page()
-                while tokens < length:
-                    pages.append(pool[(start + len(pages)) % len(pool)])
-                    tokens += page_tokens(pages[-1])
+                pages = pages_until(pool, rng.randrange(len(pool)), PROMPT_TOKENS + config.tokens_per_page(), length,
+                                    page_tokens)
                 position = needle_page(len(pages) + 1, depth)
                 fact, image = needle_page_image(rng, position, synth)
                 needle = out / "docs" / f"{name}.png"
