@@ -65,7 +65,7 @@ class MegatronGenerator(torch.nn.Module):
             logits = self._forward(tokens, packed, cp_index.to(device) if model.cp_size > 1 else None, vision)
             here = (cp_index == length - 1).nonzero()
             ids.append(_agreed_token(logits, int(here[0, 0]) if len(here) else None))
-            cache.keep_prompt_tokens((cp_index < length).to(device))
+            cache.keep_prompt_tokens((cp_index < length).to(device), room=max_new_tokens)
             one = torch.zeros(1, dtype=torch.long, device=device)  # every CP rank keeps the new token
             while len(ids) - length < max_new_tokens and ids[-1] != eos_token_id:
                 position = torch.full((3, 1, 1), next_position + len(ids) - 1 - length, device=device)

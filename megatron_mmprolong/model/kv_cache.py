@@ -19,32 +19,39 @@ class KVCache:
     def __init__(self, cp_group=None):
         self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
         self.decoding = False
-        self._keys: dict[int, Tensor] = {}  # layer number -> [tokens, KV heads, head dim]
+        self._keys: dict[int, Tensor] = {}  # layer number -> [tokens + room, KV heads, head dim]
         self._values: dict[int, Tensor] = {}
+        self._filled: dict[int, int] = {}  # layer number -> tokens cached
 
     def store_prompt(self, layer: int, key: Tensor, value: Tensor) -> None:
         """Keys and values [tokens, KV heads, head dim] of this rank's prompt tokens."""
         self._keys[layer], self._values[layer] = key.detach(), value.detach()
 
-    def keep_prompt_tokens(self, keep: Tensor) -> None:
-        """Drop the cached padding after the prompt (`keep`: bool per local token); decode next."""
+    def keep_prompt_tokens(self, keep: Tensor, room: int) -> None:
+        """Drop the cached padding after the prompt (`keep`: bool per local token) and make room
+        for `room` new tokens, so that decoding writes in place; decode next."""
         for layer in self._keys:
-            self._keys[layer] = self._keys[layer][keep]
-            self._values[layer] = self._values[layer][keep]
+            for cache in (self._keys, self._values):
+                kept = cache[layer][keep]
+                cache[layer] = torch.cat([kept, kept.new_empty(room, *kept.shape[1:])])
+            self._filled[layer] = int(keep.sum())
         self.decoding = True
 
     def attend(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
         """Attention of one new token over the cache: query [heads, dim], key/value [KV heads,
         dim] of the same token -> [heads, dim]; the token joins the cache."""
+        filled = self._filled[layer]
         if self.cp_group is None or self.cp_group.rank() == 0:
-            self._keys[layer] = torch.cat([self._keys[layer], key[None]])
-            self._values[layer] = torch.cat([self._values[layer], value[None]])
-        keys, values = self._keys[layer], self._values[layer]
-        groups = query.shape[0] // keys.shape[1]
-        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        scores = torch.einsum("hd,nhd->hn", query.float(), keys.float()) * scale
+            self._keys[layer][filled], self._values[layer][filled] = key, value
+            filled = self._filled[layer] = filled + 1
+        keys, values = self._keys[layer][:filled], self._values[layer][:filled]
+        groups = keys.shape[1]
+        grouped = query.reshape(groups, -1, query.shape[-1])  # query heads by the KV head they share
+        scores = torch.einsum("gqd,ngd->gqn", grouped, keys).float() * scale
         lse = torch.logsumexp(scores, dim=-1)  # -inf on a rank with nothing cached
-        out = torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1).nan_to_num(), values.float())
+        probs = torch.softmax(scores, dim=-1).nan_to_num().to(values.dtype)
+        out = torch.einsum("gqn,ngd->gqd", probs, values).float().reshape(query.shape)
+        lse = lse.reshape(-1)
         if self.cp_group is not None:
             top = lse.clone()
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.cp_group)
