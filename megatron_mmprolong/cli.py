@@ -480,17 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = verbs.add_parser("eval", help="evaluate a checkpoint")
     kinds = evaluate.add_subparsers(dest="kind", required=True, metavar="KIND")
-    qa = kinds.add_parser("qa", help="answer a dataset's questions (greedy) with an HF checkpoint; exact match")
+    qa = kinds.add_parser("qa", help="answer a dataset's questions (greedy); exact match and F1")
     _add_eval_model(qa)
     qa.add_argument("--data", required=True, help="dataset prefix (mmprolong build-data)")
     qa.add_argument("--tasks", nargs="+", help="only samples of these tasks (default: all)")
     qa.add_argument("--limit", type=int, help="at most this many samples")
     qa.add_argument("--tokenizer", help="default: the one the dataset was built with")
-    qa.add_argument("--out", help="results JSON (default HF_DIR/eval_qa.json)")
+    qa.add_argument("--out", help="results JSON (default: eval_qa.json in the checkpoint directory)")
     qa.set_defaults(run=_eval_qa)
 
-    needle = kinds.add_parser("needle", help="needle retrieval grid (lengths x depths) on synthetic documents, "
-                                             "with a heat map; lengths past the training window test extension")
+    needle = kinds.add_parser("needle", help="needle retrieval grid (lengths x depths) on synthetic or your own "
+                                             "documents, with a heat map; lengths past the training window test extension")
     _add_eval_model(needle)
     needle.add_argument("--out", required=True, help="output folder; a rerun continues what is there")
     needle.add_argument("--tokenizer", help="default: the HF checkpoint's own (needed with --mcore-dir)")
