@@ -68,6 +68,12 @@ def _same_answers(first: Path, second: Path) -> tuple[int, int]:
     return sum(answers[1].get(key) == answer for key, answer in answers[0].items()), len(answers[0])
 
 
+def _two_ranks(module: str, *args: str) -> list[str]:
+    """`module` on two torchrun ranks of this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+            str(_free_port()), "-m", module, *args]
+
+
 def _mmprolong(*args: str) -> list[str]:
     return [sys.executable, "-m", "megatron_mmprolong.cli", *args]
 
@@ -100,10 +106,9 @@ def main() -> int:
         _run("convert HF -> Megatron (TP2)", _mmprolong(
             "convert", "hf-to-mcore", "--hf-dir", str(hf_dir), "--out", str(mcore_dir), "--tp", "2"), timings)
 
-        _run("train (TP2, 2 ranks over gloo)", [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-            str(_free_port()), "-m", "megatron_mmprolong.train", "--config", str(RECIPE),
-            "--tensor-model-parallel-size", "2", "--load", str(mcore_dir), "--save", str(run_dir)], timings)
+        _run("train (TP2, 2 ranks over gloo)", _two_ranks(
+            "megatron_mmprolong.train", "--config", str(RECIPE), "--tensor-model-parallel-size", "2",
+            "--load", str(mcore_dir), "--save", str(run_dir)), timings)
         losses = [json.loads(line)["loss"] for line in (run_dir / "train_metrics.jsonl").read_text().splitlines()]
 
         _run("export Megatron -> HF", _mmprolong(
@@ -120,10 +125,9 @@ def main() -> int:
         needle = _last_json(_run("needle grid, 1K-8K tokens (trained at 4K)", _mmprolong(
             "eval", "needle", "--hf-dir", str(export), "--out", str(OUT / "needle"),
             "--lengths", "1024", "2048", "4096", "8192", *pages), timings))
-        _run("the 8K column on the trained Megatron checkpoint, CP2 (2 ranks)", [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-            "-m", "megatron_mmprolong.cli", "eval", "needle", "--mcore-dir", str(run_dir), "--cp", "2",
-            "--tokenizer", str(export), "--out", str(OUT / "needle-cp2"), "--lengths", "8192", *pages], timings)
+        _run("the 8K column on the trained Megatron checkpoint, CP2 (2 ranks)", _two_ranks(
+            "megatron_mmprolong.cli", "eval", "needle", "--mcore-dir", str(run_dir), "--cp", "2",
+            "--tokenizer", str(export), "--out", str(OUT / "needle-cp2"), "--lengths", "8192", *pages), timings)
         same, asked = _same_answers(OUT / "needle-cp2" / "answers.jsonl", OUT / "needle" / "answers.jsonl")
         by_position = _last_json(_run("loss by position", _mmprolong(
             "eval", "position-loss", "--hf-dir", str(export), "--data", str(data), "--out", str(OUT / "position_loss"),
