@@ -22,14 +22,14 @@ warnings.filterwarnings("ignore")
 
 def rerun_prompt(generator, input_ids, max_new_tokens, pixel_values, image_grid_thw):
     """The baseline: every new token re-runs the model over the whole sequence."""
-    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron_mmprolong.model.packed import packed_segments
 
     ids = input_ids[0].tolist()
     vision = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
     for _ in range(max_new_tokens):
         n = len(ids)
         cu = torch.tensor([0, n], dtype=torch.int32)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=n, max_seqlen_kv=n)
+        packed = packed_segments(cu, "cpu", n)
         logits = generator._forward(torch.tensor(ids)[None], packed, None, vision)
         ids.append(int(logits[n - 1].argmax()))
     return torch.tensor(ids)[None]

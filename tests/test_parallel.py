@@ -60,7 +60,7 @@ def _run(layout: dict, hf_dir, modes=MODES, save_to=None, load_from=None) -> dic
     parallel = ParallelConfig(**layout)
     runtime.initialize(parallel)
     batches = _batches()
-    encoded = []
+    encoded, embedded = [], []  # vision inputs; (tokens embedded, rows out) per micro-batch
     vision_tp = runtime.vision_tensor_parallel_group()
     out = {"tp": (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
            "vision_tp": (vision_tp.rank(), vision_tp.size()), "modes": {}}
@@ -79,6 +79,9 @@ def _run(layout: dict, hf_dir, modes=MODES, save_to=None, load_from=None) -> dic
             load_hf_weights(model, hf_dir)
         if model.vision_model is not None and mode == "none":
             model.vision_model.register_forward_pre_hook(lambda module, args: encoded.append(args[0].detach().clone()))
+            model.language_model.embedding.register_forward_hook(
+                lambda module, args, kwargs, output: embedded.append((kwargs["input_ids"].shape[1], output.shape[0])),
+                with_kwargs=True)
         losses = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
             num_microbatches=len(batches), seq_length=max(b["tokens"].shape[1] for b in batches),
@@ -101,6 +104,7 @@ def _run(layout: dict, hf_dir, modes=MODES, save_to=None, load_from=None) -> dic
             torch.distributed.barrier()
             dist_checkpointing.save(model.sharded_state_dict(), str(save_to))
     out["encoded"] = encoded
+    out["embedded"] = embedded
     out["last_stage"] = ps.is_pipeline_last_stage()
     out["layers"] = len(model.language_model.decoder.layers)
     return out
@@ -160,6 +164,15 @@ def test_layout_matches_one_process(reference, name):
         encoded = torch.cat(per_rank)
         assert len(encoded) == len(full)
         assert sorted(map(tuple, encoded[:, :3].tolist())) == sorted(map(tuple, full[:, :3].tolist()))
+        _assert_embeds_only_local_tokens(results, cp=2, tp=1)
+
+
+def _assert_embeds_only_local_tokens(results, cp: int, tp: int):
+    """Each rank looks up (and all-reduces over TP) only its CP share of the tokens."""
+    lengths = [b["tokens"].shape[1] for b in _batches()]
+    for result in results:
+        if result["embedded"]:
+            assert result["embedded"] == [(n // cp, n // cp) for n in lengths]
 
 
 def test_tp2_cp2_and_a_checkpoint_moving_to_pp2(reference, tmp_path):
@@ -168,5 +181,96 @@ def test_tp2_cp2_and_a_checkpoint_moving_to_pp2(reference, tmp_path):
     results = run_ranks(_run, 4, dict(tensor_parallel=2, context_parallel=2, sequence_parallel=True),
                         reference[0], MODES, checkpoint)
     _compare(reference, results)
+    _assert_embeds_only_local_tokens(results, cp=2, tp=2)
     moved = run_ranks(_run, 2, dict(pipeline_parallel=2), None, ("none",), None, checkpoint)
     _compare(reference, moved, modes=("none",))
+
+
+# ---- the GPU path's collectives, reproduced on the CPU --------------------------------------
+
+def _sparse_batches(images_per_pack):
+    """Packs with few images (fewer than CP ranks) or none; raw lengths not multiples of 8."""
+    generator = torch.Generator().manual_seed(21)
+    rng = np.random.default_rng(21)
+    special = {"pad": CONFIG.tokens.eos, "image_pad": CONFIG.tokens.image, "video_pad": CONFIG.tokens.video}
+    batches = []
+    for images in images_per_pack:
+        sample = make_sample(CONFIG, generator, images=images, text_tokens=7)
+        tokens = sample.input_ids[0].numpy().astype(np.int64)
+        grids = sample.image_grid_thw.numpy() if images else np.zeros((0, 3), np.int64)
+        pixels = sample.pixel_values.numpy() if images else np.zeros((0, 1176), np.float32)
+        batches.append(assemble_pack([Segment(tokens, rng.random(len(tokens)) < 0.5, grids)], pixels, ALIGNMENT,
+                                     special, 2))
+    return batches
+
+
+def _bf16_run(layout: dict, hf_dir, steps, overlap_grad_reduce=False) -> dict:
+    """bf16 training steps (each a list of packs' images, split over the data-parallel ranks)
+    through Megatron's DDP and finalize_model_grads: the last step's loss and the vision
+    parameters' reduced gradients."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_mmprolong import runtime
+    from megatron_mmprolong.config import PrecisionConfig
+    from megatron_mmprolong.convert.hf_loader import load_hf_weights
+    from megatron_mmprolong.model.builder import build_model
+    from megatron_mmprolong.training.step import forward_step
+
+    runtime.initialize(ParallelConfig(**layout))
+    model = build_model(CONFIG, ParallelConfig(**layout), precision=PrecisionConfig(params_dtype="bf16"),
+                        calculate_per_token_loss=True, variable_seq_lengths=True)
+    load_hf_weights(model, hf_dir)
+    ddp = DistributedDataParallel(
+        config=model.config, module=Float16Module(model.config, model),
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+                                                 bucket_size=10_000))
+    model.config.finalize_model_grads_func = finalize_model_grads
+    for images_per_pack in steps:
+        ddp.zero_grad_buffer()
+        batches = _sparse_batches(images_per_pack)
+        # this rank's share of the data-parallel batch
+        mine = batches[ps.get_data_parallel_rank()::ps.get_data_parallel_world_size()]
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(mine), model=[ddp], num_microbatches=len(mine),
+            seq_length=max(b["tokens"].shape[1] for b in mine), micro_batch_size=1, forward_only=False)
+    total = torch.tensor([sum(float(l["lm loss"][0]) for l in losses), sum(float(l["lm loss"][1]) for l in losses)],
+                         dtype=torch.float64)
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    vision = {name: float(param.main_grad.float().abs().sum()) for name, param in model.named_parameters()
+              if name.startswith("vision_model.")}
+    return {"loss": float(total[0] / total[1]), "vision_grads": vision}
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(tmp_path_factory):
+    hf_dir = tmp_path_factory.mktemp("hf-bf16")
+    write_random_hf_checkpoint(CONFIG, hf_dir, seed=11)
+    return hf_dir
+
+
+@pytest.mark.parametrize("images", [[(1, 8, 8)], []], ids=["one-image", "no-image"])
+def test_context_parallel_bf16_with_fewer_images_than_ranks(bf16_reference, images):
+    """CP2 in bf16 where one rank (or every rank) owns no image: every rank joins every
+    collective with the same dtype, forward and backward, and the loss is the single rank's."""
+    single = run_ranks(_bf16_run, 1, {}, bf16_reference, [[images]])[0]
+    split = run_ranks(_bf16_run, 2, dict(context_parallel=2), bf16_reference, [[images]])
+    for result in split:
+        assert abs(result["loss"] - single["loss"]) < 2e-2 * abs(single["loss"])
+        assert set(result["vision_grads"]) == set(single["vision_grads"])
+    if images:  # the image's gradient reached the vision encoder, summed over the CP group
+        assert single["vision_grads"]["vision_model.patch_embed.weight"] > 0
+        assert split[0]["vision_grads"]["vision_model.patch_embed.weight"] > 0
+
+
+def test_overlapped_grad_reduce_with_a_text_only_micro_batch(bf16_reference):
+    """DP2 with --overlap-grad-reduce where, after a first step with images on both ranks, one
+    rank's micro-batch has none: the vision and merger buckets still launch on every rank
+    (Megatron's DDP asserts "Communication call has not been issued" otherwise)."""
+    image = [(1, 8, 8)]
+    results = run_ranks(_bf16_run, 2, {}, bf16_reference, [[image, image], [image, []]], True)
+    assert results[0]["loss"] == results[1]["loss"]
+    assert results[0]["vision_grads"] == results[1]["vision_grads"]  # reduced over DP
+    assert results[0]["vision_grads"]["vision_model.merger.projector.encoder.linear_fc2.weight"] > 0

@@ -12,6 +12,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 from megatron_mmprolong.config import Qwen25VLConfig
+from megatron_mmprolong.model.packed import packed_segments
 
 
 @dataclass
@@ -94,10 +95,7 @@ def pack(samples: list[Sample]) -> tuple[Sample, PackedSeqParams]:
     lengths = torch.tensor([s.input_ids.shape[1] for s in samples])
     cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
-    params = PackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-        max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()),
-    )
+    params = packed_segments(cu, "cpu", int(lengths.max()))
     packed = Sample(
         input_ids=torch.cat([s.input_ids for s in samples], dim=1),
         pixel_values=cat("pixel_values"),

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_mmprolong.config import ParallelConfig
 from megatron_mmprolong.model.kv_cache import KVCache
+from megatron_mmprolong.model.packed import packed_segments
 
 
 class MegatronGenerator(torch.nn.Module):
@@ -113,8 +113,7 @@ class MegatronGenerator(torch.nn.Module):
         padded = align * math.ceil(len(ids) / align)
         tokens = torch.cat([ids.cpu(), torch.full((padded - len(ids),), pad, dtype=ids.dtype)])[None].to(device)
         cu = torch.tensor([0, padded], dtype=torch.int32)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device),
-                                 max_seqlen_q=padded, max_seqlen_kv=padded)
+        packed = packed_segments(cu, device, padded)
         cp_index = self.model.cp_token_index(padded, cu) if self.model.cp_size > 1 else torch.arange(padded)
         return tokens, packed, cp_index
 

@@ -1,9 +1,10 @@
 """Qwen2.5-VL on Megatron-Core: vision encoder + merger on the first pipeline stage, features
 scattered into the image/video placeholder tokens, then the M-RoPE language model.
 
-With context parallelism the model takes the whole (packed) sequence, embeds it, and keeps this
-rank's zigzag share of tokens, position ids and labels (parallel/context_parallel.py); images are
-encoded once, split over the CP ranks. Outputs (logits or per-token loss) are for the local tokens.
+With context parallelism the model takes the whole (packed) sequence and keeps this rank's
+zigzag share of tokens, position ids and labels (parallel/context_parallel.py): it embeds only
+that share; images are encoded once, split over the CP ranks. Outputs (logits or per-token loss)
+are for the local tokens.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from torch import Tensor
 
 from megatron_mmprolong.config import Qwen25VLConfig
 from megatron_mmprolong.model.language import LanguageModel
+from megatron_mmprolong.model.packed import host_cu_seqlens
 from megatron_mmprolong.model.specs import Backend
 from megatron_mmprolong.model.vision import VisionEncoder
 from megatron_mmprolong.model.vision_layout import build_vision_layout
-from megatron_mmprolong.parallel.context_parallel import assign_images, gather_rows, local_token_index
+from megatron_mmprolong.parallel.context_parallel import assign_images, gather_padded, gathered_rows, local_token_index
 from megatron_mmprolong.positions import mrope_position_ids
 
 
@@ -122,12 +124,12 @@ class Qwen25VLModel(MegatronModule):
         Returns logits [batch, local seq, vocab], or the per-token loss [batch, local seq] given
         labels (full-sequence labels; the local share is taken here).
         """
-        cu_seqlens = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
+        cu_seqlens = host_cu_seqlens(packed_seq_params) if packed_seq_params is not None else None
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, cu_seqlens)
         if self.cp_size > 1:
             if cp_index is None:
-                cp_index = self.cp_token_index(input_ids.shape[1], cu_seqlens).to(input_ids.device)
+                cp_index = self.cp_token_index(input_ids.shape[1], cu_seqlens).to(input_ids.device, non_blocking=True)
             position_ids = position_ids[..., cp_index]
             labels = labels[:, cp_index] if labels is not None else None
         decoder_input = None
@@ -151,10 +153,9 @@ class Qwen25VLModel(MegatronModule):
         video_grid_thw: Tensor | None = None,
         cp_index: Tensor | None = None,
     ) -> Tensor:
-        """Token embeddings with vision features in the placeholder positions, [seq, batch, hidden]:
-        this CP rank's tokens (`cp_index`), scattered over the tensor-parallel ranks when
-        sequence parallelism is on."""
-        embeddings = self.language_model.embed(input_ids)
+        """Embeddings [seq, batch, hidden] of this rank's tokens with the vision features in
+        their placeholder positions: only the CP share (`cp_index`) is looked up and only its
+        features are placed; then, with sequence parallelism, each TP rank keeps its rows."""
         tokens = self.model_config.tokens
         items = [
             (pixels, grids.cpu(), token)  # no copy when the loader keeps grids on the CPU
@@ -162,64 +163,106 @@ class Qwen25VLModel(MegatronModule):
                 (pixel_values, image_grid_thw, tokens.image),
                 (pixel_values_videos, video_grid_thw, tokens.video),
             )
-            if pixels is not None
+            if pixels is not None and len(grids)
         ]
+        ids = input_ids[:, cp_index] if cp_index is not None else input_ids
+        embeddings = self.language_model.embed(ids)
         if items:
-            # One encoder pass for images and videos: attention segments never cross items.
-            grids = torch.cat([g for _, g, _ in items])
-            features = self.encode_vision(torch.cat([p for p, _, _ in items]), grids).to(embeddings.dtype)
-            merge = self.model_config.vision.spatial_merge_size
-            sizes = [int(g.prod(-1).sum()) // merge**2 for _, g, _ in items]
-            for (_, _, token), part in zip(items, features.split(sizes)):
-                embeddings = _scatter_features(embeddings, input_ids, token, part)
-        if cp_index is not None:
-            embeddings = embeddings[cp_index]
+            embeddings = self._place_vision(embeddings, input_ids, items, cp_index)
+        elif self._vision_needs_grad():
+            # no vision work in this micro-batch: a blank image keeps the vision parameters in
+            # the backward pass (see _blank_image_features), adding exactly zero
+            embeddings = embeddings + self._blank_image_features().sum().to(embeddings.dtype) * 0
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
 
+    def _place_vision(self, embeddings: Tensor, input_ids: Tensor, items, rows: Tensor | None) -> Tensor:
+        """`embeddings` of the tokens at positions `rows` (None: all) with the features of the
+        (pixels, grids, placeholder token) items in their placeholders."""
+        # One encoder pass for images and videos: attention segments never cross items.
+        grids = torch.cat([g for _, g, _ in items])
+        features, order = self.encode_vision(torch.cat([p for p, _, _ in items]), grids)
+        features = features.to(embeddings.dtype)
+        merge = self.model_config.vision.spatial_merge_size
+        first = 0
+        for _, item_grids, token in items:
+            count = int(item_grids.prod(-1).sum()) // merge**2
+            embeddings = _place_features(embeddings, input_ids, token, features, order, first, count, rows)
+            first += count
+        return embeddings
 
-    def encode_vision(self, pixels: Tensor, grids: Tensor) -> Tensor:
-        """Merged vision features of all items, in order; with CP each rank encodes its share."""
+    def encode_vision(self, pixels: Tensor, grids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Merged vision features of all items and, with CP, the row of each feature (items in
+        input order) in them (None: rows already in input order). With CP each rank encodes its
+        share of the images and the shares are all-gathered, padded to the largest."""
+        vision = self.model_config.vision
         if self.cp_size == 1:
-            return self.vision_model(pixels, build_vision_layout(grids, self.model_config.vision, pixels.device))
+            return self.vision_model(pixels, build_vision_layout(grids, vision, pixels.device)), None
         cp = self.pg_collection.cp
         patches = grids.prod(-1)
-        merged = patches // self.model_config.vision.spatial_merge_size**2
+        merged = patches // vision.spatial_merge_size**2
         owned = assign_images(patches, self.cp_size)
         mine = torch.tensor(owned[cp.rank()], dtype=torch.long)
         if len(mine):
-            rows = _rows_of(patches, mine).to(pixels.device)
-            layout = build_vision_layout(grids[mine], self.model_config.vision, pixels.device)
-            local = self.vision_model(pixels.index_select(0, rows), layout)
+            patch_rows = _rows_of(patches, mine).to(pixels.device, non_blocking=True)
+            layout = build_vision_layout(grids[mine], vision, pixels.device)
+            local = self.vision_model(pixels.index_select(0, patch_rows), layout)
+        elif self._vision_needs_grad():
+            # every CP rank's backward reduce-scatters, so this rank's (empty) share must be in
+            # the autograd graph too; the blank image also gives the parameters their gradient
+            local = self._blank_image_features()[:0]
         else:
-            local = pixels.new_zeros(0, self.model_config.vision.out_hidden_size)
-        sizes = [int(merged[o].sum()) for o in owned]
-        gathered = gather_rows(local, sizes, cp)
-        rank_order = torch.tensor([i for o in owned for i in o], dtype=torch.long)
-        position = torch.empty_like(rank_order)
-        position[rank_order] = torch.arange(len(rank_order))
-        # rows of each image in the gathered (rank-major) order, images back in input order
-        starts = torch.cumsum(merged[rank_order], 0) - merged[rank_order]
-        return gathered.index_select(0, _rows_of(merged, torch.arange(len(merged)), starts[position]).to(gathered.device))
+            local = pixels.new_empty(0, vision.out_hidden_size, dtype=self._vision_dtype())
+        longest = max(int(merged[o].sum()) for o in owned)
+        gathered = gather_padded(local, longest, cp)
+        return gathered, gathered_rows(merged, owned, longest).to(gathered.device, non_blocking=True)
+
+    def _vision_dtype(self) -> torch.dtype:
+        return self.vision_model.patch_embed.weight.dtype
+
+    def _vision_needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_model.parameters())
+
+    def _blank_image_features(self) -> Tensor:
+        """Merged features [1, out_hidden] of one blank image of 2 x 2 patches. A rank with no
+        image to encode in a training micro-batch runs it, so that every vision and merger
+        parameter receives a (zero) gradient: Megatron's DDP with --overlap-grad-reduce launches
+        a bucket's reduction only once all its parameters have one, and ranks that skipped the
+        encoder would launch the buckets in another order than the others."""
+        vision = self.model_config.vision
+        merge = vision.spatial_merge_size
+        weight = self.vision_model.patch_embed.weight
+        grid = torch.tensor([[1, merge, merge]])
+        blank = weight.new_zeros(merge * merge, vision.patch_dim)
+        return self.vision_model(blank, build_vision_layout(grid, vision, weight.device))
 
 
-def _rows_of(counts: Tensor, items: Tensor, starts: Tensor | None = None) -> Tensor:
-    """Row indices of `items` whose rows start at `starts` (default: cumulative `counts`)."""
-    if starts is None:
-        starts = (torch.cumsum(counts, 0) - counts)[items]
+def _rows_of(counts: Tensor, items: Tensor) -> Tensor:
+    """Row indices of `items` in a tensor holding every item's `counts` rows back to back."""
+    starts = (torch.cumsum(counts, 0) - counts)[items]
     sizes = counts[items]
     within = torch.arange(int(sizes.sum())) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
     return torch.repeat_interleave(starts, sizes) + within
 
 
-def _scatter_features(embeddings: Tensor, input_ids: Tensor, token_id: int, features: Tensor) -> Tensor:
-    """Write `features` into the positions of `token_id`, in sequence order."""
-    mask = (input_ids == token_id).transpose(0, 1).unsqueeze(-1)  # [seq, batch, 1]
+def _place_features(embeddings: Tensor, input_ids: Tensor, token_id: int, features: Tensor, order: Tensor | None,
+                    first: int, count: int, rows: Tensor | None) -> Tensor:
+    """Put the `count` features of `token_id` placeholders (feature `first + k`, through `order`,
+    for the k-th placeholder of `input_ids` in batch-major order) into the embedding rows, which
+    hold the tokens at positions `rows` of each sample (None: all positions). No host sync."""
+    is_token = input_ids == token_id  # [batch, seq], the whole sequence
     # Checked on the device without a host sync; on CPU it raises at once.
     torch._assert_async(
-        mask.sum() == features.shape[0],
+        is_token.sum() == count,
         f"the number of placeholder tokens {token_id} in input_ids differs from the "
-        f"{features.shape[0]} vision features that the grids describe",
+        f"{count} vision features that the grids describe",
     )
-    return embeddings.masked_scatter(mask, features)
+    feature = torch.cumsum(is_token.flatten(), 0).view_as(is_token) - 1 + first
+    if rows is not None:
+        is_token, feature = is_token[:, rows], feature[:, rows]
+    feature = feature.clamp(min=first)  # rows that are no placeholder pick some feature, then drop it
+    if order is not None:
+        feature = order[feature]
+    picked = features[feature.transpose(0, 1)]  # [rows, batch, hidden]
+    return torch.where(is_token.transpose(0, 1).unsqueeze(-1), picked, embeddings)

@@ -3,7 +3,8 @@
 A numerical reference for machines without TE (CPU tests, parity checks). Packed (THD) batches
 are attended segment by segment without any [tokens, tokens] mask: segments of equal length
 (the many same-sized vision windows, the packed samples) are stacked into one SDPA batch, so
-the loop runs over distinct lengths, never over windows. With context parallelism each rank
+the loop runs over distinct lengths, never over windows, and the grouping is computed once per
+micro-batch from host boundaries (model/packed.py), so no layer reads the device back. With context parallelism each rank
 all-gathers keys and values and attends its zigzag share of queries to them under a mask built
 from global positions (what TE's ring attention computes, without its overlap). On GPUs the TE
 backend runs the same segments with its fused variable-length kernels.
@@ -23,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
 
+from megatron_mmprolong.model.packed import PackedSegments, as_packed_segments, host_cu_seqlens
 from megatron_mmprolong.parallel.context_parallel import local_token_index
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
@@ -68,7 +70,7 @@ class ReferenceCoreAttention(MegatronModule):
         if self.cp_group is not None:
             return self._context_parallel(query, key, value, packed_seq_params, causal)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            out = self._packed(query, key, value, packed_seq_params.cu_seqlens_q, causal)
+            out = self._packed(query, key, value, as_packed_segments(packed_seq_params), causal)
             return out.reshape(out.shape[0], -1)  # [t, heads * dim]
         # [s, b, heads, dim] -> [b, heads, s, dim]
         out = self._sdpa(*(x.permute(1, 2, 0, 3) for x in (query, key, value)), causal)
@@ -89,12 +91,12 @@ class ReferenceCoreAttention(MegatronModule):
         cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         total = q.shape[0] * cp_size
-        cu = packed_seq_params.cu_seqlens_q if thd else torch.tensor([0, total])
+        cu = host_cu_seqlens(packed_seq_params) if thd else torch.tensor([0, total])
         k = gather_from_sequence_parallel_region(k, True, group=self.cp_group)
         v = gather_from_sequence_parallel_region(v, True, group=self.cp_group)
-        mine = local_token_index(cu, cp_size, cp_rank).to(q.device)
-        every = torch.cat([local_token_index(cu, cp_size, r) for r in range(cp_size)]).to(q.device)
-        boundaries = cu[1:].to(q.device, torch.int64)
+        mine = local_token_index(cu, cp_size, cp_rank).to(q.device, non_blocking=True)
+        every = torch.cat([local_token_index(cu, cp_size, r) for r in range(cp_size)]).to(q.device, non_blocking=True)
+        boundaries = cu[1:].to(q.device, torch.int64, non_blocking=True)
         same = torch.bucketize(mine, boundaries, right=True)[:, None] == torch.bucketize(every, boundaries, right=True)[None]
         mask = same & (every[None] <= mine[:, None]) if causal else same
         if thd:  # [t, heads, dim] -> [1, heads, t, dim]
@@ -103,15 +105,13 @@ class ReferenceCoreAttention(MegatronModule):
         out = self._sdpa(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), mask=mask)
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
-    def _packed(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causal: bool) -> Tensor:
+    def _packed(self, q: Tensor, k: Tensor, v: Tensor, segments: PackedSegments, causal: bool) -> Tensor:
         """[t, heads, dim] tokens of back-to-back segments -> attention within each segment."""
-        starts = cu_seqlens[:-1].long()
-        lengths = cu_seqlens.diff().long()
-        if int(cu_seqlens[-1]) != q.shape[0]:
-            raise ValueError(f"cu_seqlens cover {int(cu_seqlens[-1])} tokens, the batch has {q.shape[0]}")
+        covered = int(segments.cu_seqlens_host[-1])
+        if covered != q.shape[0]:
+            raise ValueError(f"cu_seqlens cover {covered} tokens, the batch has {q.shape[0]}")
         parts, order = [], []
-        for length in torch.unique(lengths[lengths > 0]).tolist():
-            index = (starts[lengths == length].unsqueeze(1) + torch.arange(length, device=q.device)).reshape(-1)
+        for length, index in segments.segment_groups(q.device):
             stacked = [x[index].view(-1, length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v)]
             parts.append(self._sdpa(*stacked, causal).transpose(1, 2).reshape(index.numel(), self.heads, -1))
             order.append(index)

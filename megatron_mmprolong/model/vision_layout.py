@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 from megatron_mmprolong.config import VisionConfig
+from megatron_mmprolong.model.packed import PackedSegments, packed_segments
 
 
 @dataclass
@@ -24,8 +24,8 @@ class VisionLayout:
     window_index: Tensor  # [groups] merge groups in window order (gather index)
     restore_index: Tensor  # [groups] inverse permutation, applied to merged tokens
     patch_positions: Tensor  # [patches, 2] (row, col) of each patch, in window order
-    window_segments: PackedSeqParams  # one segment per window
-    frame_segments: PackedSeqParams  # one segment per frame (full-attention blocks)
+    window_segments: PackedSegments  # one segment per window
+    frame_segments: PackedSegments  # one segment per frame (full-attention blocks)
 
     @property
     def num_patches(self) -> int:
@@ -81,15 +81,7 @@ def build_vision_layout(
     )
 
 
-def _segments(lengths: Tensor, device) -> PackedSeqParams:
+def _segments(lengths: Tensor, device) -> PackedSegments:
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
-    cu = cu.to(device, non_blocking=True)
-    longest = int(lengths.max())
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=longest,
-        max_seqlen_kv=longest,
-    )
+    return packed_segments(cu, device, int(lengths.max()))

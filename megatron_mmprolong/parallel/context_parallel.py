@@ -4,7 +4,9 @@ The whole text+image sequence is embedded first; then each CP rank keeps, of eve
 sample, chunks r and 2*CP-1-r of its 2*CP equal chunks (the load-balanced zigzag layout of
 Transformer Engine's THD partitioning; one sample per row for unpacked batches). Samples must be
 padded to a multiple of 2*CP (the loader does). Images are split over the CP ranks by patch
-count, each encoded by one rank, and the features gathered, so no rank repeats vision work.
+count, each encoded by one rank, and the features all-gathered, so no rank repeats vision work;
+each rank places only the features of its own tokens, and the backward reduce-scatters their
+gradients back to the encoding ranks.
 """
 
 from __future__ import annotations
@@ -41,27 +43,44 @@ def assign_images(patches: Tensor, cp_size: int) -> list[list[int]]:
     return [sorted(images) for images in owned]
 
 
-class _GatherRows(torch.autograd.Function):
-    """All-gather row blocks of different sizes; the backward sums each block's gradient over
-    the ranks that used it and returns this rank's rows."""
+def gathered_rows(merged: Tensor, owned: list[list[int]], longest: int) -> Tensor:
+    """For `gather_padded`'s output: the row of every image's every merged token, images in input
+    order (CPU, int64). Rank r's block starts at r * longest and holds its images in order."""
+    rank_of = torch.empty(len(merged), dtype=torch.long)
+    start_in_block = torch.empty(len(merged), dtype=torch.long)
+    for rank, images in enumerate(owned):
+        index = torch.tensor(images, dtype=torch.long)
+        sizes = merged[index]
+        rank_of[index] = rank
+        start_in_block[index] = torch.cumsum(sizes, 0) - sizes
+    starts = rank_of * longest + start_in_block
+    within = torch.arange(int(merged.sum())) - torch.repeat_interleave(torch.cumsum(merged, 0) - merged, merged)
+    return torch.repeat_interleave(starts, merged) + within
+
+
+class _GatherPadded(torch.autograd.Function):
+    """All-gather row blocks of up to `longest` rows, each padded to it: rank r's rows start at
+    r * longest. The backward reduce-scatters, so each rank receives the gradient of its own rows
+    summed over the ranks that used them, and nothing else."""
 
     @staticmethod
-    def forward(ctx, local: Tensor, sizes: list[int], group) -> Tensor:
-        ctx.sizes, ctx.group, ctx.rank = sizes, group, dist.get_rank(group)
-        longest = max(sizes)
-        padded = local.new_zeros(longest, *local.shape[1:])
-        padded[: len(local)] = local
-        gathered = local.new_empty(len(sizes) * longest, *local.shape[1:])
+    def forward(ctx, local: Tensor, longest: int, group) -> Tensor:
+        ctx.group, ctx.rows = group, len(local)
+        padded = local
+        if len(local) < longest:
+            padded = torch.cat([local, local.new_zeros(longest - len(local), *local.shape[1:])])
+        gathered = local.new_empty(dist.get_world_size(group) * longest, *local.shape[1:])
         dist.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
-        return torch.cat([gathered[r * longest: r * longest + n] for r, n in enumerate(sizes)])
+        return gathered
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        start = sum(ctx.sizes[: ctx.rank])
-        return grad[start: start + ctx.sizes[ctx.rank]], None, None
+        mine = grad.new_empty(grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:])
+        dist.reduce_scatter_tensor(mine, grad.contiguous(), group=ctx.group)
+        return mine[: ctx.rows], None, None
 
 
-def gather_rows(local: Tensor, sizes: list[int], group) -> Tensor:
-    return _GatherRows.apply(local, sizes, group)
+def gather_padded(local: Tensor, longest: int, group) -> Tensor:
+    """Every rank must call it with the same `longest` and a `local` of the same dtype, and with
+    `local` requiring grad on all ranks or on none (the backward is a collective too)."""
+    return _GatherPadded.apply(local, longest, group)

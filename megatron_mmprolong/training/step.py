@@ -10,16 +10,19 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.utils import get_attr_wrapped_model
 from torch import Tensor
+
+from megatron_mmprolong.model.packed import packed_segments
 
 
 def batch_to_device(batch: dict, device: torch.device) -> dict:
     moved = {}
     for key, value in batch.items():
-        # grids and cu_seqlens stay on the CPU as well: index maths happens there without syncs
-        moved[key] = value.to(device, non_blocking=True) if isinstance(value, Tensor) and key != "image_grid_thw" else value
+        # grids and cu_seqlens stay on the CPU: index maths happens there without syncs
+        # (packed_segments puts a device copy of cu_seqlens beside them for the kernels)
+        keep = key in ("image_grid_thw", "cu_seqlens")
+        moved[key] = value.to(device, non_blocking=True) if isinstance(value, Tensor) and not keep else value
     return moved
 
 
@@ -31,10 +34,7 @@ def forward_step(data_iterator, model, device: torch.device | None = None):
     cp_index = core.cp_token_index(batch["tokens"].shape[1], cu_cpu) if core.cp_size > 1 else None
     device = device or next(core.parameters()).device
     batch = batch_to_device(batch, device)
-    packed = PackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=batch["cu_seqlens"], cu_seqlens_kv=batch["cu_seqlens"],
-        max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"],
-    )
+    packed = packed_segments(cu_cpu, device, batch["max_seqlen"])
     loss_mask = batch["loss_mask"]
     if cp_index is not None:
         cp_index = cp_index.to(device, non_blocking=True)
