@@ -308,3 +308,39 @@ def test_cli_plan_data_and_packing_report(datasets, tmp_path, capsys):
     assert main(["inspect-data", str(root / "qa"), "--packing", "8192"]) == 0
     out = capsys.readouterr().out
     assert "ours (variable-length packs" in out and "first-fit in stored order" in out
+
+
+# The README's planned best layout and the 7B recipe's, both with FP8 GEMMs.
+FP8_LAYOUTS = {"readme-tp4-cp16": Alignment(16, 4, True, True), "recipe-tp2-cp4": Alignment(4, 2, True, True)}
+
+
+@pytest.mark.parametrize("layout", sorted(FP8_LAYOUTS))
+def test_fp8_packs_give_every_rank_whole_fp8_row_blocks(datasets, layout):
+    """Transformer Engine checks FP8 GEMM inputs on each rank's local rows (before the SP
+    all-gather): rows % 8. Every pack of a real plan gives each CP x TP rank a multiple of 16
+    rows, its samples stay multiples of 2*CP, and the pack stays within --seq-length."""
+    root, _ = datasets
+    alignment = FP8_LAYOUTS[layout]
+    cp, tp = alignment.context_parallel, alignment.tensor_parallel
+    plan = make_plan(MixtureSpec.from_yaml(_mixture(root)), PlanConfig(seq_length=8192, global_batch=2,
+                                                                       alignment=alignment))
+    dataset = PackedSequences(plan)
+    for item in [dataset[i] for i in range(len(dataset))]:
+        total = item["tokens"].shape[1]
+        assert total // (cp * tp) % 16 == 0 and total % (cp * tp) == 0 and total <= 8192
+        segments = _segments(item)
+        assert all((b - a) % (2 * cp) == 0 for a, b in segments)
+        assert len(segments) in (len(item["samples"]), len(item["samples"]) + 1)
+        if len(segments) > len(item["samples"]):  # the trailing pad segment: no loss, pad tokens
+            a, b = segments[-1]
+            assert (item["tokens"][0, a:b] == dataset.tokens["pad"]).all() and not item["loss_mask"][0, a:b].any()
+    report = plan.summary
+    assert report["packing_efficiency"] <= 1.0
+
+
+def test_pack_length_rounds_to_the_fp8_row_multiple():
+    recipe = Alignment(4, 2, True, True)
+    assert recipe.multiple == 16 and recipe.pack_multiple == 128
+    assert recipe.pack_length([100, 30]) == 256  # 112 + 32 = 144 -> 256
+    assert Alignment(4, 2, True).pack_length([100, 30]) == 144  # no FP8: samples' own multiple
+    assert recipe.capacity(131072) == 131072 and recipe.capacity(131000) == 130944

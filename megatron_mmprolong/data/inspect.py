@@ -45,7 +45,7 @@ def packing_summary(store: MultimodalStore, seq_length: int, alignment=None) -> 
     lengths = lengths[fits]
     if not len(lengths):
         return f"packing at {seq_length:,}: no sample fits"
-    report = packing_report(lengths, best_fit_decreasing(alignment.pad(lengths), seq_length), seq_length, alignment)
+    report = packing_report(lengths, best_fit_decreasing(alignment.pad(lengths), alignment.capacity(seq_length)), seq_length, alignment)
     naive = len(first_fit(lengths, seq_length))
     return "\n".join([
         f"packing at {seq_length:,} tokens ({len(lengths):,} samples; {int((~fits).sum())} longer ones left out)",

@@ -2,7 +2,7 @@
 
 Each item holds, for a pack of whole samples (each padded to the layout's alignment):
 `tokens` and `labels` [1, T] (next token within each sample; padding and the last token of a
-sample predict nothing), `loss_mask` [1, T] (answer tokens only), `position_ids` [3, 1, T]
+sample predict nothing; with FP8 a trailing pad segment rounds T to the layout's pack multiple), `loss_mask` [1, T] (answer tokens only), `position_ids` [3, 1, T]
 (M-RoPE, restarting at every sample), `cu_seqlens` / `max_seqlen`, and the sample's pages as
 the model takes them: `pixel_values` [patches, 1176] float32 and `image_grid_thw` [images, 3].
 
@@ -61,6 +61,12 @@ def assemble_pack(segments: list[Segment], pixels: np.ndarray, alignment, specia
         labels.append(np.concatenate([text[1:], np.full(extra + 1, pad)]))
         loss.append(np.concatenate([segment.loss_mask[1:], np.zeros(extra + 1, dtype=bool)]))
         lengths.append(padded)
+    trailing = alignment.pack_length([len(s.tokens) for s in segments]) - sum(lengths)
+    if trailing:  # FP8: the pack to whole row blocks per rank, as a segment of its own
+        tokens.append(np.full(trailing, pad))
+        labels.append(np.full(trailing, pad))
+        loss.append(np.zeros(trailing, dtype=bool))
+        lengths.append(trailing)
     cu = np.zeros(len(lengths) + 1, dtype=np.int32)
     cu[1:] = np.cumsum(lengths)
     input_ids = torch.from_numpy(np.concatenate(tokens).astype(np.int64))[None]

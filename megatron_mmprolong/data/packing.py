@@ -2,8 +2,8 @@
 
 A pack is one packed (THD) sequence of at most `seq_length` tokens holding whole samples;
 each sample is padded only to the alignment its layout needs (DESIGN §6: a multiple of 2*CP,
-times TP with sequence parallelism, and 16 for FP8), so packs have variable lengths and padding
-is a few tokens per sample. Fixed-length packs cannot do much better than ~95% on a 32K-128K pool
+times TP with sequence parallelism, and 16 for FP8), and with FP8 the pack to 16 rows per
+CP x TP rank, so packs have variable lengths and padding is a few tokens per sample. Fixed-length packs cannot do much better than ~95% on a 32K-128K pool
 (two samples over 64K never share one); variable-length packs reach >99% and the cost of a step
 is balanced across data-parallel ranks instead (cost of a sample: linear ~ s plus attention ~ s^2).
 """
@@ -34,6 +34,27 @@ class Alignment:
     def pad(self, lengths: np.ndarray) -> np.ndarray:
         m = self.multiple
         return (np.asarray(lengths) + m - 1) // m * m
+
+    @property
+    def pack_multiple(self) -> int:
+        """What a whole pack's length must be a multiple of. Transformer Engine checks FP8 GEMM
+        inputs on each rank's local rows (before the sequence-parallel all-gather) for rows % 8,
+        so with FP8 every CP x TP rank gets a multiple of 16 rows: a pack padded sample by sample
+        to lcm(2*CP*TP, 16) holds only 2 rows per sample and rank at TP4 x CP16."""
+        if not self.fp8:
+            return self.multiple
+        rows = 16 * self.context_parallel * (self.tensor_parallel if self.sequence_parallel else 1)
+        return math.lcm(rows, self.multiple)
+
+    def pack_length(self, lengths) -> int:
+        """Tokens of a pack of samples of `lengths`: each padded, then the pack (one trailing pad
+        segment, itself a multiple of 2*CP) up to `pack_multiple`."""
+        m = self.pack_multiple
+        return int(self.pad(lengths).sum() + m - 1) // m * m
+
+    def capacity(self, seq_length: int) -> int:
+        """The most padded sample tokens a pack may hold so that its length stays <= seq_length."""
+        return seq_length // self.pack_multiple * self.pack_multiple
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
@@ -129,7 +150,7 @@ def packing_report(lengths: np.ndarray, packs: list[np.ndarray], seq_length: int
         samples=len(packed),
         packs=len(packs),
         real_tokens=int(packed.sum()),
-        padded_tokens=int(alignment.pad(packed).sum()),
+        padded_tokens=sum(alignment.pack_length(np.asarray(lengths)[p]) for p in packs),
         fixed_bin_tokens=len(packs) * seq_length,
         lower_bound_packs=max(math.ceil(packed.sum() / seq_length), int((packed > seq_length / 2).sum())),
     )

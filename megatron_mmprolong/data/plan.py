@@ -124,9 +124,15 @@ class Plan:
         return slice(int(self.pack_offsets[index]), int(self.pack_offsets[index + 1]))
 
     def pack_costs(self) -> np.ndarray:
-        padded = self.config.alignment.pad(self.sample_tokens)
-        costs = sample_cost(padded, self.config.attention_weight)
-        return np.add.reduceat(costs, self.pack_offsets[:-1]) if len(costs) else costs
+        """Compute of each pack: its padded samples, and the trailing pad segment FP8 adds."""
+        alignment = self.config.alignment
+        padded = alignment.pad(self.sample_tokens)
+        if not len(padded):
+            return padded.astype(np.float64)
+        costs = np.add.reduceat(sample_cost(padded, self.config.attention_weight), self.pack_offsets[:-1])
+        totals = np.add.reduceat(padded, self.pack_offsets[:-1])
+        m = alignment.pack_multiple
+        return costs + sample_cost((totals + m - 1) // m * m - totals, self.config.attention_weight)
 
     def rank_schedule(self, rank: int, data_parallel: int) -> np.ndarray:
         """This rank's packs in training order: per step, its share of a compute-balanced split."""
@@ -206,7 +212,7 @@ def make_plan(mixture: MixtureSpec, config: PlanConfig) -> Plan:
     datasets, samples, tokens = datasets[order], samples[order], tokens[order]
 
     padded = config.alignment.pad(tokens)
-    packs = best_fit_decreasing(padded, config.seq_length)
+    packs = best_fit_decreasing(padded, config.alignment.capacity(config.seq_length))
     packs = [packs[i] for i in rng.permutation(len(packs))]
     kept = len(packs) // config.global_batch * config.global_batch
     if kept == 0:
