@@ -34,7 +34,6 @@ _PLACEHOLDERS = {
 class Prompts:
     version: str
     sha256: str
-    path: str
     texts: dict[str, str]
     tasks: dict[str, str]  # task -> its instructions
 
@@ -58,8 +57,8 @@ def load_prompts(path: str | Path | None = None) -> Prompts:
     tasks = data["tasks"]
     if not isinstance(tasks, dict) or any(not isinstance(tasks.get(t), str) for t in QA_TASKS):
         raise SynthQAError(f"prompt file {path}: tasks must give instructions for {', '.join(QA_TASKS)}")
-    prompts = Prompts(str(data["version"]), hashlib.sha256(raw).hexdigest(), str(path.resolve()),
-                      {k: str(data[k]) for k in _TEXTS}, {t: tasks[t].strip() for t in QA_TASKS})
+    prompts = Prompts(str(data["version"]), hashlib.sha256(raw).hexdigest(), {k: str(data[k]) for k in _TEXTS},
+                      {t: tasks[t].strip() for t in QA_TASKS})
     for name, fields in _PLACEHOLDERS.items():
         try:
             prompts.fill(name, **{f: "x" for f in fields})
