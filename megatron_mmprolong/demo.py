@@ -2,6 +2,10 @@
 
 1. synthetic long documents with page-anchored questions -> an indexed multimodal dataset
    (a 1K-token tokenizer built offline, so that the tiny model's output layer stays small);
+   then synthetic PDFs -> `synth-qa` -> a second dataset: the generator is a stand-in for a served
+   VLM (`TextLayerOracle` behind a loopback chat-completions server: it writes questions from the
+   facts printed on the pages it is shown), so the requests, journal, checks and verification run
+   for real over HTTP without a GPU;
 2. a random tiny Qwen2.5-VL checkpoint written by transformers, compared with this model;
 3. converted to a Megatron distributed checkpoint for TP2;
 4. trained with `examples/cpu_tiny.yaml` on two ranks (TP2 over gloo), saved;
@@ -78,6 +82,29 @@ def _mmprolong(*args: str) -> list[str]:
     return [sys.executable, "-m", "megatron_mmprolong.cli", *args]
 
 
+def _synth_qa(pdfs: Path, out: Path, tokenizer: Path, timings: dict) -> dict:
+    """Synthetic PDFs -> synth-qa against the stand-in generator on loopback -> a dataset."""
+    from megatron_mmprolong.data.synth_qa.oracle import TextLayerOracle
+    from megatron_mmprolong.serving.scripted_server import ScriptedChatServer
+
+    _run("synthetic PDFs", _mmprolong(
+        "synth-docs", "--out", str(pdfs), "--docs", "4", "--min-pages", "20", "--max-pages", "24", "--format", "pdf",
+        "--page-width", "308", "--page-height", "336", "--font-size", "9", "--seed", "2"), timings)
+    oracle = TextLayerOracle(sorted(str(p) for p in pdfs.glob("*.pdf")))
+    with ScriptedChatServer(oracle, model="text-layer-oracle") as server:
+        _run("synth-qa: questions on 8-15 page segments (stand-in generator)", _mmprolong(
+            "synth-qa", "--input", str(pdfs), "--out", str(out), "--endpoint", server.url, "--model", server.model,
+            "--verify", "--workers", "0"), timings)
+    built = _last_json(_run("dataset from the synth-qa records", _mmprolong(
+        "build-data", "--input", str(out / "records.jsonl"), "--output-prefix", str(OUT / "data" / "synth-qa"),
+        "--tokenizer", str(tokenizer), "--seq-length", "4096"), timings))
+    return {**json.loads((out / "summary.json").read_text()), "samples": built["samples"]}
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{name} {n}" for name, n in counts.items())
+
+
 def main() -> int:
     from megatron_mmprolong.config import Qwen25VLConfig
     from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
@@ -85,6 +112,7 @@ def main() -> int:
 
     shutil.rmtree(OUT, ignore_errors=True)
     tokenizer, docs, data = OUT / "tokenizer", OUT / "docs", OUT / "data" / "synth"
+    pdfs, synth_qa = OUT / "pdfs", OUT / "synth-qa"
     hf_dir, mcore_dir, run_dir, export = OUT / "tiny-hf", OUT / "tiny-mcore", OUT / "run", OUT / "trained-hf"
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -97,6 +125,7 @@ def main() -> int:
             "build-data", "--input", str(docs / "records.jsonl"), "--output-prefix", str(data),
             "--tokenizer", str(tokenizer), "--seq-length", "4096", "--workers", "2", "--shard-size", "8"), timings)
         _run("inspect dataset", _mmprolong("inspect-data", str(data), "--sample", "0", "--packing", "4096"), timings)
+        qa = _synth_qa(pdfs, synth_qa, tokenizer, timings)
 
         write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), hf_dir, seed=0)
         for file in tokenizer.iterdir():  # the export copies the tokenizer from here
@@ -147,6 +176,9 @@ def main() -> int:
           f"{sum(losses[-k:]) / k:.3f} (last {k})")
     print(f"export: max |logit difference| {verify['max_abs_logit_diff']:.2e} against the trained checkpoint")
     by_task = ", ".join(f"{task} {score['exact_match']:.0%}" for task, score in scores["by_task"].items())
+    print(f"synth-qa: {qa['questions']} questions on {qa['documents']['used']} PDFs, "
+          f"{qa['accepted_total']} accepted and verified ({_counts(qa['accepted'])}), rejects: "
+          f"{_counts(qa['rejects']) or 'none'}; {qa['samples']} samples built")
     print(f"questions: {scores['samples']} answered, exact match {scores['exact_match']:.1%} ({by_task})")
     by_length = ", ".join(f"{int(n) // 1024}K {s['exact_match']:.0%}" for n, s in needle["by_length"].items())
     losses_by_position = ", ".join(f"{b['start']}-{b['end']} {b['loss']:.2f}" for b in by_position["buckets"] if b["loss"])

@@ -11,7 +11,7 @@ import pytest
 from megatron_mmprolong.serving.chat import ChatReply, ChatRequest, image_part, request_key, text_part
 from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig, EndpointError
 from megatron_mmprolong.serving.journal import Journal
-from megatron_mmprolong.serving.runner import Job, run_jobs
+from megatron_mmprolong.serving.runner import Job, UnbuildableJob, run_jobs
 from megatron_mmprolong.serving.scripted_server import Fault, ScriptedChatServer
 
 
@@ -73,6 +73,20 @@ def test_a_reply_cut_at_the_length_limit_is_counted():
     with ScriptedChatServer(lambda body: Fault(text="cut", finish_reason="length")) as server:
         stats = run_jobs(ChatEndpoint(_config(server)), [_job(0)])
     assert stats.truncated == 1
+
+
+def test_a_job_whose_request_cannot_be_built_is_answered_with_the_reason_unsent(tmp_path):
+    def unbuildable():
+        raise UnbuildableJob("page 3 of a.pdf cannot be rendered")
+
+    with ScriptedChatServer(_echo) as server:
+        got = {}
+        with Journal(tmp_path / "answers.jsonl") as journal:
+            stats = run_jobs(ChatEndpoint(_config(server)), [Job("bad", unbuildable), _job(1)], journal,
+                             on_reply=lambda j, r: got.setdefault(j.key, r))
+            assert "bad" not in journal  # a rerun tries to build it again
+    assert (stats.unbuilt, stats.sent, len(server.bodies)) == (1, 1, 1)
+    assert got["bad"].error == "page 3 of a.pdf cannot be rendered" and got[_job(1).key].text == "echo: q1"
 
 
 def test_unreachable_endpoint_fails_fast_naming_the_url():

@@ -29,6 +29,10 @@ class PdfDocument(Protocol):
 
     def text(self, index: int) -> str: ...
 
+    def outline(self) -> list[tuple[int, str, int]]:
+        """The table of contents as (level from 1, title, 1-based page); entries without a page
+        are left out, and a damaged outline reads as none."""
+
     def close(self) -> None: ...
 
 
@@ -55,6 +59,13 @@ class _PyMuPdf:
     def text(self, index):
         return self._doc[index].get_text()
 
+    def outline(self):
+        try:
+            entries = self._doc.get_toc(simple=True)
+        except Exception:  # a damaged outline is no outline
+            return []
+        return [(level, title, page) for level, title, page in entries if page >= 1]
+
     def close(self):
         self._doc.close()
 
@@ -79,6 +90,18 @@ class _Pdfium:
 
     def text(self, index):
         return self._doc[index].get_textpage().get_text_range()
+
+    def outline(self):
+        entries = []
+        try:
+            for item in self._doc.get_toc():
+                dest = item.get_dest()
+                index = dest.get_index() if dest is not None else None
+                if index is not None:
+                    entries.append((item.level + 1, item.get_title(), index + 1))
+        except Exception:  # a damaged or cyclic outline is no outline
+            return []
+        return entries
 
     def close(self):
         self._doc.close()

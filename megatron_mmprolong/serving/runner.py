@@ -3,7 +3,8 @@
 A job is a key and a function that builds its request; the function runs (in a worker thread,
 overlapping the requests in flight) only for keys the journal lacks, so a resumed run neither
 re-renders pages nor resends anything. Answers reach `on_reply` as they arrive, in completion
-order, and are journaled before it is called.
+order, and are journaled before it is called. A build that raises `UnbuildableJob` (a page that
+does not render) answers its job with a reply whose `error` says why: not sent, not journaled.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from tqdm import tqdm
 
 from megatron_mmprolong.serving.chat import ChatReply, ChatRequest
 from megatron_mmprolong.serving.journal import Journal
+
+
+class UnbuildableJob(Exception):
+    """Raised by a job's `build` when its request cannot be made; the message is the reason."""
 
 
 class ChatBackend(Protocol):
@@ -37,6 +42,7 @@ class RunStats:
     journaled: int = 0  # answered by an earlier run
     refused: int = 0
     truncated: int = 0
+    unbuilt: int = 0  # jobs whose build raised UnbuildableJob
     seconds: float = 0.0
 
     @property
@@ -97,7 +103,14 @@ async def run_jobs_async(backend: ChatBackend, jobs: Iterable[Job], journal: Jou
                 job = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            request = await asyncio.to_thread(job.build)
+            try:
+                request = await asyncio.to_thread(job.build)
+            except UnbuildableJob as err:
+                stats.unbuilt += 1
+                if on_reply is not None:
+                    on_reply(job, ChatReply(text="", error=str(err)))
+                bar.update()
+                continue
             finish(job, await backend.complete(request), fresh=True)
 
     workers = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(pending)))]
