@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--context-parallel-size", type=int, default=1)
     plan.add_argument("--tensor-model-parallel-size", type=int, default=1)
     plan.add_argument("--sequence-parallel", action="store_true")
-    plan.add_argument("--fp8", action="store_true", help="pad samples to FP8's multiple of 16 too")
+    plan.add_argument("--fp8", action="store_true", help="pad for FP8: samples to a multiple of 16, each pack to 16 rows per CP x TP rank")
     plan.add_argument("--data-parallel-size", type=int, help="report the compute utilisation for this many ranks")
     plan.add_argument("--out", help="plan path prefix (default: next to the mixture file)")
     plan.set_defaults(run=_plan_data)

@@ -114,20 +114,21 @@ class PrecisionConfig:
     or `tensorwise` (current) scaling; `blockwise` and `mxfp8` need Blackwell. FP8 attention
     (`fp8_attention`, TE's fp8_dpa) has a backward pass on H100 only for unpacked (sbhd/bshd)
     sequences, with or without CP; for packed (THD) batches it is forward-only, so training on
-    packed data refuses it. The vision encoder stays BF16 unless `fp8_vision`.
+    packed data refuses it. The vision encoder stays BF16:
+    TE's FP8 GEMMs need dimensions that are multiples of 16, which its MLP (3420 at 3B/7B) and
+    the patch rows of a pack are not.
     """
 
     params_dtype: str = "bf16"
     fp8: str | None = None  # None, "hybrid" or "e4m3"
     fp8_recipe: str = "delayed"
     fp8_attention: bool = False
-    fp8_vision: bool = False
 
     def validate(self, backend: str, packed: bool = True, training: bool = True) -> None:
         torch_dtype(self.params_dtype)
         if self.fp8 is None:
-            if self.fp8_attention or self.fp8_vision:
-                raise ConfigError("fp8 attention / fp8 vision need FP8 (--fp8-format hybrid or e4m3)")
+            if self.fp8_attention:
+                raise ConfigError("fp8 attention needs FP8 (--fp8-format hybrid or e4m3)")
             return
         if self.fp8 not in ("hybrid", "e4m3"):
             raise ConfigError(f"fp8 format must be hybrid or e4m3, got {self.fp8!r}")
@@ -148,7 +149,7 @@ class PrecisionConfig:
         dtype = torch_dtype(self.params_dtype)
         values: dict[str, Any] = dict(params_dtype=dtype, pipeline_dtype=dtype,
                                       bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
-        if self.fp8 is not None and (self.fp8_vision or not vision):
+        if self.fp8 is not None and not vision:
             values.update(fp8=self.fp8, fp8_recipe=self.fp8_recipe,
                           fp8_dot_product_attention=self.fp8_attention and not vision)
         return values

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from megatron_mmprolong.cli import main
+from megatron_mmprolong.config import ConfigError
 from megatron_mmprolong.data.loader import LoaderState, PackedSequences, make_dataloader
 from megatron_mmprolong.data.packing import Alignment, balance, best_fit_decreasing, packing_report
 from megatron_mmprolong.data.plan import MixtureSpec, Plan, PlanConfig, PlanError, make_plan
@@ -344,3 +345,13 @@ def test_pack_length_rounds_to_the_fp8_row_multiple():
     assert recipe.pack_length([100, 30]) == 256  # 112 + 32 = 144 -> 256
     assert Alignment(4, 2, True).pack_length([100, 30]) == 144  # no FP8: samples' own multiple
     assert recipe.capacity(131072) == 131072 and recipe.capacity(131000) == 130944
+
+
+def test_a_plan_without_fp8_pack_padding_is_refused_for_an_fp8_run():
+    from megatron_mmprolong.training.loop import check_plan_alignment
+
+    recipe_fp8, recipe_bf16 = Alignment(4, 2, True, True), Alignment(4, 2, True)
+    check_plan_alignment(recipe_fp8, recipe_bf16)  # FP8 packs also serve a BF16 run
+    check_plan_alignment(recipe_fp8, Alignment(2, 2, True, True))
+    with pytest.raises(ConfigError, match="packs to 16; this layout needs 16 and 128"):
+        check_plan_alignment(recipe_bf16, recipe_fp8)

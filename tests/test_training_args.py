@@ -37,7 +37,6 @@ VALUES = {
     "fp8_format": ("e4m3", "e4m3"),
     "fp8_recipe": ("tensorwise", "tensorwise"),
     "fp8_dot_product_attention": (True, True),
-    "fp8_vision": (True, "hybrid"),
     "recompute_granularity": ("full", "full"),
     "recompute_method": ("block", "block"),
     "recompute_num_layers": (2, 2),
@@ -51,7 +50,6 @@ REQUIRES = {
     "cp_comm_type": {"context_parallel_size": 2},
     "fp8_recipe": {"fp8_format": "e4m3"},
     "fp8_dot_product_attention": {"fp8_format": "hybrid"},
-    "fp8_vision": {"fp8_format": "hybrid"},
     "recompute_method": {"recompute_granularity": "full"},
     "recompute_num_layers": {"recompute_granularity": "full", "recompute_method": "uniform"},
     "recompute_granularity": {"recompute_method": "uniform"},
@@ -118,6 +116,7 @@ def test_command_line_overrides_the_recipe(tmp_path):
         (["--recompute-granularity", "full"], "needs --recompute-method"),
         (["--save-interval", "5"], "--save-interval needs --save"),
         (["--data-plan", "p"], "exactly one of --data-mix and --data-plan"),
+        (["--fp8-format", "hybrid", "--fp8-vision"], "--fp8-vision: FP8 in the vision encoder was removed"),
     ],
 )
 def test_bad_arguments(tmp_path, argv, message):
@@ -129,6 +128,8 @@ def test_bad_arguments(tmp_path, argv, message):
 def test_bad_recipes(tmp_path):
     with pytest.raises(ConfigError, match="unknown recipe key 'learning_rate'"):
         A.parse_args(["--config", str(_recipe(tmp_path, learning_rate=1))])
+    with pytest.raises(ConfigError, match="fp8-vision: FP8 in the vision encoder was removed"):
+        A.parse_args(["--config", str(_recipe(tmp_path, **{"fp8-vision": True}))])
     with pytest.raises(ConfigError, match="lr_decay_style must be one of"):
         A.parse_args(["--config", str(_recipe(tmp_path, lr_decay_style="exp"))])
     with pytest.raises(SystemExit):  # argparse refuses a bad choice on the command line

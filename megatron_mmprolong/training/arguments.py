@@ -72,7 +72,6 @@ class TrainArgs:
     fp8_format: str | None = None
     fp8_recipe: str = "delayed"
     fp8_dot_product_attention: bool = False
-    fp8_vision: bool = False
     # memory
     recompute_granularity: str | None = None
     recompute_method: str | None = None
@@ -137,7 +136,6 @@ ARGUMENTS: tuple[Arg, ...] = (
     Arg("fp8_recipe", "FP8 scaling", "transformer.fp8_recipe", ("delayed", "tensorwise", "blockwise", "mxfp8")),
     Arg("fp8_dot_product_attention", "FP8 attention (unpacked sequences only for training)",
         "transformer.fp8_dot_product_attention"),
-    Arg("fp8_vision", "FP8 also in the vision encoder", "vision.fp8"),
     Arg("recompute_granularity", "activation recompute", "transformer.recompute_granularity",
         ("full", "selective", "none")),
     Arg("recompute_method", "full recompute method", "transformer.recompute_method", ("uniform", "block")),
@@ -180,6 +178,8 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     """Recipe, then command line; raises ArgumentError for unknown or conflicting values."""
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
+    for argument in unknown:
+        _refuse_removed(argument.lstrip("-").split("=")[0].replace("-", "_"), argument)
     if unknown:
         raise ArgumentError(f"unknown arguments: {' '.join(unknown)}")
     values: dict[str, Any] = {}
@@ -194,6 +194,19 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     return args
 
 
+# arguments that existed once, with the reason they are gone
+REMOVED = {
+    "fp8_vision": "FP8 in the vision encoder was removed: Transformer Engine's FP8 GEMMs need every "
+                  "dimension a multiple of 16, and the vision MLP of the 3B/7B models is 3420 wide and "
+                  "the patch rows of a pack vary; the vision encoder runs in BF16",
+}
+
+
+def _refuse_removed(name: str, where: str) -> None:
+    if name in REMOVED:
+        raise ArgumentError(f"{where}: {REMOVED[name]}")
+
+
 def read_recipe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -206,6 +219,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     values = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        _refuse_removed(name, f"{path}: {key}")
         if name not in known:
             raise ArgumentError(f"{path}: unknown recipe key {key!r}")
         arg = known[name]
@@ -257,7 +271,7 @@ def parallel_config(args: TrainArgs) -> ParallelConfig:
 def precision_config(args: TrainArgs) -> PrecisionConfig:
     return PrecisionConfig(
         params_dtype="bf16" if args.bf16 else "fp32", fp8=args.fp8_format, fp8_recipe=args.fp8_recipe,
-        fp8_attention=args.fp8_dot_product_attention, fp8_vision=args.fp8_vision,
+        fp8_attention=args.fp8_dot_product_attention,
     )
 
 

@@ -62,6 +62,15 @@ class ExitSignals:
         return bool(flag.item())
 
 
+def check_plan_alignment(planned: Alignment, needed: Alignment) -> None:
+    """A plan made for another layout serves this one only if its samples and packs are padded
+    to multiples of what this layout needs (CP halves, SP rows, FP8 row blocks)."""
+    if planned.multiple % needed.multiple or planned.pack_multiple % needed.pack_multiple:
+        raise ConfigError(f"the plan pads samples to multiples of {planned.multiple} and packs to "
+                          f"{planned.pack_multiple}; this layout needs {needed.multiple} and "
+                          f"{needed.pack_multiple} (re-plan with its CP/TP/SP/FP8)")
+
+
 def _plan(args: A.TrainArgs, alignment: Alignment) -> Plan:
     if args.data_plan:
         plan = Plan.load(args.data_plan)
@@ -109,9 +118,7 @@ def train(args: A.TrainArgs) -> TrainResult:
     alignment = Alignment(args.context_parallel_size, args.tensor_model_parallel_size, args.sequence_parallel,
                           args.fp8_format is not None)
     plan = _plan(args, alignment)
-    if plan.config.alignment.multiple % alignment.multiple:
-        raise ConfigError(f"the plan pads samples to multiples of {plan.config.alignment.multiple}; this layout "
-                          f"needs multiples of {alignment.multiple} (re-plan with its CP/TP/SP/FP8)")
+    check_plan_alignment(plan.config.alignment, alignment)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     if args.global_batch_size % dp:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} does not divide over {dp} data-parallel ranks")
