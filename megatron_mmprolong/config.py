@@ -88,6 +88,19 @@ class TokenIds:
     eos: int = 151645
 
 
+# Transformer Engine's context-parallel attention for packed (THD) sequences, the only kind this
+# project trains on, at the TE range Megatron-Core 0.16 accepts (2.9-2.11): the ring (p2p) always,
+# all-to-all over heads (a2a) from TE 2.10.
+CP_COMM_TYPES = ("p2p", "a2a")
+A2A_THD_MIN_TE = (2, 10)
+UNPACKED_CP_COMM_TYPES = {
+    "allgather": "Transformer Engine calls it all_gather, and that does not take packed (THD) sequences",
+    "all_gather": "Transformer Engine's all-gather CP asserts qkv_format != 'thd' (no packed sequences)",
+    "a2a+p2p": "hierarchical CP asserts qkv_format != 'thd' in Transformer Engine <= 2.11 (no packed "
+               "sequences) and needs hierarchical_context_parallel_sizes",
+}
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """Parallel layout, with Megatron-LM's meanings."""
@@ -99,7 +112,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     virtual_pipeline_parallel: int | None = None
     decoder_first_pipeline_num_layers: int | None = None
-    cp_comm_type: str = "p2p"  # Transformer Engine CP: p2p (ring), a2a, allgather or a2a+p2p
+    cp_comm_type: str = "p2p"  # Transformer Engine CP: p2p (ring) or a2a (see CP_COMM_TYPES)
 
     @property
     def vision_tp(self) -> int:
@@ -411,12 +424,14 @@ class Qwen25VLConfig:
         if tp % vtp:
             raise ConfigError(f"vision tensor parallel size {vtp} must divide tensor_model_parallel_size {tp}")
         comm, cp = parallel.cp_comm_type, parallel.context_parallel
-        if comm not in ("p2p", "a2a", "allgather", "a2a+p2p"):
-            raise ConfigError(f"cp_comm_type must be p2p, a2a, allgather or a2a+p2p, got {comm!r}")
+        if comm in UNPACKED_CP_COMM_TYPES:
+            raise ConfigError(f"cp_comm_type {comm}: {UNPACKED_CP_COMM_TYPES[comm]}; use p2p or a2a")
+        if comm not in CP_COMM_TYPES:
+            raise ConfigError(f"cp_comm_type must be p2p or a2a, got {comm!r}")
         if comm == "a2a" and (t.num_key_value_heads // tp) % cp:
             raise ConfigError(
                 f"cp_comm_type a2a splits attention heads over CP: {t.num_key_value_heads} KV heads / TP {tp} "
-                f"do not divide over CP {cp}; use p2p or a2a+p2p"
+                f"do not divide over CP {cp}; use p2p"
             )
         if parallel.sequence_parallel and tp == 1:
             raise ConfigError("sequence parallelism needs tensor_model_parallel_size > 1")

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,11 @@ def test_context_parallel_communication_types():
     c7.validate_parallel(ParallelConfig(tensor_parallel=2, context_parallel=2, cp_comm_type="a2a"))
     with pytest.raises(ConfigError, match="4 KV heads / TP 2 do not divide over CP 4"):
         c7.validate_parallel(ParallelConfig(tensor_parallel=2, context_parallel=4, cp_comm_type="a2a"))
-    with pytest.raises(ConfigError, match="cp_comm_type must be"):
+    with pytest.raises(ConfigError, match="cp_comm_type must be p2p or a2a"):
         c7.validate_parallel(ParallelConfig(context_parallel=2, cp_comm_type="ring"))
-    assert language_transformer_config(c7, ParallelConfig(context_parallel=2, cp_comm_type="a2a+p2p")).cp_comm_type == "a2a+p2p"
+    # what Transformer Engine 2.9-2.11 refuses for packed (THD) sequences, each with its reason
+    for comm, reason in [("allgather", "calls it all_gather"), ("all_gather", "asserts qkv_format != 'thd'"),
+                         ("a2a+p2p", "needs hierarchical_context_parallel_sizes")]:
+        with pytest.raises(ConfigError, match=f"cp_comm_type {re.escape(comm)}: .*{reason}.*; use p2p or a2a"):
+            c7.validate_parallel(ParallelConfig(context_parallel=2, cp_comm_type=comm))
+    assert language_transformer_config(c7, ParallelConfig(context_parallel=2, cp_comm_type="a2a")).cp_comm_type == "a2a"

@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from megatron_mmprolong.config import PRESETS, Qwen25VLConfig
+from megatron_mmprolong.config import PRESETS, ConfigError, ParallelConfig, Qwen25VLConfig
 from megatron_mmprolong.convert.hf_loader import load_hf_weights
 from megatron_mmprolong.convert.parity import make_sample, our_logits
 from megatron_mmprolong.model.builder import build_model, count_parameters
@@ -115,3 +115,28 @@ def test_7b_on_the_meta_device_is_fast_and_takes_no_memory(runtime):
     assert count_parameters(model)["total"] > 8e9
     assert elapsed < 5.0
     assert grown < 256 * 2**20  # real fp32 weights would be 33 GB
+
+
+def test_a_meta_build_takes_the_local_backend_where_te_is_the_default(runtime, monkeypatch):
+    """TE modules allocate on the device they are given, not under the meta context: on a GPU
+    node (TE the default) a shapes-only build must still use the local backend."""
+    import megatron_mmprolong.model.builder as builder
+
+    monkeypatch.setattr(builder, "default_backend", lambda: "te")
+    model = build_model(Qwen25VLConfig.preset("tiny"), meta=True)
+    assert all(p.is_meta for p in model.parameters())
+    assert not [m for m in model.modules() if "transformer_engine" in type(m).__module__]
+    with pytest.raises(ConfigError, match="built on the local backend, not te"):
+        build_model(Qwen25VLConfig.preset("tiny"), meta=True, backend="te")
+
+
+def test_all_to_all_context_parallel_needs_transformer_engine_2_10(monkeypatch):
+    import megatron.core.utils as mcore_utils
+
+    from megatron_mmprolong.model.builder import _check_transformer_engine
+
+    monkeypatch.setattr(mcore_utils, "is_te_min_version", lambda version, check_equality=True: tuple(map(int, version.split("."))) <= (2, 9))
+    monkeypatch.setattr(mcore_utils, "get_te_version", lambda: "2.9.0")
+    _check_transformer_engine(ParallelConfig(context_parallel=2, cp_comm_type="p2p"))
+    with pytest.raises(ConfigError, match="a2a on packed sequences needs Transformer Engine >= 2.10, this is 2.9.0"):
+        _check_transformer_engine(ParallelConfig(context_parallel=2, cp_comm_type="a2a"))

@@ -17,7 +17,7 @@ VALUES = {
     "sequence_parallel": (True, True),
     "vision_tensor_parallel_size": (1, 1),
     "decoder_first_pipeline_num_layers": (1, 1),
-    "cp_comm_type": ("a2a+p2p", "a2a+p2p"),
+    "cp_comm_type": ("a2a", "a2a"),
     "seq_length": (65536, 65536),
     "global_batch_size": (8, 8),
     "lr": (3e-4, 3e-4),

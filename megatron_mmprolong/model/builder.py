@@ -11,6 +11,8 @@ import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_mmprolong.config import (
+    A2A_THD_MIN_TE,
+    ConfigError,
     ParallelConfig,
     PrecisionConfig,
     Qwen25VLConfig,
@@ -42,7 +44,13 @@ def build_model(
     `training` describe the batches, for the FP8 attention policy."""
     config.validate()
     config.validate_parallel(parallel)
-    backend = backend or default_backend()
+    # TE modules allocate on the device they are given, not under a meta-device context: a meta
+    # build of a 72B model on the TE backend would fill the GPU
+    backend = backend or ("local" if meta else default_backend())
+    if meta and backend == "te":
+        raise ConfigError("a meta-device model (shapes and counts) is built on the local backend, not te")
+    if backend == "te":
+        _check_transformer_engine(parallel)
     precision.validate(backend, packed=packed, training=training)
     on_gpu = torch.cuda.is_available() and not meta
     common = dict(
@@ -73,6 +81,15 @@ def build_model(
     if on_gpu:
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def _check_transformer_engine(parallel: ParallelConfig) -> None:
+    from megatron.core.utils import get_te_version, is_te_min_version
+
+    needed = ".".join(map(str, A2A_THD_MIN_TE))
+    if parallel.context_parallel > 1 and parallel.cp_comm_type == "a2a" and not is_te_min_version(needed):
+        raise ConfigError(f"cp_comm_type a2a on packed sequences needs Transformer Engine >= {needed}, "
+                          f"this is {get_te_version()}; use p2p or upgrade (pip install 'megatron-mmprolong[gpu]')")
 
 
 def count_parameters(model: Qwen25VLModel) -> dict[str, int]:
