@@ -243,7 +243,8 @@ def _eval_model(args):
         raise ConfigError(f"--tp {args.tp} x --cp {args.cp} x --pp {args.pp} needs {ranks} ranks, this run has "
                           f"{world}: torchrun --nproc-per-node {ranks} -m megatron_mmprolong.cli eval ...")
     parallel = ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp, pipeline_parallel=args.pp)
-    model = MegatronGenerator.from_checkpoint(resolve_checkpoint(args.mcore_dir), parallel)
+    dtype = "bf16" if args.dtype == "auto" else args.dtype
+    model = MegatronGenerator.from_checkpoint(resolve_checkpoint(args.mcore_dir), parallel, dtype)
     return model, dist.get_rank() == 0, dist.barrier
 
 
@@ -620,7 +621,9 @@ def _add_eval_model(parser) -> None:
     parser.add_argument("--cp", type=int, default=1, help="context parallel size with --mcore-dir (long inputs)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size with --mcore-dir")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                        help="transformers dtype with --hf-dir (default fp32)")
+                        help="parameter dtype; auto: fp32 with --hf-dir (the transformers reference), bf16 with "
+                             "--mcore-dir (Transformer Engine's fused attention needs it; fp32 is refused at CP > 1 "
+                             "and for prompts whose unfused attention scores exceed 8 GiB)")
 
 
 def _add_layout(parser) -> None:

@@ -155,7 +155,7 @@ def main() -> int:
             "eval", "needle", "--hf-dir", str(export), "--out", str(OUT / "needle"),
             "--lengths", "1024", "2048", "4096", "8192", *pages), timings))
         _run("the 8K column on the trained Megatron checkpoint, CP2 (2 ranks)", _two_ranks(
-            "megatron_mmprolong.cli", "eval", "needle", "--mcore-dir", str(run_dir), "--cp", "2",
+            "megatron_mmprolong.cli", "eval", "needle", "--mcore-dir", str(run_dir), "--cp", "2", "--dtype", "fp32",
             "--tokenizer", str(export), "--out", str(OUT / "needle-cp2"), "--lengths", "8192", *pages), timings)
         same, asked = _same_answers(OUT / "needle-cp2" / "answers.jsonl", OUT / "needle" / "answers.jsonl")
         by_position = _last_json(_run("loss by position", _mmprolong(

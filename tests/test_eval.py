@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron_mmprolong.cli import main
+from megatron_mmprolong.config import ConfigError
 from megatron_mmprolong.data.chat import ChatTokenizer
 from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.eval.dataset_qa import answer_questions, prompt_and_answer, score
@@ -277,7 +278,7 @@ def _on_both_checkpoints(tmp_path, seed: int, command: list[str], hf_out: str, m
         port = sock.getsockname()[1]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
                     "-m", "megatron_mmprolong.cli", *command, "--mcore-dir", str(tmp_path / "mcore"), *layout,
-                    "--out", str(tmp_path / mcore_out)],
+                    "--dtype", "fp32", "--out", str(tmp_path / mcore_out)],  # fp32 like the transformers run
                    check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
                    stdout=subprocess.DEVNULL)
 
@@ -292,6 +293,49 @@ def test_megatron_and_transformers_give_the_same_answers(dataset, tmp_path, caps
     hf, mcore = (json.loads((tmp_path / name).read_text())["results"] for name in ("hf.json", "mcore.json"))
     assert len(hf) == 4 and all(len(r["answer"]) > 5 for r in hf)  # long, arbitrary replies
     assert [r["answer"] for r in mcore] == [r["answer"] for r in hf]
+
+
+def test_megatron_eval_models_are_bf16_and_project_only_the_rows_they_use(tmp_path):
+    """TE's flash and cuDNN attention need bf16, so eval models are bf16 unless asked; the
+    vocabulary projection runs on the rows whose logits are read (the last prompt position and
+    each new token in `generate`), not on the whole 128K prompt."""
+    from megatron_mmprolong.config import ParallelConfig, Qwen25VLConfig
+    from megatron_mmprolong.convert.hf_to_mcore import hf_to_mcore
+    from megatron_mmprolong.convert.parity import make_sample
+    from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
+    from megatron_mmprolong.eval.megatron_generate import MegatronGenerator
+
+    config = Qwen25VLConfig.preset("tiny-1k")
+    write_random_hf_checkpoint(config, tmp_path / "hf", seed=3)
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", ParallelConfig(), progress=False)
+    generator = MegatronGenerator.from_checkpoint(tmp_path / "mcore", ParallelConfig())
+    assert {p.dtype for p in generator.model.parameters()} == {torch.bfloat16}
+    language = generator.model.language_model
+    rows = []
+    language.output_layer.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    project = language.logits
+    language.logits = lambda hidden: rows.append(hidden.shape[0]) or project(hidden)
+    sample = make_sample(config, torch.Generator().manual_seed(0), images=[(1, 8, 8)], text_tokens=40)
+    out = generator.generate(sample.input_ids, max_new_tokens=3, eos_token_id=-1, pad_token_id=0,
+                             pixel_values=sample.pixel_values, image_grid_thw=sample.image_grid_thw)
+    assert out.shape[1] == sample.input_ids.shape[1] + 3
+    assert rows == [1, 1, 1]  # one row per new token, none for the rest of the prompt
+    fp32 = MegatronGenerator.from_checkpoint(tmp_path / "mcore", ParallelConfig(), "fp32")
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}  # on request
+    fp32.model.backend = "te"  # as on a GPU node: fp32 runs TE's unfused attention, [heads, s, s] scores
+    fp32._prompt(torch.zeros(20_000, dtype=torch.long), 0)
+    with pytest.raises(ConfigError, match="a 30000-token prompt in fp32 needs 13 GiB of attention scores"):
+        fp32._prompt(torch.zeros(30_000, dtype=torch.long), 0)
+
+
+def test_fp32_evaluation_with_context_parallelism_on_transformer_engine_is_refused(monkeypatch, tmp_path):
+    from megatron_mmprolong.config import ParallelConfig
+    from megatron_mmprolong.eval.megatron_generate import MegatronGenerator
+    from megatron_mmprolong.model import specs
+
+    monkeypatch.setattr(specs, "default_backend", lambda: "te")
+    with pytest.raises(ConfigError, match="unfused attention, which has no context parallelism"):
+        MegatronGenerator.from_checkpoint(tmp_path, ParallelConfig(context_parallel=2), "fp32")
 
 
 # ---- loss by position -------------------------------------------------------------------------

@@ -19,9 +19,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_mmprolong.config import ParallelConfig
+from megatron_mmprolong.config import ConfigError, ParallelConfig, PrecisionConfig
 from megatron_mmprolong.model.kv_cache import KVCache
 from megatron_mmprolong.model.packed import packed_segments
+
+# fp32 attention scores Transformer Engine's unfused backend may hold for one prompt
+UNFUSED_SCORES_LIMIT = 8 * 2**30
 
 
 class MegatronGenerator(torch.nn.Module):
@@ -30,17 +33,25 @@ class MegatronGenerator(torch.nn.Module):
         self.model = model
 
     @classmethod
-    def from_checkpoint(cls, mcore_dir: str | Path, parallel: ParallelConfig) -> "MegatronGenerator":
+    def from_checkpoint(cls, mcore_dir: str | Path, parallel: ParallelConfig, dtype: str = "bf16") -> "MegatronGenerator":
+        """The checkpoint's model at `parallel`, its parameters in `dtype`: bf16 by default, as
+        Transformer Engine's flash and cuDNN attention need; fp32 falls back to TE's unfused
+        attention, which holds [heads, s, s] scores and has no context parallelism."""
         from megatron_mmprolong import runtime
         from megatron_mmprolong.convert.checkpoint_info import checkpoint_config
         from megatron_mmprolong.convert.mcore_checkpoint import load_mcore_checkpoint
         from megatron_mmprolong.model.builder import build_model
+        from megatron_mmprolong.model.specs import default_backend
 
+        if dtype == "fp32" and parallel.context_parallel > 1 and default_backend() == "te":
+            raise ConfigError("fp32 evaluation runs Transformer Engine's unfused attention, which has no context "
+                              "parallelism: evaluate in bf16 (the default) or without --cp")
         runtime.initialize(parallel)
         config = checkpoint_config(mcore_dir)
         # the prompt grows by one token per step: pipeline stages exchange shapes each time
-        model = build_model(config, parallel, pre_process=ps.is_pipeline_first_stage(),
-                            post_process=ps.is_pipeline_last_stage(), variable_seq_lengths=True, training=False)
+        model = build_model(config, parallel, precision=PrecisionConfig(params_dtype=dtype),
+                            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                            variable_seq_lengths=True, training=False)
         load_mcore_checkpoint(model, mcore_dir)
         return cls(model.eval())
 
@@ -62,16 +73,16 @@ class MegatronGenerator(torch.nn.Module):
         for module in attention:
             module.kv_cache = cache
         try:
-            logits = self._forward(tokens, packed, cp_index.to(device) if model.cp_size > 1 else None, vision)
+            hidden = self._forward(tokens, packed, cp_index.to(device) if model.cp_size > 1 else None, vision)
             here = (cp_index == length - 1).nonzero()
-            ids.append(_agreed_token(logits, int(here[0, 0]) if len(here) else None))
+            ids.append(self._agreed_token(hidden, int(here[0, 0]) if len(here) else None))
             cache.keep_prompt_tokens((cp_index < length).to(device), room=max_new_tokens)
             one = torch.zeros(1, dtype=torch.long, device=device)  # every CP rank keeps the new token
             while len(ids) - length < max_new_tokens and ids[-1] != eos_token_id:
                 position = torch.full((3, 1, 1), next_position + len(ids) - 1 - length, device=device)
-                logits = self._forward(torch.tensor([[ids[-1]]], device=device), None,
+                hidden = self._forward(torch.tensor([[ids[-1]]], device=device), None,
                                        one if model.cp_size > 1 else None, {}, position)
-                ids.append(_agreed_token(logits, 0))
+                ids.append(self._agreed_token(hidden, 0))
         finally:
             for module in attention:
                 module.kv_cache = None
@@ -81,7 +92,8 @@ class MegatronGenerator(torch.nn.Module):
     def token_scores(self, input_ids, pixels, grids, chunk: int = 4096):
         """Per-position (loss, correct) for predicting token p + 1 from tokens <= p, on every rank:
         float64 [n - 1] and bool [n - 1] (`eval position-loss`). Each CP rank scores its own
-        positions, `chunk` of them at a time in fp32, and one all-reduce assembles the sequence."""
+        positions, `chunk` of them at a time (their logits in fp32), and one all-reduce assembles
+        the sequence."""
         model = self.model
         device = next(model.parameters()).device
         length = input_ids.shape[1]
@@ -91,16 +103,18 @@ class MegatronGenerator(torch.nn.Module):
         if len(grids):
             dtype = next(model.parameters()).dtype
             vision = {"pixel_values": torch.from_numpy(pixels).to(device, dtype), "image_grid_thw": torch.tensor(grids)}
-        logits = self._forward(tokens, packed, cp_index.to(device) if model.cp_size > 1 else None, vision)
+        hidden = self._forward(tokens, packed, cp_index.to(device) if model.cp_size > 1 else None, vision)
         scores = torch.zeros(2, len(ids), dtype=torch.float64)  # loss, hit; by position
-        if logits is not None and ps.get_tensor_model_parallel_rank() == 0:  # TP ranks hold the same logits
+        writes = ps.get_tensor_model_parallel_rank() == 0  # TP ranks compute the same logits
+        if hidden is not None:
             keep = (cp_index < length - 1).nonzero()[:, 0]
             for part in keep.split(chunk):
                 positions = cp_index[part]
-                part_logits = logits[part.to(device)].float()
+                logits = model.language_model.logits(hidden[part.to(device)])[0].float()
                 target = ids[positions + 1].to(device)
-                scores[0, positions] = torch.nn.functional.cross_entropy(part_logits, target, reduction="none").double().cpu()
-                scores[1, positions] = (part_logits.argmax(-1) == target).double().cpu()
+                if writes:
+                    scores[0, positions] = torch.nn.functional.cross_entropy(logits, target, reduction="none").double().cpu()
+                    scores[1, positions] = (logits.argmax(-1) == target).double().cpu()
         dist.all_reduce(scores)
         return scores[0, :length - 1], scores[1, :length - 1].bool()
 
@@ -111,29 +125,44 @@ class MegatronGenerator(torch.nn.Module):
         device = next(self.model.parameters()).device
         align = 2 * self.model.cp_size if self.model.cp_size > 1 else 1
         padded = align * math.ceil(len(ids) / align)
+        self._check_unfused_attention(padded)
         tokens = torch.cat([ids.cpu(), torch.full((padded - len(ids),), pad, dtype=ids.dtype)])[None].to(device)
         cu = torch.tensor([0, padded], dtype=torch.int32)
         packed = packed_segments(cu, device, padded)
         cp_index = self.model.cp_token_index(padded, cu) if self.model.cp_size > 1 else torch.arange(padded)
         return tokens, packed, cp_index
 
+    def _check_unfused_attention(self, length: int) -> None:
+        """fp32 on Transformer Engine runs its unfused attention: [heads / TP, s, s] fp32 scores."""
+        model = self.model
+        if model.backend != "te" or next(model.parameters()).dtype != torch.float32:
+            return
+        heads = model.model_config.text.num_attention_heads // model.pg_collection.tp.size()
+        if heads * length * length * 4 > UNFUSED_SCORES_LIMIT:
+            raise ConfigError(f"a {length}-token prompt in fp32 needs {heads * length * length * 4 / 2**30:.0f} GiB of "
+                              f"attention scores (Transformer Engine's unfused attention): evaluate in bf16")
+
     def _forward(self, tokens, packed, cp_index, vision, position_ids=None):
-        """Logits [local tokens, vocab] on the last pipeline stage, None on the others."""
+        """Final hidden states [local tokens, 1, hidden] on the last pipeline stage, None on the
+        others; logits are made only where they are used."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def step(data_iterator, model):
-            output = model(tokens, position_ids, packed_seq_params=packed, cp_index=cp_index, **vision)
+            output = model(tokens, position_ids, packed_seq_params=packed, cp_index=cp_index, return_hidden=True,
+                           **vision)
             return output, lambda out, non_loss_data=True: out
 
         outputs = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter([None]), model=[self.model], num_microbatches=1,
             seq_length=tokens.shape[1], micro_batch_size=1, forward_only=True, collect_non_loss_data=True)
-        return outputs[0][0] if self.model.post_process else None
+        return outputs[0] if self.model.post_process else None
 
-
-def _agreed_token(logits, index: int | None) -> int:
-    """The greedy token at local position `index` of the rank that holds it (last stage); one
-    all-reduce over the model's TP x CP x PP world gives it to every rank."""
-    choice = torch.tensor([int(logits[index].argmax()) if logits is not None and index is not None else -1])
-    dist.all_reduce(choice, op=dist.ReduceOp.MAX)
-    return int(choice)
+    def _agreed_token(self, hidden, index: int | None) -> int:
+        """The greedy token at local position `index` of the ranks that hold it (last stage, all
+        of its TP group): the logits of that one row; one all-reduce over the model's TP x CP x PP
+        world gives the token to every rank."""
+        choice = torch.tensor([-1])
+        if hidden is not None and index is not None:
+            choice[0] = int(self.model.language_model.logits(hidden[index:index + 1])[0, 0].argmax())
+        dist.all_reduce(choice, op=dist.ReduceOp.MAX)
+        return int(choice)

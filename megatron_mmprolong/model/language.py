@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
@@ -87,9 +88,13 @@ class LanguageModel(LanguageModule):
         position_ids: Tensor,
         packed_seq_params: PackedSeqParams | None = None,
         labels: Tensor | None = None,
+        return_hidden: bool = False,
     ) -> Tensor:
         """Hidden states (not the last stage), logits [batch, seq, vocab] (no labels) or the
-        per-token loss [batch, seq] (labels, vocabulary-parallel cross entropy)."""
+        per-token loss [batch, seq] (labels, vocabulary-parallel cross entropy). With
+        `return_hidden` the last stage returns its final hidden states [seq, batch, hidden]
+        (whole over sequence parallelism) instead, for callers that need logits at a few
+        positions only (`logits`): at 128K a full logit tensor is tens of GB."""
         hidden = self.decoder(
             decoder_input,
             attention_mask=None,
@@ -98,9 +103,26 @@ class LanguageModel(LanguageModule):
         )
         if not self.post_process:
             return hidden
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden, weight=weight)
+        if return_hidden:
+            if self.config.sequence_parallel:
+                hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                    hidden, tensor_parallel_output_grad=False, group=self.tp_group)
+            return hidden
+        logits, _ = self.output_layer(hidden, weight=self.output_weight())
         if labels is not None:
             return self.compute_language_model_loss(labels, logits)
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
         return logits.transpose(0, 1).contiguous()
+
+    def output_weight(self) -> Tensor:
+        """This TP rank's vocabulary rows of the output layer (the embedding's when tied)."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Hidden states [rows, batch, hidden] from `forward(..., return_hidden=True)` -> logits
+        [batch, rows, vocab]. Every rank of the TP group calls it (one all-gather over vocab)."""
+        logits = torch.nn.functional.linear(hidden, self.output_weight())
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
+        return logits.transpose(0, 1)

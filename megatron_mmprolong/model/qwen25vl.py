@@ -115,6 +115,7 @@ class Qwen25VLModel(MegatronModule):
         packed_seq_params: PackedSeqParams | None = None,
         labels: Tensor | None = None,
         cp_index: Tensor | None = None,
+        return_hidden: bool = False,
     ) -> Tensor:
         """input_ids [batch, seq] ([1, tokens] with `packed_seq_params` for packed samples).
 
@@ -122,7 +123,8 @@ class Qwen25VLModel(MegatronModule):
         computed here. Grids and `cp_index` (this CP rank's token positions, `cp_token_index`)
         are best computed on the CPU by the caller; otherwise they are derived here.
         Returns logits [batch, local seq, vocab], or the per-token loss [batch, local seq] given
-        labels (full-sequence labels; the local share is taken here).
+        labels (full-sequence labels; the local share is taken here), or with `return_hidden` the
+        final hidden states [local seq, batch, hidden] (`language_model.logits` maps rows of it).
         """
         cu_seqlens = host_cu_seqlens(packed_seq_params) if packed_seq_params is not None else None
         if position_ids is None:
@@ -137,7 +139,7 @@ class Qwen25VLModel(MegatronModule):
             decoder_input = self.embed(
                 input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, cp_index
             )
-        return self.language_model(decoder_input, position_ids, packed_seq_params, labels)
+        return self.language_model(decoder_input, position_ids, packed_seq_params, labels, return_hidden)
 
     def cp_token_index(self, seq_length: int, cu_seqlens: Tensor | None = None) -> Tensor:
         """Positions of the sequence kept by this context-parallel rank (CPU)."""
