@@ -30,8 +30,8 @@ def rerun_prompt(generator, input_ids, max_new_tokens, pixel_values, image_grid_
         n = len(ids)
         cu = torch.tensor([0, n], dtype=torch.int32)
         packed = packed_segments(cu, "cpu", n)
-        logits = generator._forward(torch.tensor(ids)[None], packed, None, vision)
-        ids.append(int(logits[n - 1].argmax()))
+        hidden = generator._forward(torch.tensor(ids)[None], packed, None, vision)
+        ids.append(generator._agreed_token(hidden, n - 1))
     return torch.tensor(ids)[None]
 
 
