@@ -10,88 +10,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from megatron_mmprolong.cli import main
 from megatron_mmprolong.eval.dataset_qa import EvalError
 from megatron_mmprolong.eval.mmlongbench.data import DataRoot, Sample, harness_selection, read_released
 from megatron_mmprolong.eval.mmlongbench.metrics import docqa_score, niah_score, parsed_reply
 from megatron_mmprolong.eval.mmlongbench.prompts import build_prompt, chat_request
+from megatron_mmprolong.eval.mmlongbench.toy_data import (
+    DOC_QA, NIAH, render_page, stand_in_judge, write_jsonl, write_toy_data_root,
+)
 from megatron_mmprolong.serving.scripted_server import Fault, ScriptedChatServer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mmlongbench_prompts.json"
-PAGE = (84, 112)  # px: 3 x 4 merged patches, 12 vision tokens
-
-
-def _page(path: Path, text: str, size=PAGE) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.new("RGB", size, "white")
-    ImageDraw.Draw(image).text((4, 4), text, fill="black")
-    image.save(path)
-    return str(path)
-
-
-def _jsonl(path: Path, records) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-# Document-QA samples: (question, answer, answer_format) per dataset; every sample's pages are two
-# of its own document and one negative page of another, each page image showing its facts.
-DOC_QA = {
-    "longdocurl": [("How many boats left?", "12", "Integer"), ("What share was exported?", "0.25", "Float")],
-    "mmlongdoc": [("Who signed the report?", "Amber Gecko", "String"), ("What is on page 9?", "Not answerable", "None")],
-    "slidevqa": [("Which two fruits are listed?", '["apple", "banana"]', "List"), ("What year?", "2019", "Integer")],
-}
-NIAH = {  # counting answers list the needles per image; retrieval-image answers are option indices
-    "retrieval-text": [("What is the secret word?", "blue cat"), ("What does the key open?", "the red door")],
-    "counting-text": [("How many needles are in each image?", [1, 2]), ("How many stars are in each image?", [0, 3])],
-    "retrieval-image": [("Which of the following images appears in the document?", 1),
-                        ("Which image shows the harbour?", 2)],
-}
-
-
-def _doc_root(root: Path) -> None:
-    for dataset, questions in DOC_QA.items():
-        records = []
-        for i, (question, answer, answer_format) in enumerate(questions):
-            doc, other = f"{dataset}doc{i}", f"{dataset}neg{i}"
-            pages = [f"{dataset}/{doc}/{doc}_page{p}.png" for p in (0, 1)] + [f"{dataset}/{other}/{other}_page0.png"]
-            for p in pages:
-                _page(root / "mmlb_image" / p, f"{p}: {answer}")
-            records.append({"id": f"{dataset}_{i}", "doc_name": doc, "question": question, "answer": answer,
-                            "answer_format": answer_format, "page_list": pages, "ans_page_list": [1]})
-        _jsonl(root / "mmlb_data" / "documentQA" / f"{dataset}_K8.jsonl", records)
-
-
-def _niah_root(root: Path) -> None:
-    depths = {"retrieval-text": 6, "counting-text": 3, "retrieval-image": 6}
-    for task, questions in NIAH.items():
-        records = []
-        for i, (question, answer) in enumerate(questions):
-            image = f"mm-niah/{task}/{i}.png"
-            _page(root / "mmlb_image" / image, f"haystack {i}")
-            record = {"id": f"{task}-{i}", "ctxs": [{"text": "A harbour at dawn. <image> Boats leave early."},
-                                                     {"text": f"The answer: {answer}."}],
-                      "image_list": [image], "question": question, "answer": answer}
-            if task == "retrieval-image":
-                record["choices_image"] = [_choice(root, task, i, c) for c in range(3)]
-            records.append(record)
-        _jsonl(root / "mmlb_data" / "NIAH" / f"{task}_test_K8_dep{depths[task]}.jsonl", records)
-
-
-def _choice(root, task, i, c) -> str:
-    path = f"mm-niah/{task}/{i}-choice{c}.png"
-    _page(root / "mmlb_image" / path, f"choice {c}")
-    return path
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mmlb")
-    _doc_root(root)
-    _niah_root(root)
-    return root
+    return write_toy_data_root(tmp_path_factory.mktemp("mmlb"))
 
 
 # ---- the harness's prompts, sampling and metrics --------------------------------------------
@@ -218,7 +154,8 @@ def test_judge_verdicts_are_read_as_the_harness_reads_them(tmp_path):
 
 # ---- the three backends on a data root in the released layout -------------------------------
 
-ANSWERS = {q: a for rows in DOC_QA.values() for q, a, _ in rows} | {q: a for rows in NIAH.values() for q, a in rows}
+ANSWERS = {q: a for rows in DOC_QA.values() for q, a, _ in rows} | {
+    q.replace("<image>", ""): a for rows in NIAH.values() for q, a in rows}  # images travel apart from the text
 
 
 def _question(body) -> str:
@@ -242,28 +179,18 @@ def _oracle(body):
     return f" {json.dumps(answer) if isinstance(answer, list) else answer}"
 
 
-def _judge(body):
-    """Says 1 point when the student's answer equals the reference, 0 otherwise; lists: all covered."""
-    message = body["messages"][0]["content"]
-    reference = message.split("<Standard Answer>: ")[1].split("\n")[0]
-    student = message.split("<Student Answer>: ")[1].split("\n")[0]
-    if "student_answer_count" in message.split("[Current Case]")[0]:
-        return '[Rationale]: both.\n[JSON]:\n{"student_answer_count": 2, "covered_count": 2}'
-    return f"[Scoring Rationale]: compared.\n[Score]: {int(student == reference)} points"
-
-
 def test_an_endpoint_run_with_a_judge_counts_refusals_and_resumes(data_root, tmp_path, capsys):
     out = tmp_path / "run"
-    with ScriptedChatServer(_oracle, model="oracle") as model, ScriptedChatServer(_judge, model="judge") as judge:
+    with ScriptedChatServer(_oracle, model="oracle") as model, ScriptedChatServer(stand_in_judge, model="judge") as judge:
         command = ["eval", "mmlongbench", "--endpoint", model.url, "--model", "oracle", "--data-root", str(data_root),
-                   "--out", str(out), "--lengths", "8", "--datasets", *DOC_QA, *NIAH, "--judge-endpoint", judge.url,
+                   "--out", str(out), "--lengths", "8", "--judge-endpoint", judge.url,
                    "--judge-model", "judge"]
         assert main(command) == 0
         sent, judged = len(model.bodies), len(judge.bodies)
         body = model.bodies[0]
         assert main(command) == 0  # a rerun sends nothing to either server
         assert (len(model.bodies), len(judge.bodies)) == (sent, judged)
-    assert sent == 12 and judged == 5  # 6 document-QA samples less the refused one
+    assert sent == 18 and judged == 5  # 6 document-QA samples less the refused one
     assert body["messages"][1] == {"role": "assistant", "content": "Answer:"} and body["temperature"] == 0
     assert body["continue_final_message"] is True and body["max_tokens"] == 128
     assert sum(p["type"] == "image_url" for p in body["messages"][0]["content"]) == 3
@@ -275,12 +202,12 @@ def test_an_endpoint_run_with_a_judge_counts_refusals_and_resumes(data_root, tmp
     assert doc["datasets"]["slidevqa"]["8"]["refused"] == 1 and doc["datasets"]["slidevqa"]["8"]["rule"] == 100.0
     assert doc["datasets"]["longdocurl"]["8"]["judge"] == 100.0
     assert doc["avg"]["8"] == {"judge": pytest.approx(250 / 3), "rule": pytest.approx(850 / 9)}
-    assert {d: c["8"]["rule"] for d, c in niah["datasets"].items()} == {
-        "retrieval-text": 100.0, "counting-text": 100.0, "retrieval-image": 100.0}
-    assert scores["replies"] == {"samples": 12, "scored": 11, "refused": 1, "empty": 0, "truncated": 1}
+    assert {d: c["8"]["rule"] for d, c in niah["datasets"].items()} == dict.fromkeys(NIAH, 100.0)
+    assert niah["avg"]["8"] == {"judge": None, "rule": 100.0}
+    assert scores["replies"] == {"samples": 18, "scored": 17, "refused": 1, "empty": 0, "truncated": 1}
     table = capsys.readouterr().out
     assert "MMLongBench document QA (LLM judge / rule-based)" in table and "AVG" in table
-    assert "12 replies: 11 scored, 1 refused by the backend, 0 empty, 1 cut at the length limit" in table
+    assert "18 replies: 17 scored, 1 refused by the backend, 0 empty, 1 cut at the length limit" in table
     assert Image.open(out / "scores.png").size[0] > 800  # two panels
 
     rescored = tmp_path / "rescored"
@@ -299,8 +226,7 @@ def test_bad_data_is_named_before_a_model_loads(data_root, tmp_path, capsys):
     assert f"{tmp_path / 'mmlb_data'} is not there" in capsys.readouterr().err
     assert main([*common, "--data-root", str(data_root), "--lengths", "16", "--tasks", "docqa"]) == 2
     assert f"{data_root / 'mmlb_data' / 'documentQA' / 'longdocurl_K16.jsonl'}: no such file" in capsys.readouterr().err
-    broken = tmp_path / "broken"
-    _doc_root(broken)
+    broken = write_toy_data_root(tmp_path / "broken")
     (broken / "mmlb_image" / "slidevqa" / "slidevqadoc1" / "slidevqadoc1_page0.png").unlink()
     assert main([*common, "--data-root", str(broken), "--lengths", "8", "--datasets", "slidevqa"]) == 2
     assert "slidevqadoc1_page0.png" in capsys.readouterr().err
@@ -354,7 +280,7 @@ BIG_PAGE = (1792, 2352)  # px: 64 x 84 merged patches, 5,376 vision tokens
 def _long_root(root: Path, documents: int = 8, pages: int = 16) -> None:
     """A 128K document-QA file of `documents` samples, each on its own document of big pages
     (links to one image: only their headers are read) with one negative page of the next."""
-    big = Path(_page(root / "big.png", "page", BIG_PAGE))
+    big = render_page(root / "big.png", "page", BIG_PAGE)
     records = []
     for d in range(documents):
         own, other = f"ldoc{d:02d}", f"ldoc{(d + 1) % documents:02d}"
@@ -365,7 +291,7 @@ def _long_root(root: Path, documents: int = 8, pages: int = 16) -> None:
         records.append({"id": f"longdocurl_{d}", "doc_name": own, "question": f"What is in {own}?", "answer": "x",
                         "answer_format": "String", "ans_page_list": [2, 5],
                         "page_list": paths + [f"longdocurl/{other}/{other}_page0.png"]})
-    _jsonl(root / "mmlb_data" / "documentQA" / "longdocurl_K128.jsonl", records)
+    write_jsonl(root / "mmlb_data" / "documentQA" / "longdocurl_K128.jsonl", records)
 
 
 def _chat_template_tokens(tokenizer, sample, root) -> int:
