@@ -322,6 +322,87 @@ def _eval_extend(args) -> int:
                              ("samples", "exact_match", "f1", "by_length"))
 
 
+def _mmlongbench_judge(args):
+    """The judge of document-QA replies, when --judge-endpoint names one (checked now)."""
+    if not args.judge_endpoint:
+        return None
+    from megatron_mmprolong.eval.dataset_qa import EvalError
+    from megatron_mmprolong.eval.mmlongbench.judge import load_judge_prompts
+    from megatron_mmprolong.eval.mmlongbench.run import Judge
+    from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig
+
+    if not args.judge_model:
+        raise EvalError("--judge-endpoint needs --judge-model, the name the judge's server serves")
+    prompts = load_judge_prompts(args.judge_prompt_file)
+    backend = ChatEndpoint(EndpointConfig(args.judge_endpoint, args.judge_model, args.judge_api_key_env,
+                                          args.request_timeout, max_retries=args.max_retries),
+                           max_connections=args.judge_concurrency)
+    backend.check()
+    return Judge(backend, prompts, args.judge_concurrency)
+
+
+def _eval_mmlongbench(args) -> int:
+    from megatron_mmprolong import runtime
+    from megatron_mmprolong.data.images import ImageParams
+    from megatron_mmprolong.eval.mmlongbench.data import DOC_DATASETS, NIAH_DATASETS, DataRoot
+    from megatron_mmprolong.eval.mmlongbench.run import (
+        SETTINGS, MMLongBenchConfig, pairs, released, run_mmlongbench,
+    )
+    from megatron_mmprolong.eval.output_dir import check_same_settings
+
+    datasets = args.datasets or [*(DOC_DATASETS if "docqa" in args.tasks else ()),
+                                 *(NIAH_DATASETS if "niah" in args.tasks else ())]
+    source = args.model if args.endpoint else str(Path(args.hf_dir or args.mcore_dir).resolve().name)
+    if args.endpoint and not args.model:
+        print("mmprolong eval: error: --endpoint needs --model, the name the server serves", file=sys.stderr)
+        return 2
+    tokenizer = args.tokenizer or args.hf_dir
+    if args.mcore_dir and not tokenizer:
+        print("mmprolong eval: error: --mcore-dir needs --tokenizer (the checkpoint's Qwen2.5-VL tokenizer)",
+              file=sys.stderr)
+        return 2
+    config = MMLongBenchConfig(source, args.page_labels, args.max_new_tokens, args.max_samples, args.seed,
+                               args.min_pixels, args.max_pixels)
+    root = DataRoot.open(args.data_root)
+    work = pairs(datasets, args.lengths, tokenizer)
+    check_same_settings(Path(args.out) / SETTINGS, config, write=False)
+    released(root, work, config)  # bad data fails before a model loads
+    judge = _mmlongbench_judge(args)
+    image = ImageParams(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    writer, barrier, concurrency = True, lambda: None, 1
+    if args.endpoint:
+        from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig
+
+        backend = ChatEndpoint(EndpointConfig(args.endpoint, args.model, args.api_key_env, args.request_timeout,
+                                              max_retries=args.max_retries), max_connections=args.concurrency)
+        backend.check()
+        concurrency = args.concurrency
+    elif args.hf_dir:
+        from megatron_mmprolong.config import torch_dtype
+        from megatron_mmprolong.eval.hf_chat import TransformersChatBackend
+
+        backend = TransformersChatBackend(args.hf_dir, image, None if args.dtype == "auto" else torch_dtype(args.dtype))
+    else:
+        from megatron_mmprolong.data.chat import ChatTokenizer
+        from megatron_mmprolong.eval.hf_chat import LocalChatBackend
+
+        model, writer, barrier = _eval_model(args)
+        backend = LocalChatBackend(model, ChatTokenizer(tokenizer), image, source, in_thread=False)
+    run_mmlongbench(backend, root, work, config, args.out, tokenizer, judge, concurrency, writer, barrier,
+                    args.train_length, args.compare)
+    if args.mcore_dir:
+        runtime.shutdown()
+    return 0
+
+
+def _eval_score(args) -> int:
+    from megatron_mmprolong.eval.mmlongbench.run import rescore
+
+    rescore(args.predictions, args.out or Path(args.predictions).parent, _mmlongbench_judge(args), args.train_length,
+            args.compare)
+    return 0
+
+
 def _eval_into_folder(args, run, config, settings: str, keys) -> int:
     """needle and extend: the folder's settings checked before a model loads, `run` on every
     rank, rank 0 printing the report's `keys`."""
@@ -609,14 +690,69 @@ def build_parser() -> argparse.ArgumentParser:
     by_position.add_argument("--min-tokens", type=int, default=0, help="only samples at least this long")
     by_position.add_argument("--limit", type=int, help="at most this many samples")
     by_position.set_defaults(run=_eval_position_loss)
+
+    bench = kinds.add_parser("mmlongbench", help="MMLongBench document QA (MMLongBench-Doc, LongDocURL, SlideVQA) and "
+                                                 "MM-NIAH as the paper reports them, 8K-128K from the released files "
+                                                 "and 256K/512K built from the 128K ones; on transformers, a Megatron "
+                                                 "checkpoint or an OpenAI-compatible server (vLLM)")
+    _add_eval_model(bench, endpoint=True)
+    bench.add_argument("--data-root", required=True, help="folder holding the unpacked mmlb_data/ and mmlb_image/")
+    bench.add_argument("--out", required=True, help="output folder: predictions.jsonl (a rerun sends only what is "
+                                                    "missing), judge.jsonl, scores.json, scores.png")
+    bench.add_argument("--tasks", nargs="+", choices=["docqa", "niah"], default=["docqa", "niah"])
+    bench.add_argument("--datasets", nargs="+", metavar="NAME",
+                       help="only these: longdocurl mmlongdoc slidevqa retrieval-text counting-text reasoning-text "
+                            "retrieval-image counting-image reasoning-image (default: all of --tasks)")
+    bench.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 64, 128],
+                       help="K tokens: 8 16 32 64 128 (released), 256 512 (document QA, built from the 128K files)")
+    bench.add_argument("--max-samples", type=int, help="samples per file (default: the harness's 100 document-QA "
+                                                       "and 50 MM-NIAH, shuffled with --seed)")
+    bench.add_argument("--seed", type=int, default=42, help="the harness's sampling seed (and the padding order)")
+    bench.add_argument("--page-labels", choices=["v1.1", "v1.0"], default="v1.1",
+                       help='v1.1: "Document ID: <image>" (the harness today); v1.0: "Document ID (page N): <image>"')
+    bench.add_argument("--max-new-tokens", type=int, default=128, help="per reply (the harness's 128)")
+    bench.add_argument("--tokenizer", help="Qwen2.5-VL tokenizer: for --mcore-dir, and for counting 256K/512K "
+                                           "contexts (default: the --hf-dir checkpoint's)")
+    bench.add_argument("--min-pixels", type=int, default=56 * 56, help="image resizing of --hf-dir/--mcore-dir (the "
+                                                                      "Qwen2.5-VL processor's defaults)")
+    bench.add_argument("--max-pixels", type=int, default=28 * 28 * 16384)
+    bench.add_argument("--model", help="model name served by --endpoint")
+    bench.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoint's API key")
+    bench.add_argument("--concurrency", type=int, default=4, help="requests in flight to --endpoint")
+    _add_score_options(bench)
+    bench.set_defaults(run=_eval_mmlongbench)
+
+    rescore = kinds.add_parser("score", help="rescore saved eval mmlongbench replies (rule-based, and the LLM judge "
+                                             "with --judge-endpoint) without running the model")
+    rescore.add_argument("--predictions", required=True, help="predictions.jsonl of an eval mmlongbench folder")
+    rescore.add_argument("--out", help="folder for scores.json, scores.png, judge.jsonl (default: the predictions')")
+    _add_score_options(rescore)
+    rescore.set_defaults(run=_eval_score)
     return parser
 
 
-def _add_eval_model(parser) -> None:
+def _add_score_options(parser) -> None:
+    parser.add_argument("--judge-endpoint", help="OpenAI-compatible base URL of the LLM judge of document-QA replies "
+                                                 "(MMLongBench v1.1's metric; without it, rule-based scores only)")
+    parser.add_argument("--judge-model", help="model name served by --judge-endpoint")
+    parser.add_argument("--judge-api-key-env", metavar="VAR", help="environment variable holding the judge's API key")
+    parser.add_argument("--judge-prompt-file", help="YAML replacing the project's judge prompts (same keys as "
+                                                    "eval/mmlongbench/judge_prompts_v1.yaml)")
+    parser.add_argument("--judge-concurrency", type=int, default=8, help="judge requests in flight")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--max-retries", type=int, default=5, help="retries on timeouts, 429 and 5xx")
+    parser.add_argument("--train-length", type=int, help="the training window in tokens, dashed on scores.png")
+    parser.add_argument("--compare", metavar="OTHER_DIR", help="overlay another run's scores on scores.png")
+
+
+def _add_eval_model(parser, endpoint: bool = False) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-dir", help="Hugging Face Qwen2.5-VL checkpoint, run with transformers")
     source.add_argument("--mcore-dir", help="Megatron checkpoint or training --save directory, run with this "
                                             "project's model at --tp x --cp x --pp (torchrun with that many ranks)")
+    if endpoint:
+        source.add_argument("--endpoint", help="OpenAI-compatible base URL of a served model (vllm serve ...), "
+                                               "e.g. http://gpu-node:8000/v1; with --model")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size with --mcore-dir")
     parser.add_argument("--cp", type=int, default=1, help="context parallel size with --mcore-dir (long inputs)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size with --mcore-dir")

@@ -14,7 +14,10 @@
    (1K-8K tokens x 5 depths, past the 4K training window) with its heat map (exact match; a
    tiny model trained for a few dozen steps scores near zero, the point is that the path works),
    its longest column (8K) on the trained Megatron checkpoint split over two context-parallel ranks
-   (answers compared with the export's), and the loss by position over the dataset.
+   (answers compared with the export's), and the loss by position over the dataset;
+7. `eval mmlongbench` on the exported model over a toy data root in MMLongBench's released
+   layout (document QA in every answer format, the six MM-NIAH tasks), the harness's prompts and
+   metrics, with a stand-in LLM judge on loopback: the table, scores.json and scores.png.
 
 Each step is the `mmprolong` command a user would run; a summary closes the demo.
 """
@@ -101,6 +104,20 @@ def _synth_qa(pdfs: Path, out: Path, tokenizer: Path, timings: dict) -> dict:
     return {**json.loads((out / "summary.json").read_text()), "samples": built["samples"]}
 
 
+def _mmlongbench(hf_dir: Path, timings: dict) -> dict:
+    """The benchmark's path on a toy data root, judged by a stand-in on loopback."""
+    from megatron_mmprolong.eval.mmlongbench.toy_data import stand_in_judge, write_toy_data_root
+    from megatron_mmprolong.serving.scripted_server import ScriptedChatServer
+
+    root = write_toy_data_root(OUT / "mmlb")
+    with ScriptedChatServer(stand_in_judge, model="stand-in-judge") as judge:
+        _run("MMLongBench layout (toy data root, 8K) on the exported model, stand-in judge", _mmprolong(
+            "eval", "mmlongbench", "--hf-dir", str(hf_dir), "--data-root", str(root), "--out", str(OUT / "mmlongbench"),
+            "--lengths", "8", "--judge-endpoint", judge.url, "--judge-model", judge.model, "--train-length", "4096"),
+            timings)
+    return json.loads((OUT / "mmlongbench" / "scores.json").read_text())
+
+
 def _counts(counts: dict) -> str:
     return ", ".join(f"{name} {n}" for name, n in counts.items())
 
@@ -161,6 +178,7 @@ def main() -> int:
         by_position = _last_json(_run("loss by position", _mmprolong(
             "eval", "position-loss", "--hf-dir", str(export), "--data", str(data), "--out", str(OUT / "position_loss"),
             "--bucket-size", "256"), timings))
+        bench = _mmlongbench(export, timings)
     except DemoError as err:
         print(f"\ndemo: {err}", file=sys.stderr)
         return 1
@@ -186,6 +204,10 @@ def main() -> int:
     print(f"needle grid: {needle['samples']} documents, exact match {by_length}; heat map {OUT / 'needle' / 'needle.png'}")
     print(f"needle 8K column on the Megatron checkpoint at CP2: {same} of {asked} answers equal to the export's "
           f"(transformers); heat map {OUT / 'needle-cp2' / 'needle.png'}")
+    doc, niah, replies = bench["categories"]["docqa"]["avg"]["8"], bench["categories"]["niah"]["avg"]["8"], bench["replies"]
+    print(f"MMLongBench layout (toy data, 8K): document QA AVG {doc['judge']:.1f} (judge) / {doc['rule']:.1f} (rule), "
+          f"MM-NIAH AVG {niah['rule']:.1f}; {replies['samples']} replies, {replies['truncated']} cut at 128 tokens; "
+          f"plot {OUT / 'mmlongbench' / 'scores.png'}")
     return 0
 
 

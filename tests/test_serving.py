@@ -152,6 +152,26 @@ def test_a_torn_last_line_is_dropped_and_its_request_sent_again(tmp_path):
         Journal(path)
 
 
+
+def test_a_read_only_journal_reads_whole_lines_and_leaves_the_file_alone(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    assert len(Journal(tmp_path / "absent" / "a.jsonl", read_only=True)) == 0 and not (tmp_path / "absent").exists()
+    with Journal(path) as journal:
+        journal.put("a", ChatReply("one"), dataset="x")
+        journal.put("b", ChatReply("two"))
+    torn = path.read_bytes()[:-7]
+    path.write_bytes(torn)
+    reader = Journal(path, read_only=True)
+    assert reader.entry("a") == {"key": "a", "reply": ChatReply("one").to_dict(), "dataset": "x"}
+    assert "b" not in reader and path.read_bytes() == torn
+
+
+def test_a_job_s_extra_fields_are_journaled_beside_its_reply(tmp_path):
+    job = Job("k", lambda: ChatRequest([{"role": "user", "content": "q"}]), {"dataset": "d", "line": 3})
+    with ScriptedChatServer(lambda body: "ok") as server, Journal(tmp_path / "j.jsonl") as journal:
+        run_jobs(ChatEndpoint(_config(server)), [job], journal)
+    assert Journal(tmp_path / "j.jsonl", read_only=True).entry("k")["line"] == 3
+
 def test_requests_are_in_flight_together():
     active, peak, lock = [0], [0], threading.Lock()
 

@@ -1,12 +1,14 @@
-"""A transformers Qwen2.5-VL in this process behind the same `ChatBackend` protocol as a served
-endpoint (serving/runner.py), so `run_jobs` drives either: `synth-qa --generator hf:DIR` for
-small generators and tests.
+"""A model in this process behind the same `ChatBackend` protocol as a served endpoint
+(serving/runner.py), so `run_jobs` drives either: transformers' Qwen2.5-VL (`synth-qa --generator
+hf:DIR`, `eval mmlongbench --hf-dir`) or this project's model on a Megatron checkpoint
+(`MegatronGenerator`, the same `generate` interface; `eval mmlongbench --mcore-dir`).
 
 A chat-completions request becomes the Qwen2.5-VL chat format with this project's tokenizer code
 (data/chat.py) and image pipeline (smart_resize, patches: data/images.py, data/pixels.py), so a
 page reaches the model exactly as build-data would store it. One `generate` runs at a time; the
 reply stops at <|im_end|> ("stop") or at max_tokens ("length"); `temperature` > 0 samples with the
-request's `seed`.
+request's `seed`. A request with `continue_final_message` (vLLM's and transformers' name) ends in
+an assistant message that the reply continues ("Answer:"), instead of opening a new turn.
 """
 
 from __future__ import annotations
@@ -28,26 +30,19 @@ from megatron_mmprolong.data.pixels import PilDecoder, pixel_values
 from megatron_mmprolong.serving.chat import ChatReply, ChatRequest
 
 
-class TransformersChatBackend:
-    def __init__(self, hf_dir: str | Path, image: ImageParams = ImageParams()):
-        import torch
-        from transformers import Qwen2_5_VLForConditionalGeneration
+class LocalChatBackend:
+    """`model`: anything with transformers' `generate(input_ids, ..., pixel_values, image_grid_thw)`.
+    `in_thread=False` runs `generate` in the event loop's own thread: a Megatron model's
+    collectives and CUDA device belong to the thread that set them up."""
 
-        hf_dir = Path(hf_dir)
-        if not (hf_dir / "config.json").is_file():
-            raise CheckpointError(f"{hf_dir}: no config.json there (a Qwen2.5-VL checkpoint directory)")
-        if not (hf_dir / "tokenizer.json").is_file():
-            raise CheckpointError(f"{hf_dir}: no tokenizer.json there; the checkpoint needs its tokenizer")
-        self.name = hf_dir.resolve().name
-        self.image = image
-        self.tokenizer = ChatTokenizer(hf_dir)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).to(self.device).eval()
+    def __init__(self, model, tokenizer: ChatTokenizer, image: ImageParams, name: str, device: str = "cpu",
+                 in_thread: bool = True):
+        self.model, self.tokenizer, self.image, self.name, self.device = model, tokenizer, image, name, device
+        self.in_thread = in_thread
         self._lock = threading.Lock()
 
     async def complete(self, request: ChatRequest) -> ChatReply:
-        return await asyncio.to_thread(self._complete, request)
+        return await asyncio.to_thread(self._complete, request) if self.in_thread else self._complete(request)
 
     def _complete(self, request: ChatRequest) -> ChatReply:
         import torch
@@ -71,41 +66,76 @@ class TransformersChatBackend:
                          completion_tokens=len(new))
 
     def prompt(self, request: ChatRequest) -> dict:
-        """The model's inputs for the request: the chat format up to the open assistant turn
-        (the default system prompt when the request has none), pixels and grids of its images."""
+        """The model's inputs for the request: `encode_request`'s tokens, pixels and grids as tensors."""
         import torch
 
-        turns, images, grids = self._conversation(request.messages)
-        ids, _ = encode_conversation(self.tokenizer, turns, DEFAULT_SYSTEM_PROMPT)
-        ids = [*ids.tolist(), self.tokenizer.im_start, *self.tokenizer.text("assistant\n")]
+        ids, images, grids = encode_request(self.tokenizer, request, self.image)
         input_ids = torch.tensor([ids], device=self.device)
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if images:
             pixels = pixel_values(images, grids, PilDecoder(), self.image.patch_size, self.image.merge_size,
                                   self.image.temporal_patch_size)
-            inputs |= {"pixel_values": torch.from_numpy(pixels).to(self.device, self.model.dtype),
+            dtype = next(self.model.parameters()).dtype
+            inputs |= {"pixel_values": torch.from_numpy(pixels).to(self.device, dtype),
                        "image_grid_thw": torch.tensor(grids, device=self.device),
                        **hf_token_types(self.model, input_ids)}
         return inputs
 
-    def _conversation(self, messages: list[dict[str, Any]]):
-        """(turns for encode_conversation, encoded images, their grids) of chat-completions messages."""
-        turns, images, grids = [], [], []
-        for message in messages:
-            content = message.get("content")
-            parts = []
-            for part in ([{"type": "text", "text": content}] if isinstance(content, str) else content or []):
-                if part.get("type") == "text":
-                    parts.append(part["text"])
-                elif part.get("type") == "image_url":
-                    data, grid = prepare_image(_data_url_image(part["image_url"]["url"]), self.image)
-                    images.append(data)
-                    grids.append(grid)
-                    parts.append(ImageSlot(grid[1] * grid[2] // self.image.merge_size ** 2))
-                else:
-                    raise ValueError(f"unsupported content part {part.get('type')!r}")
-            turns.append((message["role"], parts))
-        return turns, images, grids
+
+class TransformersChatBackend(LocalChatBackend):
+    """transformers' Qwen2.5-VL from a checkpoint directory with its tokenizer: on the GPU in bf16
+    when there is one (or `dtype`), else on the CPU in fp32."""
+
+    def __init__(self, hf_dir: str | Path, image: ImageParams = ImageParams(), dtype=None):
+        import torch
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        hf_dir = Path(hf_dir)
+        if not (hf_dir / "config.json").is_file():
+            raise CheckpointError(f"{hf_dir}: no config.json there (a Qwen2.5-VL checkpoint directory)")
+        if not (hf_dir / "tokenizer.json").is_file():
+            raise CheckpointError(f"{hf_dir}: no tokenizer.json there; the checkpoint needs its tokenizer")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+        super().__init__(model, ChatTokenizer(hf_dir), image, hf_dir.resolve().name, device)
+
+
+def encode_request(tokenizer: ChatTokenizer, request: ChatRequest, image: ImageParams):
+    """(token ids, encoded images, their grids) of a chat request: the chat format up to the open
+    assistant turn (the default system prompt when the request has none), or up to the end of the
+    final assistant message with `continue_final_message`."""
+    turns, images, grids = _conversation(request.messages, image)
+    prefill = None
+    if request.extra.get("continue_final_message") and turns and turns[-1][0] == "assistant":
+        prefill = turns.pop()[1]
+    ids, _ = encode_conversation(tokenizer, turns, DEFAULT_SYSTEM_PROMPT)
+    ids = [*ids.tolist(), tokenizer.im_start, *tokenizer.text("assistant\n")]
+    for part in prefill or ():
+        if isinstance(part, ImageSlot):
+            raise ValueError("an image in the message that the reply continues")
+        ids += tokenizer.text(part)
+    return ids, images, grids
+
+
+def _conversation(messages: list[dict[str, Any]], image: ImageParams):
+    """(turns for encode_conversation, encoded images, their grids) of chat-completions messages."""
+    turns, images, grids = [], [], []
+    for message in messages:
+        content = message.get("content")
+        parts = []
+        for part in ([{"type": "text", "text": content}] if isinstance(content, str) else content or []):
+            if part.get("type") == "text":
+                parts.append(part["text"])
+            elif part.get("type") == "image_url":
+                data, grid = prepare_image(_data_url_image(part["image_url"]["url"]), image)
+                images.append(data)
+                grids.append(grid)
+                parts.append(ImageSlot(grid[1] * grid[2] // image.merge_size ** 2))
+            else:
+                raise ValueError(f"unsupported content part {part.get('type')!r}")
+        turns.append((message["role"], parts))
+    return turns, images, grids
 
 
 def _data_url_image(url: str) -> Image.Image:

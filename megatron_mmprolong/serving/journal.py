@@ -3,7 +3,8 @@ only what is not in it.
 
 Each answer is one line written with a single write and flushed as it arrives, so a kill leaves
 at most a torn last line, which opening the journal drops (the file is cut back to its last whole
-line). A line is {"key": ..., "reply": {...}, **extra}.
+line). A line is {"key": ..., "reply": {...}, **extra}. A `read_only` journal reads the whole lines
+and leaves the file alone (ranks of a distributed run that do not write).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from megatron_mmprolong.serving.chat import ChatReply
 
 
 class Journal:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._entries: dict[str, dict[str, Any]] = {}
         whole = 0
         if self.path.exists():
@@ -35,10 +37,10 @@ class Journal:
                     raise ValueError(f"{self.path}: line {number} is not a journal entry; "
                                      "move the file away to start afresh") from None
                 whole += len(line)
-            if whole != len(raw):
+            if whole != len(raw) and not read_only:
                 with open(self.path, "r+b") as f:
                     f.truncate(whole)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = None if read_only else open(self.path, "a", encoding="utf-8")
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
@@ -63,7 +65,7 @@ class Journal:
         self._entries[key] = entry
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()

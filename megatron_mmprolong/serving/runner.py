@@ -3,7 +3,7 @@
 A job is a key and a function that builds its request; the function runs (in a worker thread,
 overlapping the requests in flight) only for keys the journal lacks, so a resumed run neither
 re-renders pages nor resends anything. Answers reach `on_reply` as they arrive, in completion
-order, and are journaled before it is called. A build that raises `UnbuildableJob` (a page that
+order, and are journaled (with the job's `extra` fields) before it is called. A build that raises `UnbuildableJob` (a page that
 does not render) answers its job with a reply whose `error` says why: not sent, not journaled.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
 
 from tqdm import tqdm
 
@@ -34,6 +34,7 @@ class ChatBackend(Protocol):
 class Job:
     key: str
     build: Callable[[], ChatRequest]
+    extra: dict[str, Any] = field(default_factory=dict)  # journaled beside the reply
 
 
 @dataclass
@@ -70,7 +71,7 @@ async def run_jobs_async(backend: ChatBackend, jobs: Iterable[Job], journal: Jou
         if fresh:
             stats.sent += 1
             if journal is not None:
-                journal.put(job.key, reply)
+                journal.put(job.key, reply, **job.extra)
         else:
             stats.journaled += 1
         stats.refused += reply.error is not None

@@ -14,9 +14,8 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-import yaml
-
 from megatron_mmprolong.data.synth_qa.documents import QA_TASKS, QuestionPlan, Section, SynthQAError
+from megatron_mmprolong.files import read_yaml_mapping
 from megatron_mmprolong.serving.chat import image_mime, image_part, text_part
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts_v1.yaml")
@@ -45,12 +44,9 @@ def load_prompts(path: str | Path | None = None) -> Prompts:
     """The prompt file, checked: every key present, no unknown placeholder, all three tasks."""
     path = Path(path or DEFAULT_PROMPTS)
     try:
-        raw = path.read_bytes()
-        data = yaml.safe_load(raw)
-    except (OSError, yaml.YAMLError) as err:
-        raise SynthQAError(f"prompt file {path}: cannot be read ({err})") from None
-    if not isinstance(data, dict):
-        raise SynthQAError(f"prompt file {path}: not a YAML mapping")
+        raw, data = read_yaml_mapping(path)
+    except ValueError as err:
+        raise SynthQAError(f"prompt file {path}: {err}") from None
     missing = [k for k in ("version", *_TEXTS, "tasks") if not data.get(k)]
     if missing:
         raise SynthQAError(f"prompt file {path}: missing {', '.join(missing)}")
