@@ -258,7 +258,7 @@ def test_transformers_and_megatron_at_cp2_give_the_same_replies(data_root, tmp_p
         port = sock.getsockname()[1]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
                     "-m", "megatron_mmprolong.cli", *common, "--mcore-dir", str(tmp_path / "mcore"), "--cp", "2",
-                    "--tokenizer", str(hf), "--out", str(tmp_path / "mcore-run")],
+                    "--tokenizer", str(hf), "--dtype", "fp32", "--out", str(tmp_path / "mcore-run")],  # as transformers
                    check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
                    stdout=subprocess.DEVNULL)
 
