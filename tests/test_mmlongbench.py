@@ -51,8 +51,8 @@ def _fixture_samples():
 def test_prompts_match_the_harness_character_for_character():
     expected = json.loads(FIXTURE.read_text())
     doc, mc, count = _fixture_samples()
-    assert build_prompt(doc).text == expected["docqa_v1.1"]
-    assert build_prompt(doc, "v1.0").text == expected["docqa_v1.0"]
+    assert build_prompt(doc).text == expected["docqa_v1.0"]  # the default: the harness's released code
+    assert build_prompt(doc, "v1.1").text == expected["docqa_v1.1"]
     assert build_prompt(mc).text == expected["retrieval-image"]
     assert build_prompt(mc).images == ["h.png", "a.png", "b.png", "c.png"]
     assert build_prompt(count).text == expected["counting-text"]
@@ -337,7 +337,8 @@ def test_contexts_beyond_128k_pad_with_other_documents_to_the_target(tmp_path, q
         right = len(set(map(page_document, pages[start + len(own):])))
         assert left - right in (0, 1) and right >= 1  # documents alternate, the first on the left
         labels = [label for label in build_prompt(sample).text.split("Document ")[1:-1]]
-        assert [label.split(":")[0] for label in labels] == [page_document(p) for p in pages]
+        own_labels = [f"{page_document(p)} (page {p.rsplit('page', 1)[1].split('.')[0]})" for p in pages]
+        assert [label.split(":")[0] for label in labels] == own_labels  # each page: its document id and page
         assert sample.record["ans_page_list"] == base[sample.id].record["ans_page_list"]
     again = plan(root, work, config, tmp_path / "out", False)  # other ranks and reruns read the contexts
     assert [s.record for s in again] == [s.record for s in samples]

@@ -2,9 +2,9 @@
 `load_doc_qa`, `load_mm_niah_text`, `load_mm_niah_image_count`, `load_mm_niah_image_mc`), and the
 chat request they become.
 
-Document QA: the instruction, then every page as "Document {doc_id:.15}: <image>" (v1.1; the
-harness dropped "(page N)" from the label in November 2025, and `--page-label v1.0` puts it back)
-joined by blank lines, then the question after "Based on Document {doc_id:.15}, answer the
+Document QA: the instruction, then every page as "Document {doc_id:.15} (page {page_id}): <image>"
+(v1.0, the harness's released code and this project's protocol; its later v1.1 commits dropped
+"(page N)" from the doc-QA label, which `--page-labels v1.1` follows) joined by blank lines, then the question after "Based on Document {doc_id:.15}, answer the
 following question. ". MM-NIAH: the interleaved paragraphs joined by blank lines, choices as
 "\\nA. <image>" lines after the question of the image retrieval and reasoning tasks. The user
 message is the text cut at every <image>; the assistant turn is prefilled with "Answer:" and the
@@ -29,7 +29,8 @@ NIAH_TEMPLATE = ("You are given interleaved text and images. Please answer the q
                  "images. " + _ANSWER_FORMAT)
 NIAH_CHOICE_TEMPLATE = ("You are given interleaved text and images. Please answer the question with the option's "
                         "letter (A, B, etc.) based on the given text and images. " + _ANSWER_FORMAT)
-PAGE_LABELS = {"v1.1": "Document {doc_id:.15}: <image>", "v1.0": "Document {doc_id:.15} (page {page_id}): <image>"}
+PAGE_LABELS = {"v1.0": "Document {doc_id:.15} (page {page_id}): <image>", "v1.1": "Document {doc_id:.15}: <image>"}
+DEFAULT_PAGE_LABELS = "v1.0"
 QUESTION_PREFIX = "Based on Document {doc_id:.15}, answer the following question. "
 PREFILL = "Answer:"  # the harness's system_template: the assistant turn starts with it
 IMAGE = "<image>"
@@ -48,11 +49,11 @@ def page_document(path: str) -> str:
     return path.split("/")[-2]
 
 
-def page_label(path: str, version: str = "v1.1") -> str:
+def page_label(path: str, version: str = DEFAULT_PAGE_LABELS) -> str:
     return PAGE_LABELS[version].format(doc_id=page_document(path), page_id=path.split("page")[-1].split(".")[0])
 
 
-def build_prompt(sample: Sample, page_labels: str = "v1.1") -> Prompt:
+def build_prompt(sample: Sample, page_labels: str = DEFAULT_PAGE_LABELS) -> Prompt:
     record = sample.record
     if sample.category == "docqa":
         context = "\n\n".join(page_label(p, page_labels) for p in record["page_list"])

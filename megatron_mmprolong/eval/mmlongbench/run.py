@@ -25,7 +25,7 @@ from megatron_mmprolong.eval.mmlongbench.data import (
 )
 from megatron_mmprolong.eval.mmlongbench.judge import JudgeCase, JudgePrompts, judge
 from megatron_mmprolong.eval.mmlongbench.metrics import parsed_reply
-from megatron_mmprolong.eval.mmlongbench.prompts import MAX_NEW_TOKENS, build_prompt, chat_request
+from megatron_mmprolong.eval.mmlongbench.prompts import DEFAULT_PAGE_LABELS, MAX_NEW_TOKENS, build_prompt, chat_request
 from megatron_mmprolong.eval.mmlongbench.scores import excluded, score_predictions, write_scores
 from megatron_mmprolong.eval.output_dir import check_same_settings
 from megatron_mmprolong.serving.chat import request_key
@@ -41,7 +41,7 @@ class MMLongBenchConfig:
     """What the replies depend on; a folder keeps one."""
 
     model: str  # the evaluated model's name
-    page_labels: str = "v1.1"
+    page_labels: str = DEFAULT_PAGE_LABELS
     max_new_tokens: int = MAX_NEW_TOKENS
     max_samples: int | None = None  # per file; None: the harness's 100 (document QA) and 50 (MM-NIAH)
     seed: int = HARNESS_SEED
