@@ -22,5 +22,5 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
         step = report[name]
         assert step["tokens"] >= 0.9 * {"step_0k": 512, "step_1k": 1024}[name] and step["pages"] > 0
         assert step["tflop"] > 0 and step["seconds"] > 0 and step["estimate_gib"] > 0
-        assert 10 < step["loss"] < 15  # ~ln(vocab) for a random model: the backward ran on a real loss
+        assert 5 < step["loss"] < 9  # ~ln(1024) for a random tiny-1k model: the backward ran on a real loss
     assert report["needle_prompt_1k"]["new_tokens"] == 8
