@@ -92,7 +92,7 @@ def test_warning_signal_saves_requeues_and_resumes(tiny_train_data, tmp_path):
     *_, mix = tiny_train_data
     save = tmp_path / "save"
     log, options = _train_options(tmp_path, "mmprolong-requeue-test")
-    job_id = _sbatch(SLURM / "train.sbatch", options, _train_arguments(mix, 30),
+    job_id = _sbatch(SLURM / "train.sbatch", options, _train_arguments(mix, 12),
                      RECIPE="examples/cpu_tiny.yaml", SAVE=save)
     metrics = save / "train_metrics.jsonl"
     deadline = time.time() + 600
@@ -105,11 +105,11 @@ def test_warning_signal_saves_requeues_and_resumes(tiny_train_data, tmp_path):
     text = log.read_text()
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-3000:]
     stopped = int(re.search(r"stopping after iteration (\d+) on a termination signal", text).group(1))
-    assert 3 <= stopped < 30
+    assert 3 <= stopped < 12
     assert (save / f"iter_{stopped:07d}" / "metadata.json").is_file()
     assert f"requeueing job {job_id}" in text and f"resuming from {save} (iteration {stopped})" in text
-    assert [m["iteration"] for m in _metrics(save)] == list(range(1, 31))  # every step once, none repeated
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+    assert [m["iteration"] for m in _metrics(save)] == list(range(1, 13))  # every step once, none repeated
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
 
 
 def test_convert_sbatch_converts_and_verifies(tmp_path):

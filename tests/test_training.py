@@ -1,5 +1,6 @@
 """End to end on CPU: the tiny recipe's loss falls; SIGTERM saves and exits 0; resuming with
---load continues with exactly the losses an uninterrupted run has, at TP1 and at TP2."""
+--load continues with exactly the losses an uninterrupted run has (at TP2 under torchrun, the
+launcher of real runs; tests/test_slurm.py does the same through srun and a requeue)."""
 
 import json
 import os
@@ -10,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -47,20 +47,17 @@ def test_loss_falls(tiny_train_data, tmp_path):
     assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text().strip() == "24"
 
 
-def _workers(process, ranks):
-    """The processes running the training ranks (torchrun's children, or the process itself)."""
+def _workers(process):
+    """The processes running the training ranks: torchrun's children."""
     import psutil
 
-    if ranks == 1:
-        return [psutil.Process(process.pid)]
-    children = [p for p in psutil.Process(process.pid).children(recursive=True)
-                if "megatron_mmprolong.train" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
-    return children
+    return [p for p in psutil.Process(process.pid).children(recursive=True)
+            if "megatron_mmprolong.train" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
 
 
-@pytest.mark.parametrize("ranks, layout", [(1, []), (2, ["--tensor-model-parallel-size", "2"])], ids=["tp1", "tp2"])
-def test_sigterm_then_resume_is_bit_exact(tiny_train_data, tmp_path, ranks, layout):
+def test_sigterm_then_resume_is_bit_exact(tiny_train_data, tmp_path):
     *_, mix = tiny_train_data
+    ranks, layout = 2, ["--tensor-model-parallel-size", "2"]
     iterations = ["--train-iters", "10"]
     subprocess.run(_command(ranks, mix, tmp_path / "straight", *iterations, *layout), check=True, env=_env(),
                    stdout=subprocess.DEVNULL)
@@ -75,7 +72,7 @@ def test_sigterm_then_resume_is_bit_exact(tiny_train_data, tmp_path, ranks, layo
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    workers = _workers(process, ranks)
+    workers = _workers(process)
     assert len(workers) == ranks
     for worker in workers:  # as Slurm signals every task before the time limit
         worker.send_signal(signal.SIGTERM)
