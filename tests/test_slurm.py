@@ -76,16 +76,16 @@ def test_train_sbatch_runs_the_tiny_recipe_on_two_tasks(tiny_train_data, tmp_pat
     *_, mix = tiny_train_data
     save = tmp_path / "save"
     log, options = _train_options(tmp_path, "mmprolong-train-test")
-    job_id = _sbatch(SLURM / "train.sbatch", options, _train_arguments(mix, 20),
+    job_id = _sbatch(SLURM / "train.sbatch", options, _train_arguments(mix, 12),
                      RECIPE="examples/cpu_tiny.yaml", SAVE=save)
     job = _wait(job_id, log)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-3000:]
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "20"
-    assert (save / "iter_0000020" / "metadata.json").is_file()
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
+    assert (save / "iter_0000012" / "metadata.json").is_file()
     assert "2 ranks (slurm, cpu): TP 1 x CP 1 x PP 1 x DP 2" in log.read_text()  # both tasks, one world
     losses = [m["loss"] for m in _metrics(save)]
-    assert len(losses) == 20
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5  # falls ~0.95 in 12 steps at DP2
 
 
 def test_warning_signal_saves_requeues_and_resumes(tiny_train_data, tmp_path):
