@@ -101,6 +101,12 @@ def test_warning_signal_saves_requeues_and_resumes(tiny_train_data, tmp_path):
         time.sleep(0.5)
     # What Slurm does before the time limit with --signal=B:USR1@600: USR1 to the batch script.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    # Slurm holds a requeued job ~2 minutes before it may start again (BeginTime); a real cluster
+    # waits that out, the test makes the job eligible as soon as it is back in the queue.
+    while not (_job(job_id)["JobState"] == "PENDING" and _job(job_id)["Restarts"] == "1"):
+        assert time.time() < deadline and _job(job_id)["JobState"] not in FINAL_STATES, log.read_text()[-3000:]
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     job = _wait(job_id, log)
     text = log.read_text()
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-3000:]
