@@ -451,7 +451,7 @@ class Qwen25VLConfig:
         elif t.num_layers % pp:
             raise ConfigError(
                 f"pipeline_model_parallel_size {pp} does not divide num_layers {t.num_layers}; "
-                f"use decoder_first_pipeline_num_layers for an uneven first stage"
+                f"use decoder_first_pipeline_num_layers (--decoder-first-pipeline-num-layers) for an uneven first stage"
             )
 
 
