@@ -192,7 +192,7 @@ class Qwen25VLConfig:
             raise ConfigError(f"{path}: no config.json in the checkpoint directory")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # not JSON, or not UTF-8
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
         try:
             return cls.from_hf_dict(data)

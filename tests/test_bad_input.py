@@ -60,13 +60,18 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     def mixture(name: str, **dataset) -> str:
         return write(name, yaml.safe_dump({"token_budget": 20000, "seed": 1, "datasets": [dataset]}))
 
+    (root / "garbage").write_bytes(b"\xff\xfe\x00\x81 not text")
+    (root / "garbage-ds.manifest.json").write_bytes(b"\xff\xfe\x00\x81 not text")
     (root / "folder").mkdir()
     (root / "bad-config").mkdir()
     (root / "bad-config" / "config.json").write_text("{")
+    (root / "garbage-config").mkdir()
+    (root / "garbage-config" / "config.json").write_bytes((root / "garbage").read_bytes())
     return {
         "root": str(root), "tok": str(tokenizer), "records": str(records), "ds": str(root / "data" / "ds"),
         "hf": str(root / "hf"), "mc": str(root / "mcore"), "folder": str(root / "folder"),
-        "bad_config": str(root / "bad-config"), "missing": str(root / "missing"),
+        "bad_config": str(root / "bad-config"), "missing": str(root / "missing"), "garbage": str(root / "garbage"),
+        "garbage_ds": str(root / "garbage-ds"), "garbage_config": str(root / "garbage-config"),
         "short_bin": str(root / "damaged-tokens.bin" / "ds"), "short_idx": str(root / "damaged-tokens.idx" / "ds"),
         "empty_yaml": write("empty.yaml", ""), "bad_yaml": write("bad.yaml", "datasets: [unclosed\n"),
         "list_yaml": write("list.yaml", "- 1\n- 2\n"), "empty_jsonl": write("empty.jsonl", ""),
@@ -109,6 +114,8 @@ CASES = [
     Case("model-info --preset nope", "'nope'"),
     Case("model-info --hf-dir {folder}", "{folder}"),
     Case("model-info --hf-dir {bad_config}", "{bad_config}/config.json"),
+    Case("model-info --hf-dir {records}", "{records}"),
+    Case("model-info --hf-dir {garbage_config}", "{garbage_config}/config.json"),
     # check-parity
     Case("check-parity --hf-dir {missing}", "{missing}"),
     Case("check-parity --hf-dir {hf} --atol lots", "--atol"),
@@ -127,7 +134,7 @@ CASES = [
     # synth-docs
     Case("synth-docs --out {out} --min-pages 2", "--min-pages 2"),
     Case("synth-docs --out {out} --docs 0", "--docs 0"),
-    Case("synth-docs --out {records}", "{records}"),
+    Case("synth-docs --out {records}", "--out {records} is a file"),
     # build-data
     Case("build-data --input {missing} --output-prefix {out}/x --tokenizer {tok}", "{missing}"),
     Case("build-data --input {empty_jsonl} --output-prefix {out}/x --tokenizer {tok}", "{empty_jsonl}"),
@@ -141,10 +148,14 @@ CASES = [
          status=1, leaves=("{out}/x.rejects.jsonl",)),
     Case("build-data --input {bad_jsonl} --output-prefix {out}/x --tokenizer {tok}", "{out}/x.rejects.jsonl",
          status=1, leaves=("{out}/x.rejects.jsonl",)),
+    Case("build-data --input {garbage} --output-prefix {out}/x --tokenizer {tok}", "{out}/x.rejects.jsonl",
+         status=1, leaves=("{out}/x.rejects.jsonl",)),
+    Case("build-data --input {records} --output-prefix {out}/x --tokenizer {records}", "{records}"),
     # synth-qa
     Case("synth-qa --input {missing} --out {out} --offline --model m", "{missing}"),
     Case("synth-qa --input {folder} --out {out} --offline --model m --prompt-file {bad_yaml}", "{bad_yaml}"),
     Case("synth-qa --input {folder} --out {out} --offline --model m --tasks nonsense", "--tasks"),
+    Case("synth-qa --input {folder} --out {out} --offline --model m --prompt-file {garbage}", "{garbage}"),
     Case("synth-qa --input {folder} --out {out} --offline --model m --segment-pages 10 5", "--segment-pages 10 5"),
     Case("synth-qa --input {folder} --out {out} --endpoint http://127.0.0.1:9/v1", "--model"),
     # plan-data
@@ -152,6 +163,8 @@ CASES = [
     Case("plan-data {empty_yaml} --seq-length 2048 --global-batch-size 1 --out {out}/p", "{empty_yaml}"),
     Case("plan-data {bad_yaml} --seq-length 2048 --global-batch-size 1 --out {out}/p", "{bad_yaml}"),
     Case("plan-data {list_yaml} --seq-length 2048 --global-batch-size 1 --out {out}/p", "{list_yaml}"),
+    Case("plan-data {folder} --seq-length 2048 --global-batch-size 1 --out {out}/p", "{folder}"),
+    Case("plan-data {garbage} --seq-length 2048 --global-batch-size 1 --out {out}/p", "{garbage}"),
     Case("plan-data {mix_weight} --seq-length 2048 --global-batch-size 1 --out {out}/p", "weight"),
     Case("plan-data {mix_missing} --seq-length 2048 --global-batch-size 1 --out {out}/p", "{missing}"),
     Case("plan-data {mix_short_idx} --seq-length 2048 --global-batch-size 1 --out {out}/p", "{short_idx}.tokens.idx"),
@@ -170,6 +183,7 @@ CASES = [
     Case("inspect-data {ds} --packing 0", "--packing 0"),
     Case("inspect-data {short_bin}", "{short_bin}.tokens.bin"),
     Case("inspect-data {short_idx}", "{short_idx}.tokens.idx"),
+    Case("inspect-data {garbage_ds}", "{garbage_ds}.manifest.json"),
     # eval
     Case("eval qa --hf-dir {hf} --data {missing}", "{missing}"),
     Case("eval qa --hf-dir {hf} --data {short_bin}", "{short_bin}.tokens.bin"),
@@ -191,6 +205,7 @@ CASES = [
     Case("eval score --predictions {missing}", "{missing}"),
     Case("eval score --predictions {bad_jsonl} --out {out}", "{bad_jsonl}"),
     Case("eval score --predictions {empty_jsonl} --out {out}", "{empty_jsonl}"),
+    Case("eval score --predictions {folder} --out {out}", "{folder}"),
     # train, in this process (torchrun below)
     Case("train --data-mix {mix_missing} --seq-length 2048 --global-batch-size 1 --save {out}", "{missing}"),
     Case("train --data-mix {mix_short_idx} --seq-length 2048 --global-batch-size 1 --save {out}",
@@ -200,6 +215,8 @@ CASES = [
     Case("train --config {recipe_type} --data-mix {mix} --save {out}", "lr must be a float"),
     Case("train --config {recipe_unknown} --data-mix {mix} --save {out}", "learning_rate"),
     Case("train --config {missing} --data-mix {mix} --save {out}", "{missing}"),
+    Case("train --config {folder} --data-mix {mix} --save {out}", "{folder}"),
+    Case("train --config {garbage} --data-mix {mix} --save {out}", "{garbage}"),
     Case("train --data-mix {mix} --seq-length 2048 --global-batch-size 1 --load {folder} --save {out}",
          "{folder} holds no checkpoint"),
     Case("train --data-mix {mix} --seq-length 2048 --global-batch-size 1 --tensor-model-parallel-size 3 --save {out}",
@@ -249,16 +266,21 @@ def keeps_runtime():
         runtime.initialize()
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.argv.split("--out")[0].strip() for c in CASES])
-def test_bad_input_is_one_line_and_an_exit_status(case, inputs, tmp_path, capsys, keeps_runtime):
-    values = {**inputs, "out": str(tmp_path / "out")}
-    argv = case.argv.format(**values).split()
-    before = _files(inputs["root"], tmp_path)
+def _main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of `mmprolong ARGV` in this process."""
     try:
         status = main(argv)
     except SystemExit as exit_:  # argparse
         status = exit_.code
     out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.argv.split("--out")[0].strip() for c in CASES])
+def test_bad_input_is_one_line_and_an_exit_status(case, inputs, tmp_path, capsys, keeps_runtime):
+    values = {**inputs, "out": str(tmp_path / "out")}
+    before = _files(inputs["root"], tmp_path)
+    status, out, err = _main(case.argv.format(**values).split(), capsys)
     assert "Traceback" not in out + err
     assert status == case.status, err
     lines = _error_lines(err)
@@ -267,6 +289,30 @@ def test_bad_input_is_one_line_and_an_exit_status(case, inputs, tmp_path, capsys
     left = _files(inputs["root"], tmp_path) - before
     assert left == {Path(p.format(**values)) for p in case.leaves} | {Path(p.format(**values)).parent
                                                                        for p in case.leaves}
+
+
+# the command that meets each error of the README's Troubleshooting table, in its order
+TROUBLESHOOTING = [
+    "inspect-data {missing}",
+    "inspect-data {short_bin}",
+    "build-data --input {rejected_jsonl} --output-prefix {out}/x --tokenizer {tok}",
+    "train --data-mix {mix} --seq-length 2048 --global-batch-size 1 --tensor-model-parallel-size 3",
+    "convert verify --hf-dir {hf} --mcore-dir {mc} --pp 2",
+]
+
+
+def test_the_readme_troubleshooting_table_quotes_real_errors(inputs, tmp_path, capsys, keeps_runtime):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("\n## Troubleshooting\n")[1].split("\n## ")[0]
+    quoted = [row.split("`")[1] for row in section.splitlines() if row.startswith("| `")]
+    assert len(quoted) == len(TROUBLESHOOTING) == 5
+    for text, command in zip(quoted, TROUBLESHOOTING):
+        # placeholders (PREFIX, N, ...) stand for any text
+        pattern = "".join(".+?" if re.fullmatch(r"[A-Z]+|\.\.\.", part) else re.escape(part)
+                          for part in re.split(r"(\b[A-Z]+\b|\.\.\.)", text))
+        argv = command.format(**inputs, out=str(tmp_path / "out")).split()
+        line = _error_lines(_main(argv, capsys)[2])[0]
+        assert re.search(pattern, line), (text, line)
 
 
 # ---- the cases of the issue, one assertion each ----------------------------------------------
@@ -331,9 +377,10 @@ def test_the_installed_entry_point_prints_no_traceback(tmp_path):
 
 
 def test_torchrun_train_with_a_missing_dataset_says_so_once_before_building(inputs, tmp_path):
-    """Rank 0 reads the mixture and its datasets; the error comes before any model is built.
-    torchrun then reports the failed worker in its own words (its ChildFailedError summary)."""
-    done = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m",
+    """Rank 0 reads the mixture and its datasets before any model is built and says what is
+    wrong once for both ranks; torchrun then reports the failed worker in its own words (its
+    ChildFailedError summary)."""
+    done = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
                  "megatron_mmprolong.train", "--data-mix", inputs["mix_missing"], "--seq-length", "2048",
                  "--global-batch-size", "1", "--save", str(tmp_path / "save")], 180)
     output = done.stdout + done.stderr

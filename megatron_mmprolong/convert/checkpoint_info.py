@@ -63,7 +63,7 @@ def read_info(directory: str | Path) -> dict[str, Any] | None:
         return None
     try:
         info = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # not JSON, or not UTF-8
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     if info.get("format") != FORMAT:
         raise ConfigError(f"{path}: format is {info.get('format')!r}, expected {FORMAT!r}")

@@ -63,7 +63,7 @@ class MixtureSpec:
     def from_yaml(cls, path: str | Path) -> "MixtureSpec":
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_bytes())
         except (OSError, yaml.YAMLError) as err:
             raise PlanError(f"{path}: cannot read the mixture ({err})") from None
         if not isinstance(data, dict) or not isinstance(data.get("datasets"), list) or not data["datasets"]:

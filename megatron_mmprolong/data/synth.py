@@ -74,6 +74,8 @@ class Fact:
 def synth_docs(out_dir: str | Path, config: SynthConfig = SynthConfig()) -> Path:
     """Write documents and `records.jsonl` (one record per task per document); returns its path."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"--out {out} is a file: give a folder (it receives the pages and records.jsonl)")
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(config.seed)
     lines = []

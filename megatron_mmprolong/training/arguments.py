@@ -210,7 +210,7 @@ def _refuse_removed(name: str, where: str) -> None:
 def read_recipe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ArgumentError(f"{path}: cannot read the recipe ({err})") from None
     if not isinstance(data, dict):
