@@ -347,6 +347,7 @@ def test_build_data_with_every_record_rejected_fails_and_says_where(inputs, tmp_
 def test_check_parity_names_the_transformers_mrope_difference(tmp_path, capsys, runtime):
     import dataclasses
 
+    from megatron_mmprolong.convert.parity import default_samples, known_difference
     from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
 
     config = tiny_config()
@@ -356,6 +357,7 @@ def test_check_parity_names_the_transformers_mrope_difference(tmp_path, capsys, 
     out, err = capsys.readouterr()
     assert json.loads(out)["known_difference"].startswith("vision tokens_per_second 8")
     assert "transformers >= 5" in _error_lines(err)[0]
+    assert known_difference(config, default_samples(config)) is None  # the default rate of 2 is not flagged
 
 
 def _run(command: list[str], timeout: int) -> subprocess.CompletedProcess:
