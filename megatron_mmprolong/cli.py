@@ -64,6 +64,9 @@ def _judge(report: dict, args) -> int:
     report["min_top1_agreement"] = args.min_top1
     report["passed"] = report["max_abs_logit_diff"] <= args.atol and report["top1_agreement"] >= args.min_top1
     print(json.dumps(report, indent=2))
+    if not report["passed"]:
+        cause = report.get("known_difference") or f"the logits differ beyond --atol {args.atol} / --min-top1 {args.min_top1}"
+        print(f"mmprolong {args.verb}: failed: {cause}", file=sys.stderr)
     return 0 if report["passed"] else 1
 
 
@@ -73,6 +76,7 @@ def _parallel(args):
     return ParallelConfig(
         tensor_parallel=args.tp, pipeline_parallel=args.pp,
         vision_tensor_parallel=getattr(args, "vision_tp", None),
+        decoder_first_pipeline_num_layers=getattr(args, "decoder_first_pipeline_num_layers", None),
     )
 
 
@@ -113,12 +117,18 @@ def _summary(report) -> dict:
 def _verify(args) -> int:
     import torch.distributed as dist
 
-    from megatron_mmprolong.convert.checkpoint_info import resolve_checkpoint
+    from megatron_mmprolong.config import Qwen25VLConfig
+    from megatron_mmprolong.convert.checkpoint_info import checkpoint_config, resolve_checkpoint
+    from megatron_mmprolong.convert.hf_checkpoint import HFCheckpoint
     from megatron_mmprolong.convert.verify import verify_checkpoint, verify_spawned
     from megatron_mmprolong.runtime import launch_env
 
     parallel = _parallel(args)
     args.mcore_dir = str(resolve_checkpoint(args.mcore_dir))
+    # every rank would fail the same way: check the inputs and the layout before starting them
+    checkpoint_config(args.mcore_dir, hf_template=args.hf_dir).validate_parallel(parallel)
+    Qwen25VLConfig.from_hf_dir(args.hf_dir)
+    HFCheckpoint(args.hf_dir).close()
     if launch_env().launcher == "single" and args.tp * args.pp > 1:
         report = verify_spawned(args.hf_dir, args.mcore_dir, parallel, args.seed)
     else:
@@ -197,12 +207,20 @@ def _synth_qa(args) -> int:
 def _inspect_data(args) -> int:
     from megatron_mmprolong.data.chat import ChatTokenizer
     from megatron_mmprolong.data.inspect import decode_sample, length_histogram_png, summary
-    from megatron_mmprolong.data.store import MultimodalStore
+    from megatron_mmprolong.data.store import MultimodalStore, StoreError, verify_checksums
 
+    if args.verify:
+        print(f"checksums of {len(verify_checksums(args.prefix))} files match the manifest\n")
     store = MultimodalStore(args.prefix)
+    wrong = [index for index in args.sample or () if not 0 <= index < len(store)]
+    if wrong:
+        raise StoreError(f"--sample {wrong[0]}: the dataset has {len(store)} samples (0 to {len(store) - 1})")
+    if args.packing is not None and args.packing < 1:
+        raise StoreError(f"--packing {args.packing}: give the sequence length to pack to, in tokens")
     print(summary(store))
-    png = length_histogram_png(store, args.histogram or f"{args.prefix}.lengths.png")
-    print(f"\nlength histogram: {png}")
+    png = Path(args.histogram or f"{args.prefix}.lengths.png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    print(f"\nlength histogram: {length_histogram_png(store, png)}")
     if args.packing:
         from megatron_mmprolong.data.inspect import packing_summary
 
@@ -210,8 +228,6 @@ def _inspect_data(args) -> int:
     if args.sample:
         tokenizer = ChatTokenizer(args.tokenizer or store.manifest["tokenizer"]["path"])
         for index in args.sample:
-            if not 0 <= index < len(store):
-                raise IndexError(f"--sample {index}: the dataset has {len(store)} samples")
             print("\n" + decode_sample(store, index, tokenizer))
     return 0
 
@@ -242,7 +258,8 @@ def _eval_model(args):
     if world != ranks:
         raise ConfigError(f"--tp {args.tp} x --cp {args.cp} x --pp {args.pp} needs {ranks} ranks, this run has "
                           f"{world}: torchrun --nproc-per-node {ranks} -m megatron_mmprolong.cli eval ...")
-    parallel = ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp, pipeline_parallel=args.pp)
+    parallel = ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp, pipeline_parallel=args.pp,
+                              decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers)
     dtype = "bf16" if args.dtype == "auto" else args.dtype
     model = MegatronGenerator.from_checkpoint(resolve_checkpoint(args.mcore_dir), parallel, dtype)
     return model, dist.get_rank() == 0, dist.barrier
@@ -283,6 +300,7 @@ def _eval_needle(args) -> int:
     config = NeedleConfig(str(tokenizer), tuple(args.lengths), tuple(args.depths), args.per_cell, args.page_width,
                           args.page_height, args.font_size, args.train_length, args.seed,
                           tuple(str(Path(r).resolve()) for r in args.haystack or ()), args.dpi, args.metric)
+    _check_files("--haystack", config.haystack)
     if not config.haystack:
         config.pages()  # errors in the settings before the model loads
     return _eval_into_folder(args, run_needle_eval, config, "needle_config.json",
@@ -296,6 +314,9 @@ def _eval_position_loss(args) -> int:
     from megatron_mmprolong.data.store import MultimodalStore
     from megatron_mmprolong.eval.position_loss import hf_scorer, position_loss, write_report
 
+    if args.bucket_size < 1:
+        print(f"mmprolong eval: error: --bucket-size {args.bucket_size}: must be at least 1 position", file=sys.stderr)
+        return 2
     store = MultimodalStore(args.data)
     indices = [i for i in range(len(store)) if int(store.samples[i]["tokens"]) >= args.min_tokens][:args.limit]
     if not indices:
@@ -314,12 +335,23 @@ def _eval_position_loss(args) -> int:
 
 
 def _eval_extend(args) -> int:
-    from megatron_mmprolong.eval.extension import ExtensionConfig, run_extension_eval
+    from megatron_mmprolong.eval.extension import ExtensionConfig, check_inputs, run_extension_eval
 
+    _check_files("--records", args.records)
     config = ExtensionConfig(str(Path(args.tokenizer).resolve()), tuple(str(Path(r).resolve()) for r in args.records),
                              tuple(args.lengths), args.dpi, args.seed)
+    check_inputs(config)
     return _eval_into_folder(args, run_extension_eval, config, "extension_config.json",
                              ("samples", "exact_match", "f1", "by_length"))
+
+
+def _check_files(flag: str, paths) -> None:
+    """Inputs read after the model loads are checked before it does."""
+    from megatron_mmprolong.eval.dataset_qa import EvalError
+
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise EvalError(f"{flag} {missing[0]}: no such file")
 
 
 def _mmlongbench_judge(args):
@@ -503,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--mcore-dir", required=True,
                         help="a checkpoint, or a training --save directory (its latest checkpoint)")
     _add_layout(verify)
+    _add_first_stage(verify)
     verify.add_argument("--seed", type=int, default=0)
     _add_tolerances(verify)
     verify.set_defaults(run=_verify)
@@ -634,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_.add_argument("--sample", type=int, action="append", help="print sample N decoded (repeatable)")
     inspect_.add_argument("--tokenizer", help="default: the one the dataset was built with")
     inspect_.add_argument("--packing", type=int, metavar="SEQ_LENGTH", help="report how the samples pack")
+    inspect_.add_argument("--verify", action="store_true",
+                          help="read every file whole and compare it with the build's checksums (file sizes "
+                               "are checked whenever a dataset opens)")
     inspect_.set_defaults(run=_inspect_data)
 
     evaluate = verbs.add_parser("eval", help="evaluate a checkpoint")
@@ -757,10 +793,17 @@ def _add_eval_model(parser, endpoint: bool = False) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size with --mcore-dir")
     parser.add_argument("--cp", type=int, default=1, help="context parallel size with --mcore-dir (long inputs)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size with --mcore-dir")
+    _add_first_stage(parser)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="parameter dtype; auto: fp32 with --hf-dir (the transformers reference), bf16 with "
                              "--mcore-dir (Transformer Engine's fused attention needs it; fp32 is refused at CP > 1 "
                              "and for prompts whose unfused attention scores exceed 8 GiB)")
+
+
+def _add_first_stage(parser) -> None:
+    parser.add_argument("--decoder-first-pipeline-num-layers", type=int, metavar="N",
+                        help="decoder layers on the first (vision) pipeline stage, as in training (default: "
+                             "--pp divides the layers evenly)")
 
 
 def _add_layout(parser) -> None:
@@ -788,23 +831,12 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-    from megatron_mmprolong.config import ConfigError
-    from megatron_mmprolong.convert.hf_checkpoint import CheckpointError
-    from megatron_mmprolong.convert.output_dir import OutputExistsError
-    from megatron_mmprolong.data.build import BuildError
-    from megatron_mmprolong.data.chat import TokenizerError
-    from megatron_mmprolong.data.plan import PlanError
-    from megatron_mmprolong.data.store import StoreError
-    from megatron_mmprolong.data.synth_qa.documents import SynthQAError
-    from megatron_mmprolong.eval.dataset_qa import EvalError
-    from megatron_mmprolong.serving.endpoint import EndpointError
+    from megatron_mmprolong import errors
 
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, OutputExistsError, BuildError, TokenizerError, StoreError, PlanError,
-            EvalError, SynthQAError, EndpointError) as err:
-        print(f"mmprolong {args.verb}: error: {err}", file=sys.stderr)
-        return 2
+    except errors.expected_errors() as err:
+        return errors.report(f"mmprolong {args.verb}", err)
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ class Qwen25VLConfig:
             raise ConfigError(f"{path}: no config.json in the checkpoint directory")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # not JSON, or not UTF-8
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
         try:
             return cls.from_hf_dict(data)
@@ -451,7 +451,7 @@ class Qwen25VLConfig:
         elif t.num_layers % pp:
             raise ConfigError(
                 f"pipeline_model_parallel_size {pp} does not divide num_layers {t.num_layers}; "
-                f"use decoder_first_pipeline_num_layers for an uneven first stage"
+                f"use decoder_first_pipeline_num_layers (--decoder-first-pipeline-num-layers) for an uneven first stage"
             )
 
 

@@ -86,6 +86,10 @@ CALL_SITES: tuple[CallSite, ...] = (
              "_get_all_rng_states"),
     CallSite("megatron.core.tensor_parallel.random", "_set_cuda_rng_state(",
              "_set_all_rng_states"),
+    # Tied embeddings over pipeline stages: the first and last stages' copies are summed with
+    # an all-reduce of `weight.data.cuda()`.
+    CallSite("megatron.core.models.common.language_module.language_module", "weight.data = weight.data.cuda()",
+             "LanguageModule.setup_embeddings_and_output_layer"),
     # The default RNG tracker seeds and forks CUDA generators.
     CallSite("megatron.core.tensor_parallel.random", "torch.cuda.get_rng_state()",
              "CudaRNGStatesTracker.add"),
@@ -157,7 +161,26 @@ def apply() -> None:
     # Gradient clipping asserts CUDA tensors by their type string; the same scaling on any device.
     _replaced[(moptimizer.__name__, "clip_grad_by_total_norm_fp32")] = moptimizer.clip_grad_by_total_norm_fp32
     moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    # Tensor.cuda() is a method, out of the proxy's reach: it stays on the CPU while the tied
+    # embedding copies are set up (the all-reduce itself runs on gloo).
+    setup = LanguageModule.setup_embeddings_and_output_layer
+    _replaced[(LanguageModule.__module__, "LanguageModule.setup_embeddings_and_output_layer")] = setup
+
+    def setup_on_cpu(self):
+        with _CudaCopiesStayOnCpu():
+            return setup(self)
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
     _applied = True
+
+
+class _CudaCopiesStayOnCpu(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cuda:
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mmprolong import cpu_shims
-from megatron_mmprolong.config import ParallelConfig
+from megatron_mmprolong.config import ConfigError, ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,9 @@ def initialize(
     world_size = dist.get_world_size()
     model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel * parallel.context_parallel
     if world_size % model_parallel:
-        raise RuntimeError(
-            f"world size {world_size} is not a multiple of TP x PP x CP = {model_parallel}"
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of TP x PP x CP = {model_parallel}: start "
+            f"a multiple of {model_parallel} ranks (torchrun --nproc-per-node) or lower the parallel sizes"
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

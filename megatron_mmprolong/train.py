@@ -8,22 +8,15 @@ import warnings
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-    from megatron_mmprolong import runtime
-    from megatron_mmprolong.config import ConfigError
-    from megatron_mmprolong.convert.hf_checkpoint import CheckpointError
-    from megatron_mmprolong.data.plan import PlanError
+    from megatron_mmprolong import errors, runtime
     from megatron_mmprolong.training.arguments import parse_args
-    from megatron_mmprolong.training.loop import TrainingError, train
+    from megatron_mmprolong.training.loop import train
 
     try:
         args = parse_args(argv)
         train(args)
-    except (ConfigError, CheckpointError, PlanError) as err:
-        print(f"mmprolong train: error: {err}", file=sys.stderr)
-        return 2
-    except TrainingError as err:
-        print(f"mmprolong train: {err}", file=sys.stderr)
-        return 1
+    except errors.expected_errors() as err:
+        return errors.report("mmprolong train", err)
     finally:
         runtime.shutdown()
     return 0

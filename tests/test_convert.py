@@ -293,4 +293,7 @@ def test_cli_round_trip_and_errors(converted, tmp_path, capsys):
     assert main(["convert", "hf-to-mcore", "--hf-dir", str(root / "hf"), "--out", str(tmp_path / "m")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["convert", "mcore-to-hf", "--mcore-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "h")]) == 2
+    assert f"{tmp_path / 'nothing'} holds no checkpoint" in capsys.readouterr().err
+    (tmp_path / "m" / "mmprolong_checkpoint.json").unlink()  # a torch_dist checkpoint of another tool
+    assert main(["convert", "mcore-to-hf", "--mcore-dir", str(tmp_path / "m"), "--out", str(tmp_path / "h")]) == 2
     assert "pass --hf-template" in capsys.readouterr().err

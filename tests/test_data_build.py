@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from megatron_mmprolong.cli import main
-from megatron_mmprolong.data.build import BuildConfig, BuildError, build_dataset
+from megatron_mmprolong.data.build import BuildConfig, BuildError, NoSamplesError, build_dataset
 from megatron_mmprolong.data.pdf import available_backends
 from megatron_mmprolong.data.store import MultimodalStore, file_names
 
@@ -138,8 +138,9 @@ def test_pdf_records_with_page_ranges_and_bad_references(tmp_path, qwen_tokenize
 
 def test_overflow_policies(small_synth, tmp_path, qwen_tokenizer):
     # 448x560 pages are 320 tokens; 1200 tokens fit about three pages.
-    skip = build_dataset([small_synth], tmp_path / "skip", _config(seq_length=1200), progress=False)
-    assert skip.samples == 0 and skip.rejects > 0
+    with pytest.raises(NoSamplesError, match="skip.rejects.jsonl"):  # every document is too long: no dataset
+        build_dataset([small_synth], tmp_path / "skip", _config(seq_length=1200), progress=False)
+    assert not Path(f"{tmp_path}/skip.manifest.json").exists()
     kinds = {json.loads(l)["kind"] for l in Path(f"{tmp_path}/skip.rejects.jsonl").read_text().splitlines()}
     assert kinds == {"too-long"}
     build_dataset([small_synth], tmp_path / "drop", _config(seq_length=1200, overflow="drop-far-pages"), progress=False)

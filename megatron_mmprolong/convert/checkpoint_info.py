@@ -25,13 +25,21 @@ def latest_iteration(save: str | Path) -> int | None:
     marker = Path(save) / LATEST
     if not marker.is_file():
         return None
-    return int(marker.read_text().strip())
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise ConfigError(f"{marker}: holds {text[:40]!r}, not an iteration number (a damaged save directory)")
+    return int(text)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory itself, or the latest checkpoint of a training save directory."""
     iteration = latest_iteration(path)
-    return Path(path) if iteration is None else iteration_dir(path, iteration)
+    directory = Path(path) if iteration is None else iteration_dir(path, iteration)
+    if not (directory / "metadata.json").is_file():  # megatron-core writes it into every torch_dist checkpoint
+        where = f"{directory} (named by {Path(path) / LATEST})" if iteration is not None else str(directory)
+        raise ConfigError(f"{where} holds no checkpoint: give a converted checkpoint (convert hf-to-mcore --out) "
+                          f"or a training --save directory")
+    return directory
 
 
 def package_versions() -> dict[str, str]:
@@ -55,7 +63,7 @@ def read_info(directory: str | Path) -> dict[str, Any] | None:
         return None
     try:
         info = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # not JSON, or not UTF-8
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     if info.get("format") != FORMAT:
         raise ConfigError(f"{path}: format is {info.get('format')!r}, expected {FORMAT!r}")

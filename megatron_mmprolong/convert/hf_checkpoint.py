@@ -42,7 +42,7 @@ class HFCheckpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
+            except (ValueError, KeyError, TypeError) as err:  # not UTF-8 JSON, or no weight_map
                 raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
             missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
             if missing:

@@ -26,7 +26,9 @@ def verify_checkpoint(hf_dir: str | Path, mcore_dir: str | Path, parallel: Paral
     from megatron_mmprolong import runtime
     from megatron_mmprolong.convert.checkpoint_info import checkpoint_config
     from megatron_mmprolong.convert.mcore_checkpoint import load_mcore_checkpoint
-    from megatron_mmprolong.convert.parity import compare, default_samples, hf_logits, our_logits, pack
+    from megatron_mmprolong.convert.parity import (
+        compare, default_samples, hf_logits, known_difference, our_logits, pack,
+    )
     from megatron_mmprolong.model.builder import build_model
 
     rt = runtime.initialize(parallel, seed=seed)
@@ -56,7 +58,8 @@ def verify_checkpoint(hf_dir: str | Path, mcore_dir: str | Path, parallel: Paral
         with torch.no_grad():
             expected = torch.cat([hf_logits(reference, s) for s in samples], dim=1)
         report = {**compare(out.cpu(), expected), "tokens": tokens,
-                  "tensor_parallel": parallel.tensor_parallel, "pipeline_parallel": parallel.pipeline_parallel}
+                  "tensor_parallel": parallel.tensor_parallel, "pipeline_parallel": parallel.pipeline_parallel,
+                  "known_difference": known_difference(config, samples)}
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, report)
     return next(r for r in reports if r is not None)

@@ -39,7 +39,9 @@ from megatron_mmprolong.data.records import (
     read_jsonl,
 )
 from megatron_mmprolong.data.sampling import default_bin_edges
-from megatron_mmprolong.data.store import FORMAT, FORMAT_VERSION, EncodedSample, StoreWriter, file_names, merge_stores
+from megatron_mmprolong.data.store import (
+    FORMAT, FORMAT_VERSION, EncodedSample, StoreWriter, file_names, file_sha256, merge_stores,
+)
 
 OVERFLOW_POLICIES = ("skip", "drop-far-pages")
 
@@ -50,6 +52,10 @@ class TooLongError(RecordError):
 
 class BuildError(RuntimeError):
     pass
+
+
+class NoSamplesError(BuildError):
+    """Every input was rejected: there is no dataset to write."""
 
 
 REJECT_KINDS = ((TooLongError, "too-long"), (NoTextError, "no-text"), (RecordError, "bad-record"),
@@ -75,11 +81,14 @@ class BuildConfig:
 
     def __post_init__(self):
         if self.overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow policy must be one of {OVERFLOW_POLICIES}, got {self.overflow!r}")
+            raise BuildError(f"overflow policy must be one of {OVERFLOW_POLICIES}, got {self.overflow!r}")
+        for flag, value in (("--seq-length", self.seq_length), ("--shard-size", self.shard_size), ("--dpi", self.dpi)):
+            if value < 1:
+                raise BuildError(f"{flag} {value}: must be at least 1")
         if not self.bin_edges:
             object.__setattr__(self, "bin_edges", tuple(default_bin_edges(self.seq_length)))
         if list(self.bin_edges) != sorted(set(self.bin_edges)) or self.bin_edges[0] != 0:
-            raise ValueError(f"length bin edges must increase from 0, got {self.bin_edges}")
+            raise BuildError(f"length bin edges must increase from 0, got {self.bin_edges}")
 
 
 @dataclass
@@ -151,11 +160,27 @@ def build_dataset(
                            merged=False)
     if strict and rejects:
         raise BuildError(f"{rejects} inputs were rejected and --strict is set; see {work_dir}/shard-*/part.rejects.jsonl")
+    if rejects == len(items):
+        _all_rejected(parts, prefix, work_dir)
     report = _finalize(parts, prefix, config, inputs, ocr_task, work_dir)
     if not keep_shards:
         shutil.rmtree(work_dir)
     return BuildReport(prefix, report["counts"]["samples"], report["counts"]["rejects"],
                        report["counts"]["tokens"], pages, time.perf_counter() - start, reused)
+
+
+def _all_rejected(parts: list[str], prefix: str, work_dir: Path) -> None:
+    """Gather the reasons into PREFIX.rejects.jsonl (no dataset is written) and fail; the shards
+    go, so that a rerun after fixing the inputs renders them again."""
+    rejects = "".join(Path(f"{p}.rejects.jsonl").read_text() for p in parts)
+    kinds = {}
+    for line in rejects.splitlines():
+        kind = json.loads(line)["kind"]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    Path(f"{prefix}.rejects.jsonl").write_text(rejects)
+    shutil.rmtree(work_dir)
+    raise NoSamplesError(f"all {sum(kinds.values())} inputs were rejected ({', '.join(f'{k}: {n}' for k, n in kinds.items())}), "
+                         f"no dataset written; the reason for each is in {prefix}.rejects.jsonl")
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -173,7 +198,7 @@ def _read_inputs(inputs, config: BuildConfig, ocr_task: str | None) -> list[tupl
             raise BuildError(f"input {path} does not exist")
         items += [(source, record, len(items) + k) for k, (source, record) in enumerate(entries)]
     if not items:
-        raise BuildError("no input records")
+        raise BuildError(f"no input records in {', '.join(map(str, inputs))}")
     return items
 
 
@@ -428,13 +453,6 @@ def _manifest(staged: Path, config: BuildConfig, inputs, ocr_task) -> dict:
         "per_length_bin": per_bin,
         "rejects": kinds,
         "build_args": {"inputs": [str(Path(p).resolve()) for p in inputs], "ocr_task": ocr_task, **build_config},
-        "checksums": {path.name[len(staged.name) + 1:]: _sha256(path) for path in file_names(staged)},
+        "sizes": {path.name[len(staged.name) + 1:]: path.stat().st_size for path in file_names(staged)},
+        "checksums": {path.name[len(staged.name) + 1:]: file_sha256(path) for path in file_names(staged)},
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

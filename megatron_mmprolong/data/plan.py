@@ -63,7 +63,7 @@ class MixtureSpec:
     def from_yaml(cls, path: str | Path) -> "MixtureSpec":
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_bytes())
         except (OSError, yaml.YAMLError) as err:
             raise PlanError(f"{path}: cannot read the mixture ({err})") from None
         if not isinstance(data, dict) or not isinstance(data.get("datasets"), list) or not data["datasets"]:
@@ -80,9 +80,9 @@ class MixtureSpec:
                 raise PlanError(f"{path}: datasets[{i}] has unknown keys {sorted(extra)}")
             prefix = Path(entry["path"])
             prefix = prefix if prefix.is_absolute() else (path.parent / prefix)
-            weight = float(entry.get("weight", 1.0))
-            if weight <= 0:
-                raise PlanError(f"{path}: datasets[{i}] weight must be positive")
+            weight = entry.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+                raise PlanError(f"{path}: datasets[{i}] weight must be a positive number, got {weight!r}")
             specs.append(DatasetSpec(str(prefix.resolve()), weight, entry.get("tasks"),
                                      entry.get("lengths", "natural"), bool(entry.get("replacement", False))))
         try:
@@ -100,6 +100,15 @@ class PlanConfig:
     alignment: Alignment = field(default_factory=Alignment)
     attention_weight: float = 1.32e-5  # Qwen2.5-VL-7B: hidden*layers / parameters
     data_parallel: int | None = None  # only for the utilisation figure of the summary
+
+    def __post_init__(self):
+        sizes = {"--seq-length": self.seq_length, "--global-batch-size": self.global_batch,
+                 "--context-parallel-size": self.alignment.context_parallel,
+                 "--tensor-model-parallel-size": self.alignment.tensor_parallel,
+                 "--data-parallel-size": self.data_parallel or 1}
+        for flag, value in sizes.items():
+            if value < 1:
+                raise PlanError(f"{flag} {value}: must be at least 1")
 
 
 @dataclass
@@ -156,6 +165,7 @@ class Plan:
     def save(self, path: str | Path) -> None:
         """PATH.npz (arrays) and PATH.json (datasets, config, summary)."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(f"{path}.npz", dataset_refs=self.dataset_refs, sample_refs=self.sample_refs,
                  sample_tokens=self.sample_tokens, pack_offsets=self.pack_offsets)
         meta = {"format": PLAN_FORMAT, "digest": self.digest(), "datasets": self.datasets,
@@ -164,10 +174,13 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        meta = json.loads(Path(f"{path}.json").read_text())
-        if meta.get("format") != PLAN_FORMAT:
+        try:
+            meta = json.loads(Path(f"{path}.json").read_text())
+            arrays = np.load(f"{path}.npz")
+        except (OSError, ValueError) as err:  # missing, unreadable, not JSON, not an npz
+            raise PlanError(f"{path}: not a readable plan ({err}); make one with mmprolong plan-data") from None
+        if not isinstance(meta, dict) or meta.get("format") != PLAN_FORMAT:
             raise PlanError(f"{path}.json is not a plan")
-        arrays = np.load(f"{path}.npz")
         config = dict(meta["config"])
         config["alignment"] = Alignment(**config["alignment"])
         plan = cls(meta["datasets"], arrays["dataset_refs"], arrays["sample_refs"], arrays["sample_tokens"],

@@ -10,11 +10,13 @@ builder (numpy, JSON and Megatron's IndexedDataset).
     PREFIX.ids.json              source id of every sample
     PREFIX.rejects.jsonl         inputs that did not become samples, with location and reason
     PREFIX.manifest.json         written last: format, tokenizer, image parameters, counts,
-                                 histograms, build arguments, checksums
+                                 histograms, build arguments, each file's size (checked on
+                                 opening) and checksum (checked by inspect-data --verify)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,14 @@ def file_names(prefix: str | Path) -> list[Path]:
     prefix = str(prefix)
     names = [Path(f"{prefix}.{name}.{ext}") for name in INDEXED for ext in ("bin", "idx")]
     return names + [Path(f"{prefix}.{name}") for name in ARRAYS]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -139,6 +149,49 @@ class StoreError(ValueError):
     pass
 
 
+def read_manifest(prefix: str | Path) -> dict:
+    manifest = Path(f"{prefix}.manifest.json")
+    if not manifest.is_file():
+        raise StoreError(f"{manifest} is missing: not a finished dataset (build it with mmprolong build-data)")
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StoreError(f"{manifest}: not readable JSON ({err}); the dataset is damaged, rebuild it") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{manifest}: not a dataset manifest of {FORMAT} v{FORMAT_VERSION}")
+    return data
+
+
+def check_sizes(prefix: str | Path, manifest: dict) -> None:
+    """Every file as long as the build left it: a truncated or replaced file is named now, not
+    met as a short read in the middle of a run. Datasets built before the manifest recorded
+    sizes have no "sizes" entry; they open unchecked, as they always did."""
+    for suffix, size in manifest.get("sizes", {}).items():
+        path = Path(f"{prefix}.{suffix}")
+        if not path.is_file():
+            raise StoreError(f"{path} is missing: the dataset is incomplete; rebuild it or restore the file")
+        actual = path.stat().st_size
+        if actual != size:
+            raise StoreError(f"{path} has {actual:,} bytes, the build wrote {size:,}: the file is damaged "
+                             "(truncated or replaced); rebuild the dataset or restore the file")
+
+
+def verify_checksums(prefix: str | Path) -> list[Path]:
+    """Every file whose checksum the manifest records, read whole and compared (without opening
+    the dataset, which damaged contents can break); StoreError naming the files that differ.
+    Returns the files checked."""
+    checked, damaged = [], []
+    for suffix, expected in read_manifest(prefix).get("checksums", {}).items():
+        path = Path(f"{prefix}.{suffix}")
+        checked.append(path)
+        if not path.is_file() or file_sha256(path) != expected:
+            damaged.append(str(path))
+    if damaged:
+        raise StoreError(f"{', '.join(damaged)}: the content differs from the build's checksum (the file "
+                         "changed after the build); rebuild the dataset or restore the file")
+    return checked
+
+
 class MultimodalStore:
     """Random access to a finished dataset (memory-mapped)."""
 
@@ -146,19 +199,22 @@ class MultimodalStore:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.prefix = str(prefix)
-        manifest = Path(f"{self.prefix}.manifest.json")
-        if not manifest.is_file():
-            raise StoreError(f"{manifest} is missing: not a finished dataset")
-        self.manifest = json.loads(manifest.read_text())
-        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{manifest}: unsupported format {self.manifest.get('format')} "
-                             f"v{self.manifest.get('format_version')}")
-        self.tokens = IndexedDataset(f"{self.prefix}.tokens")
-        self.loss_spans = IndexedDataset(f"{self.prefix}.loss_spans")
-        self.images = IndexedDataset(f"{self.prefix}.images")
-        self.samples = np.load(f"{self.prefix}.samples.npy", mmap_mode="r")
-        self.grids = np.load(f"{self.prefix}.image_grids.npy", mmap_mode="r")
-        self.ids = json.loads(Path(f"{self.prefix}.ids.json").read_text())
+        self.manifest = read_manifest(self.prefix)
+        check_sizes(self.prefix, self.manifest)
+        self.tokens = self._open("tokens.idx", lambda p: IndexedDataset(p[:-len(".idx")]))
+        self.loss_spans = self._open("loss_spans.idx", lambda p: IndexedDataset(p[:-len(".idx")]))
+        self.images = self._open("images.idx", lambda p: IndexedDataset(p[:-len(".idx")]))
+        self.samples = self._open("samples.npy", lambda p: np.load(p, mmap_mode="r"))
+        self.grids = self._open("image_grids.npy", lambda p: np.load(p, mmap_mode="r"))
+        self.ids = self._open("ids.json", lambda p: json.loads(Path(p).read_text()))
+
+    def _open(self, suffix: str, read):
+        path = f"{self.prefix}.{suffix}"
+        try:
+            return read(path)
+        except Exception as err:  # whatever a reader makes of damaged bytes of the right size
+            raise StoreError(f"{path} cannot be read ({type(err).__name__}: {err}); the file is damaged: "
+                             "mmprolong inspect-data --verify names every changed file") from None
 
     def __len__(self) -> int:
         return len(self.samples)

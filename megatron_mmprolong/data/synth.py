@@ -31,6 +31,10 @@ WORDS = ("the", "report", "describes", "annual", "results", "of", "a", "regional
          "quarter", "while", "maintenance", "continued", "as", "expected", "under", "standard", "procedures")
 
 
+class SynthError(ValueError):
+    """Settings that cannot make the documents asked for."""
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     docs: int = 4
@@ -44,9 +48,14 @@ class SynthConfig:
 
     def __post_init__(self):
         if not 4 <= self.min_pages <= self.max_pages:
-            raise ValueError("synthetic documents need 4 <= min_pages <= max_pages (two facts of each kind)")
+            raise SynthError(f"--min-pages {self.min_pages} --max-pages {self.max_pages}: synthetic documents "
+                             "need 4 <= min_pages <= max_pages (two facts of each kind)")
+        if self.docs < 1:
+            raise SynthError(f"--docs {self.docs}: write at least one document")
+        if min(self.page_width, self.page_height, self.font_size) < 1:
+            raise SynthError("--page-width, --page-height and --font-size must be positive")
         if self.format not in ("png", "pdf"):
-            raise ValueError(f"format must be png or pdf, got {self.format!r}")
+            raise SynthError(f"format must be png or pdf, got {self.format!r}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,8 @@ class Fact:
 def synth_docs(out_dir: str | Path, config: SynthConfig = SynthConfig()) -> Path:
     """Write documents and `records.jsonl` (one record per task per document); returns its path."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"--out {out} is a file: give a folder (it receives the pages and records.jsonl)")
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(config.seed)
     lines = []

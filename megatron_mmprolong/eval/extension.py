@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_mmprolong.data.build import BuildConfig, build_dataset
-from megatron_mmprolong.data.chat import ChatTokenizer
+from megatron_mmprolong.data.chat import ChatTokenizer, load_tokenizer
 from megatron_mmprolong.data.images import ImageError
 from megatron_mmprolong.data.pdf import PdfError
 from megatron_mmprolong.data.records import DocumentRecord
@@ -70,14 +70,21 @@ def extended_records(documents: list[DocumentRecord], pages: list[list[str]], le
     return records
 
 
+def check_inputs(config: ExtensionConfig) -> list[DocumentRecord]:
+    """The documents to extend; errors in them or in the tokenizer before a model loads."""
+    load_tokenizer(config.tokenizer)
+    documents = read_documents(config.records)
+    if len(documents) < 2:
+        raise EvalError("--records: context extension needs at least two documents (the others pad each one)")
+    return documents
+
+
 def prepare_extension(config: ExtensionConfig, out: Path, progress: bool = True) -> None:
     """Write (or reuse) the padded records and their dataset."""
     prefix = out / "data" / "extended"
     if Path(f"{prefix}.manifest.json").is_file():
         return
-    documents = read_documents(config.records)
-    if len(documents) < 2:
-        raise EvalError("context extension needs at least two documents (the others pad each one)")
+    documents = check_inputs(config)
     try:
         pages = [page_images(d, out / "pages", config.dpi) for d in documents]
         records = extended_records(documents, pages, config.lengths, PageTokens(), config.seed)

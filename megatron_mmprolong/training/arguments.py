@@ -210,12 +210,13 @@ def _refuse_removed(name: str, where: str) -> None:
 def read_recipe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ArgumentError(f"{path}: cannot read the recipe ({err})") from None
     if not isinstance(data, dict):
         raise ArgumentError(f"{path}: a recipe is a mapping of argument names to values")
     known = {a.name: a for a in ARGUMENTS}
+    fields = _field_types()
     values = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -225,10 +226,27 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         arg = known[name]
         if arg.choices and value is not None and value not in arg.choices:
             raise ArgumentError(f"{path}: {key} must be one of {list(arg.choices)}, got {value!r}")
+        value = _typed(path, key, value, str(fields[name].type))
         if name in ("data_mix", "data_plan", "hf_config", "save", "load", "tensorboard_dir") and value:
             value = str(Path(value) if Path(value).is_absolute() else (path.parent / value))
         values[name] = value
     return values
+
+
+def _typed(path: Path, key: str, value: Any, kind: str) -> Any:
+    """A recipe value as its argument's type: a float written 1e-5 (YAML reads a string) becomes
+    one; a value of another type is an ArgumentError."""
+    base = kind.split("|")[0].strip()
+    if value is None or base == "str":
+        return value
+    if base == "float" and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(value, bool) == (base == "bool") and isinstance(value, int):
+        return value
+    raise ArgumentError(f"{path}: {key} must be a{'n' if base == 'int' else ''} {base}, got {value!r}")
 
 
 def validate(args: TrainArgs) -> None:

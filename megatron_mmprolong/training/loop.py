@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_mmprolong import runtime
+from megatron_mmprolong import errors, runtime
 from megatron_mmprolong.config import ConfigError
-from megatron_mmprolong.convert.checkpoint_info import checkpoint_config, iteration_dir, latest_iteration
+from megatron_mmprolong.convert.checkpoint_info import checkpoint_config, iteration_dir, latest_iteration, resolve_checkpoint
 from megatron_mmprolong.convert.mcore_checkpoint import load_mcore_checkpoint
 from megatron_mmprolong.data.loader import LoaderState, PackedSequences, make_dataloader
 from megatron_mmprolong.data.packing import Alignment
@@ -84,6 +84,26 @@ def _plan(args: A.TrainArgs, alignment: Alignment) -> Plan:
     return make_plan(mixture, PlanConfig(args.seq_length, args.global_batch_size, alignment))
 
 
+def _read_inputs(args: A.TrainArgs, alignment: Alignment, rank: int):
+    """(config of the --load checkpoint or None, data plan), read by rank 0 before any model is
+    built and handed to every rank; when an input is bad, rank 0 reports it and the others exit
+    with the same status, saying nothing."""
+    inputs, failure = None, None
+    if rank == 0:
+        try:
+            loaded = checkpoint_config(resolve_checkpoint(args.load)) if args.load else None
+            inputs = (loaded, _plan(args, alignment))
+        except Exception as err:  # re-raised below on rank 0, as it is
+            failure = err
+    shared = [inputs, None if failure is None else errors.status(failure)]
+    dist.broadcast_object_list(shared, src=0)
+    if failure is not None:
+        raise failure
+    if shared[1] is not None:
+        raise errors.ReportedElsewhere(shared[1])
+    return shared[0]
+
+
 def _step_metrics(plan: Plan, stores, config, step: int) -> tuple[int, float]:
     """(real tokens, training FLOPs) of one global step, from metadata."""
     batch = plan.config.global_batch
@@ -109,15 +129,10 @@ def train(args: A.TrainArgs) -> TrainResult:
     parallel, precision = A.parallel_config(args), A.precision_config(args)
     rt = runtime.initialize(parallel, seed=args.seed)
     resume = bool(args.load) and latest_iteration(args.load) is not None
-    loaded_config = None
-    if resume:
-        loaded_config = checkpoint_config(iteration_dir(args.load, latest_iteration(args.load)))
-    elif args.load:
-        loaded_config = checkpoint_config(args.load)
-    config = A.model_config(args, loaded_config)
     alignment = Alignment(args.context_parallel_size, args.tensor_model_parallel_size, args.sequence_parallel,
                           args.fp8_format is not None)
-    plan = _plan(args, alignment)
+    loaded_config, plan = _read_inputs(args, alignment, rt.rank)
+    config = A.model_config(args, loaded_config)
     check_plan_alignment(plan.config.alignment, alignment)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     if args.global_batch_size % dp:

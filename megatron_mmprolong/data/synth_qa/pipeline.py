@@ -97,9 +97,9 @@ def run_synth_qa(inputs: list[str | Path], out_dir: str | Path, config: SynthQAC
     began = time.perf_counter()
     out = Path(out_dir)
     work = out if config.part is None else out / "parts" / "{:05d}-of-{:05d}".format(*config.part)
-    work.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(config.prompt_file)
     paths = list_pdfs(inputs)
+    work.mkdir(parents=True, exist_ok=True)  # the inputs are readable: the run starts
     if config.part is not None:
         paths = paths[config.part[0]::config.part[1]]
     with PdfWorkers(config.workers) as workers, Journal(work / "answers.jsonl") as journal:
