@@ -46,8 +46,13 @@ def patchify(pages: Tensor, grids: Tensor, patch: int = 14, merge: int = 2, temp
     # Every merged token is `side` runs of `side` contiguous pixels, one per pixel row; a page
     # row holds `cols` runs and a page starts at a multiple of side * side pixels, so runs are
     # whole rows of the pages viewed as [pixels / side, side * 3].
-    first_run = (torch.cumsum(page_pixels(grids, patch), 0) - page_pixels(grids, patch)) // side
-    per_token = lambda values: torch.repeat_interleave(values.to(device), tokens.to(device), output_size=total)  # noqa: E731
+    sizes = page_pixels(grids, patch)
+    first_run = (torch.cumsum(sizes, 0) - sizes) // side
+    tokens_here = tokens.to(device, non_blocking=True)
+
+    def per_token(values: Tensor) -> Tensor:  # each page's value, once per merged token of it
+        return torch.repeat_interleave(values.to(device, non_blocking=True), tokens_here, output_size=total)
+
     token_in_page = torch.arange(total, device=device) - per_token(torch.cumsum(tokens, 0) - tokens)
     page_cols = per_token(cols)
     top_left = per_token(first_run) + (token_in_page // page_cols) * side * page_cols + token_in_page % page_cols

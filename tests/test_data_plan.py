@@ -26,6 +26,7 @@ from megatron_mmprolong.positions import mrope_position_ids
 
 from conftest import CORPUS, QWEN_TOKENIZER
 from multiprocess import run_ranks
+from pages import old_host_patches
 
 SEQ = 131072
 
@@ -222,20 +223,11 @@ def test_pixel_values_equal_the_transformers_processor(datasets, backend):
 
 
 def _old_pixel_values(images: list[bytes]) -> np.ndarray:
-    """The loader's host path before the uint8 pages, kept here as the oracle: PIL -> float32
-    [0, 1] -> CLIP-normalised CHW -> patches in merge-group order, the temporal frame duplicated."""
-    mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-    std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+    """The old loader's float pixels of a pack's stored images (PIL decode, then the oracle)."""
     out = []
     for data in images:
         with Image.open(io.BytesIO(data)) as image:
-            rgb = np.asarray(image.convert("RGB"), dtype=np.float32) * np.float32(1 / 255)
-        chw = ((rgb - mean) / std).transpose(2, 0, 1)
-        channels, height, width = chw.shape
-        gh, gw = height // 14, width // 14
-        grid = chw.reshape(channels, gh // 2, 2, 14, gw // 2, 2, 14).transpose(1, 4, 2, 5, 0, 3, 6)
-        grid = np.broadcast_to(grid[:, :, :, :, :, None], (*grid.shape[:5], 2, 14, 14))
-        out.append(np.ascontiguousarray(grid).reshape(gh * gw, 3 * 2 * 14 * 14))
+            out.append(old_host_patches(np.asarray(image.convert("RGB"))))
     return np.concatenate(out) if out else np.zeros((0, 1176), np.float32)
 
 

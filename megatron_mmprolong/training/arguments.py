@@ -257,6 +257,8 @@ def validate(args: TrainArgs) -> None:
                  "global_batch_size", "seq_length", "log_interval"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.loader_prefetch_gib > 0:
+        raise ArgumentError("--loader-prefetch-gib must be > 0")
 
 
 def parallel_config(args: TrainArgs) -> ParallelConfig:
