@@ -59,9 +59,9 @@ def patchify(pages: Tensor, grids: Tensor, patch: int = 14, merge: int = 2, temp
     runs = top_left[:, None] + torch.arange(side, device=device)[None] * page_cols[:, None]  # [total, side]
     blocks = pages.view(-1, side * channels).index_select(0, runs.flatten())
     blocks = blocks.view(total, merge, patch, merge, patch, channels)  # (row patch, row, col patch, col, C)
-    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32, device=device)
-    std = torch.tensor(IMAGE_STD, dtype=torch.float32, device=device)
-    scale = torch.tensor(1 / 255, dtype=torch.float32, device=device)
+    # made on the host and copied without a wait: torch.tensor(..., device="cuda") would sync
+    mean, std, scale = (torch.tensor(v, dtype=torch.float32).to(device, non_blocking=True)
+                        for v in (IMAGE_MEAN, IMAGE_STD, 1 / 255))
     values = (blocks.to(torch.float32) * scale - mean) / std
     values = values.permute(0, 1, 3, 5, 2, 4)  # (token, row patch, col patch, C, row, col)
     values = values.unsqueeze(4).expand(total, merge, merge, channels, temporal, patch, patch)

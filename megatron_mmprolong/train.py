@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mmprolong.config import ConfigError
     from megatron_mmprolong.convert.hf_checkpoint import CheckpointError
     from megatron_mmprolong.data.plan import PlanError
+    from megatron_mmprolong.data.store import StoreError
     from megatron_mmprolong.training.arguments import parse_args
     from megatron_mmprolong.training.loop import TrainingError, train
 
@@ -20,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         train(args)
     except (ConfigError, CheckpointError, PlanError) as err:
         print(f"mmprolong train: error: {err}", file=sys.stderr)
+        return 2
+    except StoreError as err:  # raised in a loader worker, its message ends with the worker's traceback
+        reason = str(err).strip().splitlines()[-1]
+        print(f"mmprolong train: error: {reason.split('StoreError: ', 1)[-1]}", file=sys.stderr)
         return 2
     except TrainingError as err:
         print(f"mmprolong train: {err}", file=sys.stderr)

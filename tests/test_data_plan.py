@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -348,8 +349,11 @@ def test_a_corrupt_stored_image_names_the_sample_and_file(datasets, tmp_path):
     with pytest.raises(StoreError) as err:
         for i in range(len(dataset)):
             dataset[i]
-    message = str(err.value)
-    assert f"{tmp_path / 'qa'}.images.bin" in message and f"image {row} of sample {sample} ({store.ids[sample]})" in message
+    named = f"{tmp_path / 'qa'}.images.bin: image {row} of sample {sample} ({store.ids[sample]}) cannot be used"
+    assert named in str(err.value)
+    with pytest.raises(StoreError, match=re.escape(named)):  # and so from a loader worker
+        for _ in make_dataloader(dataset, num_workers=1):
+            pass
 
 
 def _write_yaml(path, content):
