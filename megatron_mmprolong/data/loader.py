@@ -146,7 +146,8 @@ class PackedSequences(Dataset):
     def _pages(self, rows: list[tuple[MultimodalStore, int, int]], grids: np.ndarray) -> np.ndarray:
         """The pages of (store, sample, image row)s, decoded in one batch; a bad one is named."""
         try:
-            return decode_pages([store.images[row].tobytes() for store, _, row in rows], grids, self._decode, self.patch)
+            encoded = [store.images[row].tobytes() for store, _, row in rows]
+            return decode_pages(encoded, grids, self._decode, self.patch)
         except Exception:  # PIL and DALI raise many kinds; find the image and say which it is
             for (store, sample, row), grid in zip(rows, grids):
                 try:
@@ -178,7 +179,8 @@ class PackedSequences(Dataset):
 
         def per_pack(values):
             cumulative = np.concatenate([[0], np.cumsum(values)])
-            return cumulative[self.plan.pack_offsets[self.schedule + 1]] - cumulative[self.plan.pack_offsets[self.schedule]]
+            offsets = self.plan.pack_offsets
+            return cumulative[offsets[self.schedule + 1]] - cumulative[offsets[self.schedule]]
 
         pixels = per_pack(sample_pixels)
         s = self.share
