@@ -60,10 +60,12 @@ def long_sample(config, length: int, page_grid, seed: int = 0):
 
 
 def step_inputs(model, sample, device):
-    """What the loader gives the training step: ids and labels on the device (non-blocking, from
-    pinned memory), positions computed on the host, boundaries and grids kept on the host."""
+    """What the loader gives the training step: ids, labels and the pages as uint8 (random) on
+    the device (non-blocking, from pinned memory; the step patchifies them there), positions
+    computed on the host, boundaries and grids kept on the host."""
     from megatron_mmprolong.model.packed import packed_segments
 
+    config = model.model_config
     length = sample.input_ids.shape[1]
     cu = torch.tensor([0, length], dtype=torch.int32)
     positions = model.position_ids(sample.input_ids, sample.image_grid_thw, cu_seqlens=cu)
@@ -73,8 +75,15 @@ def step_inputs(model, sample, device):
         return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
 
     return dict(input_ids=move(sample.input_ids), position_ids=move(positions), labels=move(labels),
-                pixel_values=move(sample.pixel_values), image_grid_thw=sample.image_grid_thw,
+                pages=move(random_pages(sample.image_grid_thw, config.vision.patch_size)),
+                image_grid_thw=sample.image_grid_thw,
                 packed_seq_params=packed_segments(cu, device, length))
+
+
+def random_pages(grids, patch: int, seed: int = 0):
+    """uint8 RGB [pixels, 3] for images of `grids`, as the loader ships decoded pages."""
+    pixels = int((grids[:, 1] * grids[:, 2]).sum()) * patch * patch
+    return torch.randint(0, 256, (pixels, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
 def planner_estimate(config, length: int, page_grid) -> dict:

@@ -56,6 +56,8 @@ def one_line(err: BaseException) -> str:
         text = f"{err.filename}: {err.strerror}"
     else:
         text = str(err) or type(err).__name__
+    if "Original Traceback" in text:  # raised in a DataLoader worker: torch appends the worker's traceback
+        text = text.strip().splitlines()[-1].split(f"{type(err).__name__}: ", 1)[-1]
     return " ".join(text.split())
 
 

@@ -108,17 +108,15 @@ def small_synth(tmp_path_factory):
         docs=3, min_pages=4, max_pages=7, page_width=448, page_height=560, font_size=14, seed=1))
 
 
-@pytest.fixture(scope="session")
-def tiny_train_data(tmp_path_factory):
-    """(tiny tokenizer, records.jsonl, mixture YAML) for the tiny-1k CPU recipe: four synthetic
-    documents built at 2048 tokens, a 120K-token budget drawn with replacement."""
+def build_tiny_train_data(root):
+    """(tiny tokenizer, records.jsonl, mixture YAML) under `root` for the tiny-1k CPU recipe:
+    four synthetic documents built at 2048 tokens, a 120K-token budget drawn with replacement."""
     import yaml
 
     from megatron_mmprolong.data.build import BuildConfig, build_dataset
     from megatron_mmprolong.data.synth import SynthConfig, synth_docs
     from megatron_mmprolong.data.tiny_tokenizer import write_tiny_tokenizer
 
-    root = tmp_path_factory.mktemp("train")
     tokenizer = write_tiny_tokenizer(root / "tokenizer")
     records = synth_docs(root / "docs", SynthConfig(docs=4, min_pages=4, max_pages=6, page_width=224,
                                                     page_height=336, font_size=9, seed=2))
@@ -128,3 +126,8 @@ def tiny_train_data(tmp_path_factory):
     mix.write_text(yaml.safe_dump({"token_budget": 120000, "seed": 3,
                                    "datasets": [{"path": "data/synth", "replacement": True}]}))
     return tokenizer, records, mix
+
+
+@pytest.fixture(scope="session")
+def tiny_train_data(tmp_path_factory):
+    return build_tiny_train_data(tmp_path_factory.mktemp("train"))

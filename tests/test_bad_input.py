@@ -473,3 +473,21 @@ def test_a_dataset_built_before_sizes_were_recorded_still_opens(inputs, tmp_path
     del manifest["sizes"]
     Path(f"{copy}.manifest.json").write_text(json.dumps(manifest))
     assert len(MultimodalStore(copy)) == len(MultimodalStore(inputs["ds"]))
+
+
+def test_an_error_raised_in_a_loader_worker_is_one_line_without_its_traceback():
+    """torch re-raises a DataLoader worker's exception with the worker's traceback in its message."""
+    from torch._utils import ExceptionWrapper
+
+    from megatron_mmprolong.data.store import StoreError
+    from megatron_mmprolong.errors import BAD_INPUT, one_line, status
+
+    try:
+        raise StoreError("data/x.images.bin: image 0 of sample 3 (doc-1) cannot be used (truncated)")
+    except StoreError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(StoreError) as caught:
+        wrapped.reraise()
+    assert "Traceback" in str(caught.value)  # what torch hands back
+    assert one_line(caught.value) == "data/x.images.bin: image 0 of sample 3 (doc-1) cannot be used (truncated)"
+    assert status(caught.value) == BAD_INPUT

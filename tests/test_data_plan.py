@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,15 @@ from megatron_mmprolong.data.loader import LoaderState, PackedSequences, make_da
 from megatron_mmprolong.data.packing import Alignment, balance, best_fit_decreasing, packing_report
 from megatron_mmprolong.data.plan import MixtureSpec, Plan, PlanConfig, PlanError, make_plan
 from megatron_mmprolong.data.sampling import SamplingError, default_bin_edges, length_bins, select
-from megatron_mmprolong.data.store import MultimodalStore
+from megatron_mmprolong.data.store import MultimodalStore, StoreError
+from megatron_mmprolong.parallel.context_parallel import assign_images
+from megatron_mmprolong.parallel.page_split import PageShare, images_to_decode
+from megatron_mmprolong.patchify import patchify
 from megatron_mmprolong.positions import mrope_position_ids
 
 from conftest import CORPUS, QWEN_TOKENIZER
+from multiprocess import run_ranks
+from pages import old_host_patches
 
 SEQ = 131072
 
@@ -185,7 +191,8 @@ def test_loader_items_are_consistent_with_the_stores(datasets):
                                        spatial_merge_size=2, image_grid_thw=torch.from_numpy(grids.astype(np.int64)))
             assert torch.equal(item["position_ids"][:, :, a:b], alone)  # positions restart per sample
             patches += int(np.prod(grids, axis=1).sum())
-        assert item["pixel_values"].shape == (patches, 1176) and item["image_grid_thw"].shape[1] == 3
+        assert item["pages"].dtype == torch.uint8 and item["pages"].shape == (patches * 14 * 14, 3)
+        assert item["image_grid_thw"].shape[1] == 3
 
 
 @pytest.mark.parametrize("backend", ["pil", "dali"])
@@ -202,7 +209,7 @@ def test_pixel_values_equal_the_transformers_processor(datasets, backend):
     pages = [Image.open(io.BytesIO(b)) for d, s in item["samples"] for b in stores[d].image_bytes(s)]
     expected = processor(images=pages, return_tensors="pt")
     assert torch.equal(item["image_grid_thw"], expected["image_grid_thw"])
-    assert (item["pixel_values"] - expected["pixel_values"]).abs().max() < 1e-5
+    assert (patchify(item["pages"], item["image_grid_thw"]) - expected["pixel_values"]).abs().max() < 1e-5
     # and for the original 450x590 synthetic pages, resized by us at build time and by it now
     qa = stores[0]
     index = 0
@@ -214,6 +221,160 @@ def test_pixel_values_equal_the_transformers_processor(datasets, backend):
     reference = processor(images=originals, return_tensors="np")
     assert np.array_equal(qa.image_grids(index), reference["image_grid_thw"])
     assert np.abs(ours - reference["pixel_values"]).max() < 1e-5
+
+
+def _old_pixel_values(images: list[bytes]) -> np.ndarray:
+    """The old loader's float pixels of a pack's stored images (PIL decode, then the oracle)."""
+    out = []
+    for data in images:
+        with Image.open(io.BytesIO(data)) as image:
+            out.append(old_host_patches(np.asarray(image.convert("RGB"))))
+    return np.concatenate(out) if out else np.zeros((0, 1176), np.float32)
+
+
+def _pack_images(stores, item) -> list[bytes]:
+    return [b for d, s in item["samples"] for b in stores[d].image_bytes(s)]
+
+
+def test_patchify_equals_the_old_host_pixel_values_bit_for_bit(datasets):
+    root, _ = datasets
+    plan = _plan(root, global_batch=2, budget=12000, replacement=False)
+    stores = [MultimodalStore(p) for p in plan.datasets]
+    dataset = PackedSequences(plan)
+    sizes = set()
+    for item in (dataset[i] for i in range(len(dataset))):
+        old = torch.from_numpy(_old_pixel_values(_pack_images(stores, item)))
+        assert torch.equal(patchify(item["pages"], item["image_grid_thw"]), old)
+        sizes |= {tuple(g) for g in item["image_grid_thw"].tolist()}
+    assert len(sizes) > 1  # pages of several sizes in one pack
+
+
+def _replica_pages(plan_path):
+    """On a TP2 x PP2 rank, for each CP rank of a simulated CP2: the pages its loader gives, what
+    the TP all-gather makes of them, how many images it decoded, and the prefetch bound."""
+    from dataclasses import replace
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_mmprolong import runtime
+    from megatron_mmprolong.config import ParallelConfig
+    from megatron_mmprolong.parallel.page_split import gather_pages
+
+    runtime.initialize(ParallelConfig(tensor_parallel=2, pipeline_parallel=2))
+    plan = Plan.load(plan_path)
+    here = PageShare.of_this_rank()
+    out = {"share": here, "decoded": 0, "local": {}, "gathered": {}, "bound": {}}
+    for cp_rank in range(2):
+        share = replace(here, context_parallel=2, context_rank=cp_rank)
+        dataset = PackedSequences(plan, share=share)
+        dataset._open()
+        decode = dataset._decode
+
+        def counting(images, decode=decode):
+            out["decoded"] += len(images)
+            return decode(images)
+
+        dataset._decode = counting
+        items = [dataset[i] for i in range(len(dataset))]
+        out["local"][cp_rank] = [item["pages"] for item in items]
+        out["bound"][cp_rank] = (dataset.item_bytes_bound(), max(_item_bytes(item) for item in items))
+        if here.encodes_vision:
+            out["gathered"][cp_rank] = [gather_pages(item["pages"], item["image_grid_thw"], share,
+                                                     ps.get_tensor_model_parallel_group()) for item in items]
+    return out
+
+
+def _item_bytes(item) -> int:
+    return sum(v.nbytes for v in item.values() if isinstance(v, torch.Tensor))
+
+
+def test_each_rank_decodes_only_the_pages_it_encodes(datasets, tmp_path):
+    """TP2 x PP2 ranks, each loading for both ranks of a CP2: after the TP all-gather every CP
+    rank's pages give exactly the rows of the old full pixel tensor that the model's
+    `assign_images` makes it encode; the replica decodes each page once; the second pipeline
+    stage decodes none; no item exceeds the loader's byte bound."""
+    root, _ = datasets
+    plan = _plan(root, global_batch=2, budget=12000, replacement=False)
+    plan.save(tmp_path / "plan")
+    results = run_ranks(_replica_pages, 4, str(tmp_path / "plan"))
+    stores = [MultimodalStore(p) for p in plan.datasets]
+    items = [PackedSequences(plan)[i] for i in range(plan.packs)]
+    first = [r for r in results if r["share"].encodes_vision]
+    later = [r for r in results if not r["share"].encodes_vision]
+    assert len(first) == len(later) == 2
+    assert all(r["decoded"] == 0 and all(len(p) == 0 for ps in r["local"].values() for p in ps) for r in later)
+    total_images = sum(len(item["image_grid_thw"]) for item in items)
+    assert total_images > 4 and sum(r["decoded"] for r in first) == total_images  # each page once per replica
+    for index, item in enumerate(items):
+        grids = item["image_grid_thw"]
+        full = torch.from_numpy(_old_pixel_values(_pack_images(stores, item)))
+        starts = torch.cumsum(grids.prod(-1), 0) - grids.prod(-1)
+        for cp_rank, owned in enumerate(assign_images(grids.prod(-1), 2)):
+            rows = torch.cat([torch.arange(int(starts[i]), int(starts[i] + grids[i].prod())) for i in owned]
+                             + [torch.zeros(0, dtype=torch.long)])
+            for result in first:
+                mine = images_to_decode(grids, replace_share(result["share"], cp_rank))
+                assert len(result["local"][cp_rank][index]) == int(grids[mine].prod(-1).sum()) * 196
+                gathered = result["gathered"][cp_rank][index]
+                assert torch.equal(patchify(gathered, grids[owned]), full[rows])
+    for result in results:
+        for bound, largest in result["bound"].values():
+            assert largest <= bound
+
+
+def replace_share(share: PageShare, cp_rank: int) -> PageShare:
+    from dataclasses import replace
+
+    return replace(share, context_parallel=2, context_rank=cp_rank)
+
+
+def test_a_corrupt_stored_image_names_the_sample_and_file(datasets, tmp_path):
+    import shutil
+
+    root, _ = datasets
+    for path in root.glob("qa.*"):
+        shutil.copy(path, tmp_path / path.name)
+    plan = make_plan(MixtureSpec.from_yaml(_write_yaml(tmp_path / "mix.yaml", {
+        "token_budget": 20000, "seed": 1, "datasets": [{"path": "qa", "replacement": True}]})),
+        PlanConfig(seq_length=8192, global_batch=1))
+    store = MultimodalStore(tmp_path / "qa")
+    sample = next(int(s) for s in plan.sample_refs if store.samples[int(s)]["num_images"] > 1)
+    row = int(store.samples[sample]["first_image"]) + 1
+    start = int(store.images.index.sequence_pointers[row])
+    length = int(store.images.index.sequence_lengths[row])
+    with open(tmp_path / "qa.images.bin", "r+b") as f:
+        f.seek(start + length // 3)
+        f.write(b"\x00" * (length // 3))
+    dataset = PackedSequences(plan)
+    with pytest.raises(StoreError) as err:
+        for i in range(len(dataset)):
+            dataset[i]
+    named = f"{tmp_path / 'qa'}.images.bin: image {row} of sample {sample} ({store.ids[sample]}) cannot be used"
+    assert named in str(err.value)
+    with pytest.raises(StoreError, match=re.escape(named)):  # and so from a loader worker
+        for _ in make_dataloader(dataset, num_workers=1):
+            pass
+
+
+def _write_yaml(path, content):
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_prefetch_is_bounded_in_bytes(datasets):
+    root, _ = datasets
+    plan = _plan(root, global_batch=2, budget=12000, replacement=False)
+    dataset = PackedSequences(plan)
+    bound = dataset.item_bytes_bound()
+    assert max(_item_bytes(dataset[i]) for i in range(len(dataset))) <= bound
+    loader = make_dataloader(dataset, num_workers=4, prefetch_factor=4, prefetch_bytes=8 * bound)
+    assert (loader.num_workers, loader.prefetch_factor) == (4, 2)
+    loader = make_dataloader(dataset, num_workers=4, prefetch_factor=4, prefetch_bytes=3 * bound)
+    assert (loader.num_workers, loader.prefetch_factor) == (3, 1)
+    loader = make_dataloader(dataset, num_workers=4, prefetch_factor=4, prefetch_bytes=bound // 2)
+    assert (loader.num_workers, loader.prefetch_factor) == (1, 1)  # one item at least
+    smaller = PackedSequences(plan, share=PageShare(context_parallel=2, tensor_parallel=2))
+    assert smaller.item_bytes_bound() < bound
 
 
 def test_two_data_parallel_ranks_see_every_planned_sample_once(datasets):

@@ -11,6 +11,9 @@ from megatron_mmprolong.data.chat import ImageSlot, encode_conversation
 from megatron_mmprolong.data.images import ImageError, ImageParams, prepare_image, smart_resize
 from megatron_mmprolong.data.records import ChatRecord, DocumentRecord, RecordError, read_jsonl
 from megatron_mmprolong.data.synth import SynthConfig, synth_docs
+from megatron_mmprolong.patchify import patchify
+
+from pages import old_host_patches
 
 
 @pytest.mark.parametrize("params", [ImageParams(), ImageParams(min_pixels=200_000, max_pixels=400_000)])
@@ -157,3 +160,20 @@ def test_needle_documents_do_not_depend_on_the_other_cells(tmp_path):
     full, longest = documents(tmp_path / "full", (2, 4)), documents(tmp_path / "longest", (4,))
     assert set(longest) < set(full) and all(full[key] == value for key, value in longest.items())
     assert len({answer for _, answer, _ in full.values()}) == len(full)  # distinct needles per cell
+
+
+def test_patchify_equals_the_old_host_path_bit_for_bit():
+    """Pages of several shapes (windows that do not divide them, the smallest 2 x 2) at once."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    grids = np.array([[1, 12, 20], [1, 2, 2], [1, 6, 4], [1, 40, 30]])
+    images = [rng.integers(0, 256, (h * 14, w * 14, 3), dtype=np.uint8) for _, h, w in grids]
+    pages = torch.from_numpy(np.concatenate([image.reshape(-1, 3) for image in images]))
+    expected = torch.from_numpy(np.concatenate([old_host_patches(image) for image in images]))
+    assert torch.equal(patchify(pages, torch.from_numpy(grids)), expected)
+    assert patchify(pages[:0], torch.zeros(0, 3, dtype=torch.long)).shape == (0, 1176)
+    with pytest.raises(ValueError, match="pages hold 100 pixels but their grids describe"):
+        patchify(pages[:100], torch.from_numpy(grids))
+    with pytest.raises(ValueError, match="single images"):
+        patchify(pages, torch.tensor([[2, 12, 20]]))

@@ -12,9 +12,11 @@ from megatron_mmprolong.convert.parity import make_sample
 from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
 from megatron_mmprolong.data.loader import Segment, assemble_pack
 from megatron_mmprolong.data.packing import Alignment
+from megatron_mmprolong.patchify import patchify
 
 from conftest import tiny_config
 from multiprocess import run_ranks
+from pages import for_this_rank, random_pages
 
 LOSS_ATOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -33,16 +35,15 @@ def _batches():
               dict(images=[], text_tokens=9)]]
     batches = []
     for pack in packs:
-        segments, pixels = [], []
+        segments = []
         for spec in pack:
             sample = make_sample(CONFIG, generator, **spec)
             tokens = sample.input_ids[0].numpy().astype(np.int64)
             assert len(tokens) % 8
             grids = sample.image_grid_thw.numpy() if sample.image_grid_thw is not None else np.zeros((0, 3), np.int64)
             segments.append(Segment(tokens, rng.random(len(tokens)) < 0.4, grids))
-            if sample.pixel_values is not None:
-                pixels.append(sample.pixel_values.numpy())
-        batches.append(assemble_pack(segments, np.concatenate(pixels), ALIGNMENT, special, 2))
+        grids = np.concatenate([s.grids for s in segments])
+        batches.append(assemble_pack(segments, random_pages(grids, rng), ALIGNMENT, special, 2))
     return batches
 
 
@@ -59,7 +60,7 @@ def _run(layout: dict, hf_dir, modes=MODES, save_to=None, load_from=None) -> dic
 
     parallel = ParallelConfig(**layout)
     runtime.initialize(parallel)
-    batches = _batches()
+    batches = [for_this_rank(b) for b in _batches()]
     encoded, embedded = [], []  # vision inputs; (tokens embedded, rows out) per micro-batch
     vision_tp = runtime.vision_tensor_parallel_group()
     out = {"tp": (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
@@ -158,7 +159,7 @@ def test_layout_matches_one_process(reference, name):
         assert [r["layers"] for r in results] == [1, 3]
     if name == "cp2":
         # every image row encoded once, by exactly one rank
-        full = torch.cat([b["pixel_values"] for b in _batches()])
+        full = torch.cat([patchify(b["pages"], b["image_grid_thw"]) for b in _batches()])
         per_rank = [torch.cat(r["encoded"]) for r in results if r["encoded"]]
         assert len(per_rank) == 2 and all(len(p) for p in per_rank)
         encoded = torch.cat(per_rank)
@@ -198,9 +199,8 @@ def _sparse_batches(images_per_pack):
         sample = make_sample(CONFIG, generator, images=images, text_tokens=7)
         tokens = sample.input_ids[0].numpy().astype(np.int64)
         grids = sample.image_grid_thw.numpy() if images else np.zeros((0, 3), np.int64)
-        pixels = sample.pixel_values.numpy() if images else np.zeros((0, 1176), np.float32)
-        batches.append(assemble_pack([Segment(tokens, rng.random(len(tokens)) < 0.5, grids)], pixels, ALIGNMENT,
-                                     special, 2))
+        batches.append(assemble_pack([Segment(tokens, rng.random(len(tokens)) < 0.5, grids)], random_pages(grids, rng),
+                                     ALIGNMENT, special, 2))
     return batches
 
 
@@ -232,7 +232,7 @@ def _bf16_run(layout: dict, hf_dir, steps, overlap_grad_reduce=False) -> dict:
         ddp.zero_grad_buffer()
         batches = _sparse_batches(images_per_pack)
         # this rank's share of the data-parallel batch
-        mine = batches[ps.get_data_parallel_rank()::ps.get_data_parallel_world_size()]
+        mine = [for_this_rank(b) for b in batches[ps.get_data_parallel_rank()::ps.get_data_parallel_world_size()]]
         losses = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(mine), model=[ddp], num_microbatches=len(mine),
             seq_length=max(b["tokens"].shape[1] for b in mine), micro_batch_size=1, forward_only=False)

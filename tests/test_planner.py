@@ -16,6 +16,7 @@ from megatron_mmprolong.training.planner import Cluster, Layout, Workload
 
 from conftest import tiny_config
 from multiprocess import run_ranks
+from pages import for_this_rank, random_pages
 
 SEQ = 2048
 PAGE = (1, 16, 16)  # 64 tokens, 256 patches
@@ -43,7 +44,7 @@ def _batch(config, alignment):
         sample = make_sample(config, generator, images=[PAGE] * PAGES_PER_SAMPLE, text_tokens=text)
         tokens = sample.input_ids[0].numpy().astype(np.int64)
         segments.append(Segment(tokens, rng.random(len(tokens)) < 0.5, sample.image_grid_thw.numpy()))
-        pixels.append(sample.pixel_values.numpy())
+        pixels.append(random_pages(sample.image_grid_thw.numpy(), rng))
     return assemble_pack(segments, np.concatenate(pixels), alignment, special, 2)
 
 
@@ -64,7 +65,8 @@ def _measure(layout: dict, recompute: str, microbatches: int) -> dict:
     parallel = ParallelConfig(**layout)
     runtime.initialize(parallel)
     config = _config()
-    batch = _batch(config, Alignment(parallel.context_parallel, parallel.tensor_parallel, parallel.sequence_parallel))
+    batch = for_this_rank(_batch(config, Alignment(parallel.context_parallel, parallel.tensor_parallel,
+                                                   parallel.sequence_parallel)))
     overrides = {"none": {}, "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
                  "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
     tracker = PeakMemory()

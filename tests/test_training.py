@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
+TP2_CP2 = ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2"]
 
 
 def _command(ranks, mix, save, *extra):
@@ -106,3 +107,19 @@ def test_training_starts_from_a_converted_hf_checkpoint(tiny_train_data, tmp_pat
                           for d in (tmp_path / "hf", tmp_path / "export"))
     assert set(exported) == set(original)
     assert all(torch.equal(exported[name], tensor) for name, tensor in original.items())
+
+
+def test_tp2cp2_losses_equal_the_recorded_reference(tiny_train_data, tmp_path):
+    """The first 5 losses of a TP2 x CP2 run equal those recorded before the loader shipped uint8
+    pages split over the replica (tests/fixtures/record_tp2cp2_losses.py): the batch order and
+    the encoder's inputs are unchanged. Bit for bit on the machine that recorded them; elsewhere
+    fp32 reductions may round differently (another BLAS or core count), hence 1e-6 relative, far
+    below a changed batch or pixel (~1e-2)."""
+    *_, mix = tiny_train_data
+    reference = json.loads((Path(__file__).parent / "fixtures" / "tp2cp2_losses.json").read_text())
+    subprocess.run(_command(4, mix, tmp_path / "run", "--train-iters", "5", *TP2_CP2), check=True, env=_env(),
+                   stdout=subprocess.DEVNULL)
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == [1, 2, 3, 4, 5]
+    for iteration, loss in losses.items():
+        assert loss == pytest.approx(reference["losses"][str(iteration)], rel=1e-6, abs=0)

@@ -115,6 +115,7 @@ def test_command_line_overrides_the_recipe(tmp_path):
         (["--lr", "1e-7"], "below --min-lr"),
         (["--recompute-granularity", "full"], "needs --recompute-method"),
         (["--save-interval", "5"], "--save-interval needs --save"),
+        (["--loader-prefetch-gib", "0"], "--loader-prefetch-gib must be > 0"),
         (["--data-plan", "p"], "exactly one of --data-mix and --data-plan"),
         (["--fp8-format", "hybrid", "--fp8-vision"], "--fp8-vision: FP8 in the vision encoder was removed"),
     ],

@@ -3,8 +3,15 @@
 Each item holds, for a pack of whole samples (each padded to the layout's alignment):
 `tokens` and `labels` [1, T] (next token within each sample; padding and the last token of a
 sample predict nothing; with FP8 a trailing pad segment rounds T to the layout's pack multiple), `loss_mask` [1, T] (answer tokens only), `position_ids` [3, 1, T]
-(M-RoPE, restarting at every sample), `cu_seqlens` / `max_seqlen`, and the sample's pages as
-the model takes them: `pixel_values` [patches, 1176] float32 and `image_grid_thw` [images, 3].
+(M-RoPE, restarting at every sample), `cu_seqlens` / `max_seqlen`, `image_grid_thw` [images, 3]
+of every image of the pack, and `pages`: uint8 RGB [pixels, 3] of only the images this rank
+decodes (parallel/page_split.py: its TP slice of its CP share; none on pipeline stages without
+the vision encoder), in the order `images_to_decode` gives. The model patchifies them on the
+device (megatron_mmprolong/patchify.py).
+
+The loader's prefetch is bounded in bytes as well as items: from the plan's grids, before any
+decoding, `item_bytes_bound` bounds what one item of this rank can hold, and `make_dataloader`
+keeps (workers x prefetch) items within the budget.
 
 Items are a pure function of (plan, rank, index), so resuming is starting the sampler at the
 number of micro-batches consumed; `LoaderState` is what a checkpoint stores.
@@ -19,9 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from megatron_mmprolong.data.pixels import decoder, pixel_values
+from megatron_mmprolong.data.pixels import decode_pages, decoder
 from megatron_mmprolong.data.plan import Plan
-from megatron_mmprolong.data.store import MultimodalStore
+from megatron_mmprolong.data.store import MultimodalStore, StoreError
+from megatron_mmprolong.parallel.page_split import PageShare, images_to_decode
 from megatron_mmprolong.positions import mrope_position_ids
 
 
@@ -49,8 +57,9 @@ class Segment:
     grids: np.ndarray  # int [images, 3]
 
 
-def assemble_pack(segments: list[Segment], pixels: np.ndarray, alignment, special: dict, merge: int) -> dict:
-    """One packed micro-batch (see the module docstring) from whole samples and their pixels."""
+def assemble_pack(segments: list[Segment], pages: np.ndarray, alignment, special: dict, merge: int) -> dict:
+    """One packed micro-batch (see the module docstring) from whole samples and the pages this
+    rank decoded."""
     pad = special["pad"]
     tokens, labels, loss, lengths = [], [], [], []
     for segment in segments:
@@ -82,15 +91,22 @@ def assemble_pack(segments: list[Segment], pixels: np.ndarray, alignment, specia
         ),
         "cu_seqlens": cu_seqlens,
         "max_seqlen": int(max(lengths)),
-        "pixel_values": torch.from_numpy(pixels),
+        "pages": torch.from_numpy(pages),
         "image_grid_thw": grid,
     }
 
 
+# Host bytes of an item besides its pages, per token: tokens, labels, position ids (3) as int64,
+# the loss mask as float32.
+TEXT_BYTES_PER_TOKEN = 5 * 8 + 4
+
+
 class PackedSequences(Dataset):
     def __init__(self, plan: Plan, rank: int = 0, data_parallel: int = 1,
-                 image_backend: str = "pil", dali_device: str = "cpu"):
-        self.plan, self.rank, self.data_parallel = plan, rank, data_parallel
+                 image_backend: str = "pil", dali_device: str = "cpu", share: PageShare = PageShare()):
+        """`rank` / `data_parallel`: this rank's data-parallel place; `share`: its place in the
+        model replica, which says which pages it decodes."""
+        self.plan, self.rank, self.data_parallel, self.share = plan, rank, data_parallel, share
         self.schedule = plan.rank_schedule(rank, data_parallel)
         self.image_backend, self.dali_device = image_backend, dali_device
         self._stores: list[MultimodalStore] | None = None
@@ -99,7 +115,6 @@ class PackedSequences(Dataset):
         self.tokens = first["tokenizer"]["special_tokens"]
         self.merge = first["image"]["merge_size"]
         self.patch = first["image"]["patch_size"]
-        self.temporal = first["image"]["temporal_patch_size"]
 
     def __len__(self) -> int:
         return len(self.schedule)
@@ -114,23 +129,75 @@ class PackedSequences(Dataset):
     def __getitem__(self, index: int) -> dict:
         stores = self._open()
         refs = self.plan.pack(self.schedule[index])
-        segments, images, ids = [], [], []
+        segments, ids, rows = [], [], []
         for dataset, sample in zip(self.plan.dataset_refs[refs], self.plan.sample_refs[refs]):
             store = stores[int(dataset)]
             segments.append(Segment(np.asarray(store.tokens[int(sample)], dtype=np.int64),
                                     store.loss_mask(int(sample)), store.image_grids(int(sample))))
-            images += store.image_bytes(int(sample))
             ids.append((int(dataset), int(sample)))
-        grids = np.concatenate([s.grids for s in segments])
-        pixels = pixel_values(images, grids, self._decode, self.patch, self.merge, self.temporal)
-        batch = assemble_pack(segments, pixels, self.plan.config.alignment, self.tokens, self.merge)
+            rows += [(store, int(sample), row) for row in store.image_rows(int(sample))]
+        grids = np.concatenate([s.grids for s in segments]).astype(np.int64).reshape(-1, 3)
+        mine = images_to_decode(torch.from_numpy(grids), self.share)
+        batch = assemble_pack(segments, self._pages([rows[i] for i in mine], grids[mine]),
+                              self.plan.config.alignment, self.tokens, self.merge)
         batch["samples"] = ids
         return batch
 
+    def _pages(self, rows: list[tuple[MultimodalStore, int, int]], grids: np.ndarray) -> np.ndarray:
+        """The pages of (store, sample, image row)s, decoded in one batch; a bad one is named."""
+        try:
+            encoded = [store.images[row].tobytes() for store, _, row in rows]
+            return decode_pages(encoded, grids, self._decode, self.patch)
+        except Exception:  # PIL and DALI raise many kinds; find the image and say which it is
+            for (store, sample, row), grid in zip(rows, grids):
+                try:
+                    decode_pages([store.images[row].tobytes()], grid[None], self._decode, self.patch)
+                except Exception as err:
+                    raise StoreError(f"{store.prefix}.images.bin: image {row} of sample {sample} "
+                                     f"({store.ids[sample]}) cannot be used ({type(err).__name__}: {err})") from None
+            raise
+
+    def item_bytes_bound(self) -> int:
+        """Most host bytes one item of this rank's schedule can hold, from the grids alone. The
+        greedy image split leaves no rank more than the mean plus the largest image, at the CP
+        and again at the TP split: pages <= all / (CP x TP) + largest x (1 + 1 / TP)."""
+        if not len(self.schedule):
+            return 0
+        sample_pixels = np.zeros(len(self.plan.sample_refs), dtype=np.int64)
+        sample_images = np.zeros(len(self.plan.sample_refs), dtype=np.int64)
+        largest = 0
+        for d, path in enumerate(self.plan.datasets):
+            store = MultimodalStore(path)
+            image = np.asarray(store.grids[:, 1], np.int64) * np.asarray(store.grids[:, 2], np.int64) * self.patch**2
+            cumulative = np.concatenate([[0], np.cumsum(image)])
+            chosen = np.nonzero(self.plan.dataset_refs == d)[0]
+            rows = store.samples[self.plan.sample_refs[chosen]]
+            first = rows["first_image"].astype(np.int64)
+            sample_pixels[chosen] = cumulative[first + rows["num_images"]] - cumulative[first]
+            sample_images[chosen] = rows["num_images"]
+            largest = max(largest, int(image.max(initial=0)))
+
+        def per_pack(values):
+            cumulative = np.concatenate([[0], np.cumsum(values)])
+            offsets = self.plan.pack_offsets
+            return cumulative[offsets[self.schedule + 1]] - cumulative[offsets[self.schedule]]
+
+        pixels = per_pack(sample_pixels)
+        s = self.share
+        pages = np.minimum(pixels, -(-pixels // (s.context_parallel * s.tensor_parallel)) + largest
+                           + -(-largest // s.tensor_parallel))
+        if not s.encodes_vision:
+            pages = np.zeros_like(pages)
+        samples = per_pack(np.ones(len(self.plan.sample_refs), dtype=np.int64))
+        metadata = per_pack(sample_images) * 3 * 8 + (samples + 2) * 4  # grids int64, cu_seqlens int32
+        return int((pages * 3 + metadata).max() + self.plan.config.seq_length * TEXT_BYTES_PER_TOKEN)
+
 
 def make_dataloader(dataset: PackedSequences, state: LoaderState | None = None, num_workers: int = 2,
-                    prefetch_factor: int = 2) -> DataLoader:
-    """Micro-batches from `state.consumed` on, in order, `num_workers` processes decoding ahead."""
+                    prefetch_factor: int = 2, prefetch_bytes: int | None = None) -> DataLoader:
+    """Micro-batches from `state.consumed` on, in order, `num_workers` processes decoding ahead,
+    each at most `prefetch_factor` items and, with `prefetch_bytes`, all of them together at
+    most that many bytes (fewer items per worker, then fewer workers; at least one item)."""
     start = 0
     if state is not None:
         expected = (dataset.plan.digest(), dataset.rank, dataset.data_parallel)
@@ -138,6 +205,10 @@ def make_dataloader(dataset: PackedSequences, state: LoaderState | None = None, 
             raise ValueError(f"loader state is for plan {state.plan_digest} rank {state.rank}/{state.data_parallel}, "
                              f"not plan {expected[0]} rank {expected[1]}/{expected[2]}")
         start = state.consumed
+    if num_workers and prefetch_bytes is not None:
+        items = max(1, prefetch_bytes // max(1, dataset.item_bytes_bound()))
+        num_workers = min(num_workers, items)
+        prefetch_factor = max(1, min(prefetch_factor, items // num_workers))
     return DataLoader(
         dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=num_workers,
         prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=num_workers > 0,

@@ -1,9 +1,10 @@
-"""Stored page images -> the vision encoder's input, as Qwen2.5-VL's image processor makes it:
-RGB, scaled to [0, 1], normalised with the CLIP mean/std, duplicated to 2 frames and cut into
-14x14 patches in merge-group order: [patches, 3 * 2 * 14 * 14] float32 per image.
+"""Stored page images -> uint8 RGB pages `[pixels, 3]` (each image's HWC rows back to back, the
+form the loader ships; megatron_mmprolong/patchify.py turns them into the vision encoder's
+input on the device), and, for callers that need transformers' `pixel_values`, the same patches
+made on the host.
 
-Decoding runs on PIL (default) or NVIDIA DALI (`image_backend="dali"`), which decodes and
-normalises whole batches in its own threads, on the CPU or, with `dali_device="gpu"`, on the GPU.
+Decoding runs on PIL (default) or NVIDIA DALI (`image_backend="dali"`), which decodes whole
+batches in its own threads, on the CPU or, with `dali_device="gpu"`, on the GPU.
 """
 
 from __future__ import annotations
@@ -11,21 +12,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch
 from PIL import Image
 
-# CLIP normalisation used by the Qwen2.5-VL image processor.
-IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-
-
-def patchify(image: np.ndarray, patch: int = 14, merge: int = 2, temporal: int = 2) -> np.ndarray:
-    """Normalised [C, H, W] float32 -> [(H/14)*(W/14), C*temporal*14*14] in merge-group order."""
-    channels, height, width = image.shape
-    gh, gw = height // patch, width // patch
-    grid = image.reshape(channels, gh // merge, merge, patch, gw // merge, merge, patch)
-    grid = grid.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p)
-    grid = np.broadcast_to(grid[:, :, :, :, :, None], (*grid.shape[:5], temporal, patch, patch))
-    return np.ascontiguousarray(grid).reshape(gh * gw, channels * temporal * patch * patch)
+from megatron_mmprolong.patchify import patchify
 
 
 class PilDecoder:
@@ -33,13 +23,12 @@ class PilDecoder:
         out = []
         for data in images:
             with Image.open(io.BytesIO(data)) as image:
-                rgb = np.asarray(image.convert("RGB"), dtype=np.float32) * np.float32(1 / 255)
-            out.append(((rgb - IMAGE_MEAN) / IMAGE_STD).transpose(2, 0, 1))
+                out.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
         return out
 
 
 class DaliDecoder:
-    """One DALI pipeline per process (built on first use): decode + normalise a batch."""
+    """One DALI pipeline per process (built on first use): decode a batch to RGB uint8."""
 
     def __init__(self, device: str = "cpu", max_batch: int = 256, threads: int = 2):
         self.device, self.max_batch, self.threads = device, max_batch, threads
@@ -56,11 +45,7 @@ class DaliDecoder:
                       prefetch_queue_depth=1)
         def pipeline():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8)
-            decoded = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-            return fn.crop_mirror_normalize(
-                decoded, dtype=types.FLOAT, output_layout="CHW",
-                mean=(IMAGE_MEAN * 255).tolist(), std=(IMAGE_STD * 255).tolist(),
-            )
+            return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
         self._pipe = pipeline()
         self._pipe.build()
@@ -91,16 +76,23 @@ def decoder(backend: str = "pil", device: str = "cpu"):
     raise ValueError(f"image backend must be pil or dali, got {backend!r}")
 
 
-def pixel_values(images: list[bytes], grids: np.ndarray, decode, patch: int = 14, merge: int = 2,
-                 temporal: int = 2) -> np.ndarray:
-    """All images of a sample (or pack), concatenated: [sum of t*h*w, C*temporal*patch*patch]."""
+def decode_pages(images: list[bytes], grids: np.ndarray, decode, patch: int = 14) -> np.ndarray:
+    """Decoded images, checked against their grids, back to back: uint8 [pixels, 3]."""
     if not images:
-        return np.zeros((0, 3 * temporal * patch * patch), dtype=np.float32)
+        return np.zeros((0, 3), dtype=np.uint8)
     decoded = decode(images)
     for image, (t, h, w) in zip(decoded, grids):
-        if image.shape[1:] != (h * patch, w * patch):
-            raise ValueError(f"stored image of {image.shape[2]}x{image.shape[1]} px does not match its grid {h}x{w}")
-    return np.concatenate([patchify(image, patch, merge, temporal) for image in decoded])
+        if image.shape[:2] != (h * patch, w * patch):
+            raise ValueError(f"stored image of {image.shape[1]}x{image.shape[0]} px does not match its grid {h}x{w}")
+    return np.concatenate([image.reshape(-1, 3) for image in decoded])
+
+
+def pixel_values(images: list[bytes], grids: np.ndarray, decode, patch: int = 14, merge: int = 2,
+                 temporal: int = 2) -> np.ndarray:
+    """transformers' `pixel_values` of all images of a sample: [sum of t*h*w, C*temporal*patch*patch]."""
+    decoded = torch.from_numpy(decode_pages(images, grids, decode, patch))
+    return patchify(decoded, torch.from_numpy(np.asarray(grids, dtype=np.int64)).reshape(-1, 3), patch, merge,
+                    temporal).numpy()
 
 
 def sample_pixels(store, index: int, decode) -> tuple[np.ndarray, np.ndarray]:

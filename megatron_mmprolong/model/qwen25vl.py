@@ -5,6 +5,11 @@ With context parallelism the model takes the whole (packed) sequence and keeps t
 zigzag share of tokens, position ids and labels (parallel/context_parallel.py): it embeds only
 that share; images are encoded once, split over the CP ranks. Outputs (logits or per-token loss)
 are for the local tokens.
+
+Images come in one of two forms: `pages`, uint8 RGB of only the images this CP rank encodes,
+patchified here on the device (training: the loader ships 8x fewer bytes and decodes each page
+once per replica); or `pixel_values`, the float patches of every image as transformers takes
+them (parity checks and evaluation, which feed both models the same inputs, videos included).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from megatron_mmprolong.model.specs import Backend
 from megatron_mmprolong.model.vision import VisionEncoder
 from megatron_mmprolong.model.vision_layout import build_vision_layout
 from megatron_mmprolong.parallel.context_parallel import assign_images, gather_padded, gathered_rows, local_token_index
+from megatron_mmprolong.patchify import patchify
 from megatron_mmprolong.positions import mrope_position_ids
 
 
@@ -112,6 +118,7 @@ class Qwen25VLModel(MegatronModule):
         pixel_values_videos: Tensor | None = None,
         video_grid_thw: Tensor | None = None,
         second_per_grid_ts: Tensor | None = None,
+        pages: Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
         labels: Tensor | None = None,
         cp_index: Tensor | None = None,
@@ -119,6 +126,8 @@ class Qwen25VLModel(MegatronModule):
     ) -> Tensor:
         """input_ids [batch, seq] ([1, tokens] with `packed_seq_params` for packed samples).
 
+        Images: `pixel_values` (float patches of all images) or `pages` (uint8 [pixels, 3] of the
+        images `assign_images` gives this CP rank, in image order; `image_grid_thw` of all).
         Position ids [3, batch, seq] normally come from the data loader; without them they are
         computed here. Grids and `cp_index` (this CP rank's token positions, `cp_token_index`)
         are best computed on the CPU by the caller; otherwise they are derived here.
@@ -137,7 +146,7 @@ class Qwen25VLModel(MegatronModule):
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(
-                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, cp_index
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, cp_index, pages
             )
         return self.language_model(decoder_input, position_ids, packed_seq_params, labels, return_hidden)
 
@@ -154,15 +163,18 @@ class Qwen25VLModel(MegatronModule):
         pixel_values_videos: Tensor | None = None,
         video_grid_thw: Tensor | None = None,
         cp_index: Tensor | None = None,
+        pages: Tensor | None = None,
     ) -> Tensor:
         """Embeddings [seq, batch, hidden] of this rank's tokens with the vision features in
         their placeholder positions: only the CP share (`cp_index`) is looked up and only its
         features are placed; then, with sequence parallelism, each TP rank keeps its rows."""
+        if pages is not None and (pixel_values is not None or pixel_values_videos is not None):
+            raise ValueError("images come as pages or as pixel_values, not both; videos only as pixel_values_videos")
         tokens = self.model_config.tokens
         items = [
             (pixels, grids.cpu(), token)  # no copy when the loader keeps grids on the CPU
             for pixels, grids, token in (
-                (pixel_values, image_grid_thw, tokens.image),
+                (pages if pages is not None else pixel_values, image_grid_thw, tokens.image),
                 (pixel_values_videos, video_grid_thw, tokens.video),
             )
             if pixels is not None and len(grids)
@@ -170,7 +182,7 @@ class Qwen25VLModel(MegatronModule):
         ids = input_ids[:, cp_index] if cp_index is not None else input_ids
         embeddings = self.language_model.embed(ids)
         if items:
-            embeddings = self._place_vision(embeddings, input_ids, items, cp_index)
+            embeddings = self._place_vision(embeddings, input_ids, items, cp_index, from_pages=pages is not None)
         elif self._vision_needs_grad():
             # no vision work in this micro-batch: a blank image keeps the vision parameters in
             # the backward pass (see _blank_image_features), adding exactly zero
@@ -179,12 +191,14 @@ class Qwen25VLModel(MegatronModule):
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
 
-    def _place_vision(self, embeddings: Tensor, input_ids: Tensor, items, rows: Tensor | None) -> Tensor:
+    def _place_vision(self, embeddings: Tensor, input_ids: Tensor, items, rows: Tensor | None,
+                      from_pages: bool = False) -> Tensor:
         """`embeddings` of the tokens at positions `rows` (None: all) with the features of the
-        (pixels, grids, placeholder token) items in their placeholders."""
+        (pixels or pages, grids, placeholder token) items in their placeholders."""
         # One encoder pass for images and videos: attention segments never cross items.
         grids = torch.cat([g for _, g, _ in items])
-        features, order = self.encode_vision(torch.cat([p for p, _, _ in items]), grids)
+        inputs = items[0][0] if len(items) == 1 else torch.cat([p for p, _, _ in items])
+        features, order = self.encode_vision(inputs, grids, from_pages)
         features = features.to(embeddings.dtype)
         merge = self.model_config.vision.spatial_merge_size
         first = 0
@@ -194,31 +208,39 @@ class Qwen25VLModel(MegatronModule):
             first += count
         return embeddings
 
-    def encode_vision(self, pixels: Tensor, grids: Tensor) -> tuple[Tensor, Tensor | None]:
+    def encode_vision(self, inputs: Tensor, grids: Tensor, from_pages: bool = False) -> tuple[Tensor, Tensor | None]:
         """Merged vision features of all items and, with CP, the row of each feature (items in
         input order) in them (None: rows already in input order). With CP each rank encodes its
-        share of the images and the shares are all-gathered, padded to the largest."""
+        share of the images and the shares are all-gathered, padded to the largest. `inputs`:
+        float patches of every item, or with `from_pages` uint8 pages of this rank's share."""
         vision = self.model_config.vision
         if self.cp_size == 1:
-            return self.vision_model(pixels, build_vision_layout(grids, vision, pixels.device)), None
+            pixels = self._patchify(inputs, grids) if from_pages else inputs
+            return self.vision_model(pixels, build_vision_layout(grids, vision, inputs.device)), None
         cp = self.pg_collection.cp
         patches = grids.prod(-1)
         merged = patches // vision.spatial_merge_size**2
         owned = assign_images(patches, self.cp_size)
         mine = torch.tensor(owned[cp.rank()], dtype=torch.long)
         if len(mine):
-            patch_rows = _rows_of(patches, mine).to(pixels.device, non_blocking=True)
-            layout = build_vision_layout(grids[mine], vision, pixels.device)
-            local = self.vision_model(pixels.index_select(0, patch_rows), layout)
+            if from_pages:
+                pixels = self._patchify(inputs, grids[mine])
+            else:
+                pixels = inputs.index_select(0, _rows_of(patches, mine).to(inputs.device, non_blocking=True))
+            local = self.vision_model(pixels, build_vision_layout(grids[mine], vision, inputs.device))
         elif self._vision_needs_grad():
             # every CP rank's backward reduce-scatters, so this rank's (empty) share must be in
             # the autograd graph too; the blank image also gives the parameters their gradient
             local = self._blank_image_features()[:0]
         else:
-            local = pixels.new_empty(0, vision.out_hidden_size, dtype=self._vision_dtype())
+            local = inputs.new_empty(0, vision.out_hidden_size, dtype=self._vision_dtype())
         longest = max(int(merged[o].sum()) for o in owned)
         gathered = gather_padded(local, longest, cp)
         return gathered, gathered_rows(merged, owned, longest).to(gathered.device, non_blocking=True)
+
+    def _patchify(self, pages: Tensor, grids: Tensor) -> Tensor:
+        vision = self.model_config.vision
+        return patchify(pages, grids, vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
 
     def _vision_dtype(self) -> torch.dtype:
         return self.vision_model.patch_embed.weight.dtype

@@ -48,6 +48,7 @@ class TrainArgs:
     micro_batch_size: int = 1
     global_batch_size: int = 32
     num_workers: int = 2
+    loader_prefetch_gib: float = 2.0
     image_backend: str = "pil"
     # length of training
     train_iters: int | None = None
@@ -114,6 +115,8 @@ ARGUMENTS: tuple[Arg, ...] = (
     Arg("micro_batch_size", "packed sequences per micro-batch (packed THD batches: 1)"),
     Arg("global_batch_size", "packed sequences per step", "plan.global_batch"),
     Arg("num_workers", "data loader worker processes per rank"),
+    Arg("loader_prefetch_gib", "host memory of the micro-batches a rank's loader holds ahead, all workers "
+        "together (fewer items ahead, then fewer workers, to fit; at least one item)"),
     Arg("image_backend", "page image decoding", None, ("pil", "dali")),
     Arg("train_iters", "training steps (default: all steps of the plan)"),
     Arg("train_tokens", "token budget of the run (overrides the mixture's)"),
@@ -272,6 +275,8 @@ def validate(args: TrainArgs) -> None:
                  "global_batch_size", "seq_length", "log_interval"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.loader_prefetch_gib > 0:
+        raise ArgumentError("--loader-prefetch-gib must be > 0")
 
 
 def parallel_config(args: TrainArgs) -> ParallelConfig:

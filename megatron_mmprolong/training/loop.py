@@ -28,6 +28,7 @@ from megatron_mmprolong.data.packing import Alignment
 from megatron_mmprolong.data.plan import MixtureSpec, Plan, PlanConfig, make_plan
 from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.model.builder import build_model
+from megatron_mmprolong.parallel.page_split import PageShare
 from megatron_mmprolong.training import arguments as A
 from megatron_mmprolong.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_mmprolong.training.flops import training_flops
@@ -164,8 +165,10 @@ def train(args: A.TrainArgs) -> TrainResult:
         if not args.no_load_optim and digest != plan.digest():
             raise ConfigError(f"{args.load} was trained on data plan {digest}, this run's plan is {plan.digest()}")
 
-    dataset = PackedSequences(plan, rank=dp_rank, data_parallel=dp, image_backend=args.image_backend)
-    loader = make_dataloader(dataset, LoaderState(plan.digest(), dp_rank, dp, start * microbatches), args.num_workers)
+    dataset = PackedSequences(plan, rank=dp_rank, data_parallel=dp, image_backend=args.image_backend,
+                              share=PageShare.of_this_rank())
+    loader = make_dataloader(dataset, LoaderState(plan.digest(), dp_rank, dp, start * microbatches), args.num_workers,
+                             prefetch_bytes=int(args.loader_prefetch_gib * 2**30))
     batches = iter(loader)
     stores = [MultimodalStore(p) for p in plan.datasets]
     logger = _Logger(args, rt, plan)

@@ -3,6 +3,10 @@
 The loss is summed over this rank's answer tokens and returned with their count
 (`calculate_per_token_loss`): gradients are normalised by the number of loss tokens across all
 context- and data-parallel ranks, not per rank or per micro-batch.
+
+The loader gives each rank the uint8 pages of its TP slice of its CP share of the images
+(parallel/page_split.py); on the first pipeline stage the TP group all-gathers them here, so
+the model receives its CP share on every TP rank and patchifies it on the device.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from megatron.core.utils import get_attr_wrapped_model
 from torch import Tensor
 
 from megatron_mmprolong.model.packed import packed_segments
+from megatron_mmprolong.parallel.page_split import PageShare, gather_pages
 
 
 def batch_to_device(batch: dict, device: torch.device) -> dict:
@@ -39,10 +44,15 @@ def forward_step(data_iterator, model, device: torch.device | None = None):
     if cp_index is not None:
         cp_index = cp_index.to(device, non_blocking=True)
         loss_mask = loss_mask[:, cp_index]
-    pixels = batch["pixel_values"] if len(batch["image_grid_thw"]) else None
+    grids = batch["image_grid_thw"]
+    pages = None
+    if core.pre_process and len(grids):
+        vision = core.model_config.vision
+        pages = gather_pages(batch["pages"], grids, PageShare.of_this_rank(), core.pg_collection.tp,
+                             vision.patch_size, vision.spatial_merge_size)
     output = model(
         batch["tokens"], batch["position_ids"],
-        pixel_values=pixels, image_grid_thw=batch["image_grid_thw"] if pixels is not None else None,
+        pages=pages, image_grid_thw=grids if pages is not None else None,
         packed_seq_params=packed, labels=batch["labels"], cp_index=cp_index,
     )
     return output, partial(loss_function, loss_mask)
