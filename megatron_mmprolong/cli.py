@@ -315,8 +315,9 @@ def _eval_position_loss(args) -> int:
     from megatron_mmprolong.eval.position_loss import hf_scorer, position_loss, write_report
 
     if args.bucket_size < 1:
-        print(f"mmprolong eval: error: --bucket-size {args.bucket_size}: must be at least 1 position", file=sys.stderr)
-        return 2
+        from megatron_mmprolong.eval.dataset_qa import EvalError
+
+        raise EvalError(f"--bucket-size {args.bucket_size}: must be at least 1 position")
     store = MultimodalStore(args.data)
     indices = [i for i in range(len(store)) if int(store.samples[i]["tokens"]) >= args.min_tokens][:args.limit]
     if not indices:

@@ -152,8 +152,9 @@ ARGUMENTS: tuple[Arg, ...] = (
 )
 
 
-def _field_types() -> dict[str, Any]:
-    return {f.name: f for f in dataclasses.fields(TrainArgs)}
+def _field_types() -> dict[str, str]:
+    """Each argument's type: bool, int, float or str (TrainArgs' annotations, None aside)."""
+    return {f.name: str(f.type).split("|")[0].strip() for f in dataclasses.fields(TrainArgs)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,11 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainArgs()
     for arg in ARGUMENTS:
         flag = "--" + arg.name.replace("_", "-")
-        kind = fields[arg.name].type
-        if "bool" in str(kind):  # --flag / --no-flag: a recipe's true can be turned off
+        kind = fields[arg.name]
+        if kind == "bool":  # --flag / --no-flag: a recipe's true can be turned off
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=arg.help)
             continue
-        cast = int if "int" in str(kind) else float if "float" in str(kind) else str
+        cast = {"int": int, "float": float}.get(kind, str)
         parser.add_argument(flag, type=cast, default=None, choices=arg.choices,
                             help=f"{arg.help} (default {getattr(defaults, arg.name)})")
     return parser
@@ -229,17 +230,16 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         arg = known[name]
         if arg.choices and value is not None and value not in arg.choices:
             raise ArgumentError(f"{path}: {key} must be one of {list(arg.choices)}, got {value!r}")
-        value = _typed(path, key, value, str(fields[name].type))
+        value = _typed(path, key, value, fields[name])
         if name in ("data_mix", "data_plan", "hf_config", "save", "load", "tensorboard_dir") and value:
             value = str(Path(value) if Path(value).is_absolute() else (path.parent / value))
         values[name] = value
     return values
 
 
-def _typed(path: Path, key: str, value: Any, kind: str) -> Any:
-    """A recipe value as its argument's type: a float written 1e-5 (YAML reads a string) becomes
-    one; a value of another type is an ArgumentError."""
-    base = kind.split("|")[0].strip()
+def _typed(path: Path, key: str, value: Any, base: str) -> Any:
+    """A recipe value as its argument's type (`_field_types`): a float written 1e-5 (YAML reads
+    a string) becomes one; a value of another type is an ArgumentError."""
     if value is None or base == "str":
         return value
     if base == "float" and not isinstance(value, bool):
