@@ -11,10 +11,10 @@ import warnings
 
 def _model_info(args) -> int:
     from megatron_mmprolong import runtime
-    from megatron_mmprolong.config import Qwen25VLConfig
+    from megatron_mmprolong.config import VLConfig
     from megatron_mmprolong.model.builder import build_model, count_parameters
 
-    config = Qwen25VLConfig.preset(args.preset) if args.preset else Qwen25VLConfig.from_hf_dir(args.hf_dir)
+    config = VLConfig.preset(args.preset) if args.preset else VLConfig.from_hf_dir(args.hf_dir)
     runtime.initialize()
     counts = count_parameters(build_model(config, meta=True))
     t, v = config.text, config.vision
@@ -42,12 +42,12 @@ def _check_parity(args) -> int:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_mmprolong import runtime
-    from megatron_mmprolong.config import Qwen25VLConfig
+    from megatron_mmprolong.config import VLConfig
     from megatron_mmprolong.convert.hf_loader import load_hf_weights
     from megatron_mmprolong.convert.parity import run_parity
     from megatron_mmprolong.model.builder import build_model
 
-    config = Qwen25VLConfig.from_hf_dir(args.hf_dir)
+    config = VLConfig.from_hf_dir(args.hf_dir)
     runtime.initialize(seed=args.seed)
     model = build_model(config, backend="local")
     load_hf_weights(model, args.hf_dir)
@@ -117,7 +117,7 @@ def _summary(report) -> dict:
 def _verify(args) -> int:
     import torch.distributed as dist
 
-    from megatron_mmprolong.config import Qwen25VLConfig
+    from megatron_mmprolong.config import VLConfig
     from megatron_mmprolong.convert.checkpoint_info import checkpoint_config, resolve_checkpoint
     from megatron_mmprolong.convert.hf_checkpoint import HFCheckpoint
     from megatron_mmprolong.convert.verify import verify_checkpoint, verify_spawned
@@ -127,7 +127,7 @@ def _verify(args) -> int:
     args.mcore_dir = str(resolve_checkpoint(args.mcore_dir))
     # every rank would fail the same way: check the inputs and the layout before starting them
     checkpoint_config(args.mcore_dir, hf_template=args.hf_dir).validate_parallel(parallel)
-    Qwen25VLConfig.from_hf_dir(args.hf_dir)
+    VLConfig.from_hf_dir(args.hf_dir)
     HFCheckpoint(args.hf_dir).close()
     if launch_env().launcher == "single" and args.tp * args.pp > 1:
         report = verify_spawned(args.hf_dir, args.mcore_dir, parallel, args.seed)
@@ -467,10 +467,10 @@ def _plan_data(args) -> int:
 
 
 def _plan_layouts(args) -> int:
-    from megatron_mmprolong.config import Qwen25VLConfig
+    from megatron_mmprolong.config import VLConfig
     from megatron_mmprolong.training import planner
 
-    config = Qwen25VLConfig.from_hf_dir(args.hf_config) if args.hf_config else Qwen25VLConfig.preset(args.preset)
+    config = VLConfig.from_hf_dir(args.hf_config) if args.hf_config else VLConfig.preset(args.preset)
     name = f"Qwen2.5-VL from {args.hf_config}" if args.hf_config else f"Qwen2.5-VL {args.preset}"
     workload = planner.Workload(
         seq_length=args.seq_length, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size,

@@ -123,7 +123,7 @@ def _counts(counts: dict) -> str:
 
 
 def main() -> int:
-    from megatron_mmprolong.config import Qwen25VLConfig
+    from megatron_mmprolong.config import VLConfig
     from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
     from megatron_mmprolong.data.tiny_tokenizer import write_tiny_tokenizer
 
@@ -144,7 +144,7 @@ def main() -> int:
         _run("inspect dataset", _mmprolong("inspect-data", str(data), "--sample", "0", "--packing", "4096"), timings)
         qa = _synth_qa(pdfs, synth_qa, tokenizer, timings)
 
-        write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), hf_dir, seed=0)
+        write_random_hf_checkpoint(VLConfig.preset("tiny-1k"), hf_dir, seed=0)
         for file in tokenizer.iterdir():  # the export copies the tokenizer from here
             shutil.copy(file, hf_dir / file.name)
         parity = _last_json(_run("parity with transformers", _mmprolong(

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 
 from megatron_mmprolong.config import (
-    PRESETS,
     ConfigError,
     ParallelConfig,
     Qwen25VLConfig,
+    Qwen3VLConfig,
+    VLConfig,
     language_transformer_config,
     vision_transformer_config,
 )
@@ -31,11 +32,11 @@ def test_nested_layout_written_by_transformers_is_read(tmp_path):
     assert Qwen25VLConfig.from_hf_dir(tmp_path) == Qwen25VLConfig.preset("7b")
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(Qwen25VLConfig.preset_names()))
 def test_round_trip_through_hf_dict_and_transformers(name, tmp_path):
     from transformers import Qwen2_5_VLConfig
 
-    config = PRESETS[name].with_rotary_base(4e6)
+    config = Qwen25VLConfig.preset(name).with_rotary_base(4e6)
     config.save_hf(tmp_path)
     assert Qwen25VLConfig.from_hf_dir(tmp_path) == config
     hf = Qwen2_5_VLConfig.from_pretrained(tmp_path)  # transformers reads what we write
@@ -222,3 +223,41 @@ def test_context_parallel_communication_types():
         with pytest.raises(ConfigError, match=f"cp_comm_type {re.escape(comm)}: .*{reason}.*; use p2p or a2a"):
             c7.validate_parallel(ParallelConfig(context_parallel=2, cp_comm_type=comm))
     assert language_transformer_config(c7, ParallelConfig(context_parallel=2, cp_comm_type="a2a")).cp_comm_type == "a2a"
+
+
+@pytest.mark.parametrize("name", sorted(Qwen3VLConfig.preset_names()))
+def test_qwen3vl_round_trip_through_transformers(name, tmp_path):
+    from transformers import Qwen3VLConfig as HFQwen3VLConfig
+
+    config = Qwen3VLConfig.preset(name)
+    config.save_hf(tmp_path)
+    assert VLConfig.from_hf_dir(tmp_path) == config  # the family comes from model_type
+    hf = HFQwen3VLConfig.from_pretrained(tmp_path)
+    t, v = hf.text_config, hf.vision_config
+    assert (t.hidden_size, t.num_hidden_layers, t.head_dim, t.num_key_value_heads, t.vocab_size) == (
+        config.text.hidden_size, config.text.num_layers, config.text.head_dim,
+        config.text.num_key_value_heads, config.text.vocab_size,
+    )
+    assert t.rope_parameters["rope_theta"] == config.text.rope_theta == 5e6
+    assert list(t.rope_parameters["mrope_section"]) == list(config.text.mrope_section)
+    assert (v.depth, v.hidden_size, v.patch_size, list(v.deepstack_visual_indexes)) == (
+        config.vision.depth, config.vision.hidden_size, 16, list(config.vision.deepstack_visual_indexes),
+    )
+    hf.save_pretrained(tmp_path / "again")  # and what transformers writes back reads the same
+    assert VLConfig.from_hf_dir(tmp_path / "again") == config
+
+
+def test_qwen3vl_facts_and_refusals():
+    c4, c32 = Qwen3VLConfig.preset("qwen3vl-4b"), Qwen3VLConfig.preset("qwen3vl-32b")
+    assert c4.text.head_dim == 128 and c4.text.hidden_size // c4.text.num_attention_heads == 80
+    assert c32.text.head_dim * c32.text.num_attention_heads == 8192 != c32.text.hidden_size
+    assert c4.vision.merged_token_px == 32 and c4.vision.window_merged_tokens is None
+    assert c4.deepstack_levels == 3 and c4.text.tie_word_embeddings and not c32.text.tie_word_embeddings
+    data = c4.to_hf_dict()
+    data["text_config"]["num_experts"] = 128
+    with pytest.raises(ConfigError, match="MoE"):
+        VLConfig.from_hf_dict(data)
+    with pytest.raises(ConfigError, match="expected 'qwen2_5_vl' or 'qwen3_vl'"):
+        VLConfig.from_hf_dict({**c4.to_hf_dict(), "model_type": "llava"})
+    with pytest.raises(ConfigError, match="model_type is 'qwen3_vl', expected 'qwen2_5_vl'"):
+        Qwen25VLConfig.from_hf_dict(c4.to_hf_dict())

@@ -34,6 +34,6 @@ def test_counted_flops_equal_the_model(shape, runtime):
     # causal kernel (flash, cuDNN) computes, as MFU reports do.
     language = language_linear_flops_per_token(config) * sum(lengths) + 2 * language_attention_flops(config, lengths)
     vision = vision_flops(config, packed.image_grid_thw)
-    assert counted["Qwen25VLModel.language_model"] == language  # exact: every matmul accounted for
-    assert counted["Qwen25VLModel.vision_model"] == vision
+    assert counted["VisionLanguageModel.language_model"] == language  # exact: every matmul accounted for
+    assert counted["VisionLanguageModel.vision_model"] == vision
     assert counted["Global"] == language + vision

@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from megatron_mmprolong.config import PRESETS, ConfigError, ParallelConfig, Qwen25VLConfig
+from megatron_mmprolong.config import ConfigError, ParallelConfig, Qwen25VLConfig
 from megatron_mmprolong.convert.hf_loader import load_hf_weights
 from megatron_mmprolong.convert.parity import make_sample, our_logits
 from megatron_mmprolong.model.builder import build_model, count_parameters
@@ -91,7 +91,7 @@ def test_freeze_options(loaded, vision, merger):
 def test_parameter_counts_equal_transformers(name, runtime):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    config = PRESETS[name]
+    config = Qwen25VLConfig.preset(name)
     ours = count_parameters(build_model(config, meta=True))
     with torch.device("meta"):
         hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config.to_hf_dict()))

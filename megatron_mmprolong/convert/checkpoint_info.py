@@ -10,7 +10,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from megatron_mmprolong.config import ConfigError, Qwen25VLConfig
+from megatron_mmprolong.config import ConfigError, VLConfig
 
 INFO_FILE = "mmprolong_checkpoint.json"
 FORMAT = "megatron-mmprolong/torch_dist"
@@ -70,13 +70,13 @@ def read_info(directory: str | Path) -> dict[str, Any] | None:
     return info
 
 
-def checkpoint_config(mcore_dir: str | Path, hf_template: str | Path | None = None) -> Qwen25VLConfig:
+def checkpoint_config(mcore_dir: str | Path, hf_template: str | Path | None = None) -> VLConfig:
     """The model config of a Megatron checkpoint: its info file, else the template's config.json."""
     info = read_info(mcore_dir)
     if info is not None:
-        return Qwen25VLConfig.from_hf_dict(info["hf_config"])
+        return VLConfig.from_hf_dict(info["hf_config"])
     if hf_template is not None:
-        return Qwen25VLConfig.from_hf_dir(hf_template)
+        return VLConfig.from_hf_dir(hf_template)
     raise ConfigError(
         f"{mcore_dir}: no {INFO_FILE} (checkpoint not written by mmprolong); pass --hf-template "
         "with the model's config.json"

@@ -1,4 +1,4 @@
-"""Load a Hugging Face Qwen2.5-VL checkpoint into a Qwen25VLModel in memory, this rank's shard
+"""Load a Hugging Face Qwen2.5-VL checkpoint into a VisionLanguageModel in memory, this rank's shard
 only, one tensor at a time. (The offline converter to distributed checkpoints is convert/.)"""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import torch
 
 from megatron_mmprolong.convert.hf_checkpoint import CheckpointError, HFCheckpoint
 from megatron_mmprolong.convert.hf_mapping import HFLayout, canonical_name, shard, tensor_rules
-from megatron_mmprolong.model.qwen25vl import Qwen25VLModel
+from megatron_mmprolong.model.vlm import VisionLanguageModel
 
 
 @torch.no_grad()
-def load_hf_weights(model: Qwen25VLModel, hf_dir: str | Path) -> None:
+def load_hf_weights(model: VisionLanguageModel, hf_dir: str | Path) -> None:
     """Fill every parameter of `model` from `hf_dir`. Errors name the tensor and the file:
     missing tensors, unexpected shapes and (for a complete model) tensors the model lacks."""
     with HFCheckpoint(hf_dir) as checkpoint:

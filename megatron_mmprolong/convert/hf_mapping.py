@@ -1,4 +1,4 @@
-"""How each Megatron-Core parameter of Qwen25VLModel is made from Hugging Face tensors, how it
+"""How each Megatron-Core parameter of VisionLanguageModel is made from Hugging Face tensors, how it
 goes back, and how tensor parallelism splits it.
 
 Names are canonical Megatron names with global layer numbers and Transformer Engine norm names
@@ -15,7 +15,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from megatron_mmprolong.config import Qwen25VLConfig
+from megatron_mmprolong.config import VLConfig
 
 # column: split dim 0 | row: split dim 1 | glu: split gate and up halves of dim 0 separately
 Shard = Literal["column", "row", "glu", "replicated"]
@@ -91,7 +91,7 @@ def split_qkv(qkv: Tensor, heads: int, groups: int) -> list[Tensor]:
     return [x.reshape(-1, *rest) for x in (q, k, v)]
 
 
-def tensor_rules(config: Qwen25VLConfig, layout: HFLayout = NESTED) -> list[TensorRule]:
+def tensor_rules(config: VLConfig, layout: HFLayout = NESTED) -> list[TensorRule]:
     """Every parameter of the full (unpipelined) model."""
     t, v = config.text, config.vision
     lm, vis = layout.language, layout.vision
@@ -174,7 +174,7 @@ def tensor_rules(config: Qwen25VLConfig, layout: HFLayout = NESTED) -> list[Tens
     return rules
 
 
-def stored_rules(config: Qwen25VLConfig, layout: HFLayout = NESTED) -> list[TensorRule]:
+def stored_rules(config: VLConfig, layout: HFLayout = NESTED) -> list[TensorRule]:
     """The tensors a checkpoint stores: a tied output layer is stored once, as the embedding
     (as Megatron saves it and as transformers writes tied checkpoints)."""
     tied = config.text.tie_word_embeddings

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from megatron_mmprolong.config import ParallelConfig, Qwen25VLConfig
+from megatron_mmprolong.config import ParallelConfig, VLConfig
 from megatron_mmprolong.convert.checkpoint_info import write_info
 from megatron_mmprolong.convert.hf_checkpoint import CheckpointError, HFCheckpoint
 from megatron_mmprolong.convert.hf_mapping import (
@@ -71,7 +71,7 @@ def hf_to_mcore(
 ) -> ConversionReport:
     """Convert; `dtype` None keeps the checkpoint's own dtype."""
     start = time.perf_counter()
-    config = Qwen25VLConfig.from_hf_dir(hf_dir)
+    config = VLConfig.from_hf_dir(hf_dir)
     config.validate_parallel(parallel)
     with HFCheckpoint(hf_dir) as checkpoint:
         plan = _plan(config, checkpoint)
@@ -111,7 +111,7 @@ def hf_to_mcore(
     )
 
 
-def _plan(config: Qwen25VLConfig, checkpoint: HFCheckpoint) -> list[_Tensor]:
+def _plan(config: VLConfig, checkpoint: HFCheckpoint) -> list[_Tensor]:
     """Every tensor to write, with all names and shapes checked against the config."""
     layout = HFLayout.detect(checkpoint.names())
     rules = stored_rules(config, layout)
@@ -149,7 +149,7 @@ def _plan(config: Qwen25VLConfig, checkpoint: HFCheckpoint) -> list[_Tensor]:
     return plan
 
 
-def _parameter_shapes(config: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
+def _parameter_shapes(config: VLConfig) -> dict[str, tuple[int, ...]]:
     """Unsharded parameter shapes, from the model itself built on the meta device."""
     from megatron.core import parallel_state
 

@@ -8,7 +8,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_mmprolong.convert.hf_checkpoint import CheckpointError
-from megatron_mmprolong.model.qwen25vl import Qwen25VLModel
+from megatron_mmprolong.model.vlm import VisionLanguageModel
 
 
 def load_sharded(request: dict, directory: str | Path) -> dict:
@@ -25,7 +25,7 @@ def load_sharded(request: dict, directory: str | Path) -> dict:
     return state
 
 
-def apply_model_state(model: Qwen25VLModel, state: dict, directory: str | Path) -> None:
+def apply_model_state(model: VisionLanguageModel, state: dict, directory: str | Path) -> None:
     result = model.load_state_dict(state, strict=False)
     absent = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if absent or result.unexpected_keys:
@@ -35,7 +35,7 @@ def apply_model_state(model: Qwen25VLModel, state: dict, directory: str | Path) 
         )
 
 
-def load_mcore_checkpoint(model: Qwen25VLModel, mcore_dir: str | Path) -> None:
+def load_mcore_checkpoint(model: VisionLanguageModel, mcore_dir: str | Path) -> None:
     """Every parameter of `model` from a converted or trained checkpoint."""
     request = model.sharded_state_dict()
     state = load_sharded(request, mcore_dir)

@@ -11,7 +11,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-from megatron_mmprolong.config import Qwen25VLConfig
+from megatron_mmprolong.config import VLConfig
 from megatron_mmprolong.model.packed import packed_segments
 
 
@@ -36,7 +36,7 @@ class Sample:
 
 
 def make_sample(
-    config: Qwen25VLConfig,
+    config: VLConfig,
     generator: torch.Generator,
     images: list[tuple[int, int, int]] = (),
     videos: list[tuple[int, int, int]] = (),
@@ -75,7 +75,7 @@ def make_sample(
     )
 
 
-def default_samples(config: Qwen25VLConfig, seed: int = 0) -> list[Sample]:
+def default_samples(config: VLConfig, seed: int = 0) -> list[Sample]:
     """Two samples: text + two images of different sizes (windows that do not divide the grid)
     + a 4-frame video; and text + one image."""
     generator = torch.Generator().manual_seed(seed)
@@ -125,7 +125,7 @@ def hf_logits(hf_model, sample: Sample) -> Tensor:
     return hf_model(**inputs, **hf_token_types(hf_model, sample.input_ids)).logits
 
 
-def known_difference(config: Qwen25VLConfig, samples: list[Sample]) -> str | None:
+def known_difference(config: VLConfig, samples: list[Sample]) -> str | None:
     """Why the logits may differ although both models are right: text after a video resumes at
     max(t, h, w) + 1 here (as in the original Qwen2.5-VL code and vLLM) but at max(h, w) + 1 in
     transformers >= 5, which differs when a video's temporal positions outrun its grid."""
@@ -155,7 +155,7 @@ def compare(ours: Tensor, reference: Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def run_parity(model, hf_model, config: Qwen25VLConfig, seed: int = 0) -> dict:
+def run_parity(model, hf_model, config: VLConfig, seed: int = 0) -> dict:
     """Logit differences for each sample alone and for the packed batch of both."""
     samples = default_samples(config, seed)
     reference = [hf_logits(hf_model, s) for s in samples]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from megatron_mmprolong.config import Qwen25VLConfig
+from megatron_mmprolong.config import VLConfig
 
 
 def write_random_hf_checkpoint(
-    config: Qwen25VLConfig, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32
+    config: VLConfig, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> Path:
     """Every tensor random, norms and biases included, so that a mapping error anywhere shows."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration

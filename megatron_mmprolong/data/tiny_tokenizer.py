@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_mmprolong.config import Qwen25VLConfig
+from megatron_mmprolong.config import VLConfig
 
 # id offsets from vocab_size - 8, matching the tiny-1k preset's token ids
 SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|image_pad|>", "<|video_pad|>",
@@ -46,7 +46,7 @@ def write_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 1024) -> Path:
                                  pad_token="<|endoftext|>")
     out = Path(out_dir)
     hf.save_pretrained(out)
-    config = Qwen25VLConfig.preset("tiny-1k")
+    config = VLConfig.preset("tiny-1k")
     ids = {"<|vision_start|>": config.tokens.vision_start, "<|image_pad|>": config.tokens.image,
            "<|video_pad|>": config.tokens.video, "<|vision_end|>": config.tokens.vision_end}
     wrong = {t: i for t, i in ids.items() if hf.convert_tokens_to_ids(t) != i}

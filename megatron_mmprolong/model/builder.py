@@ -1,4 +1,4 @@
-"""Build a Qwen25VLModel for a parallel layout: the one place that turns the model
+"""Build a VisionLanguageModel for a parallel layout: the one place that turns the model
 configuration, the backend and the precision into Megatron-Core TransformerConfigs."""
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from megatron_mmprolong.config import (
     ConfigError,
     ParallelConfig,
     PrecisionConfig,
-    Qwen25VLConfig,
+    VLConfig,
     language_transformer_config,
     merger_transformer_config,
     vision_transformer_config,
 )
-from megatron_mmprolong.model.qwen25vl import Qwen25VLModel
+from megatron_mmprolong.model.vlm import VisionLanguageModel
 from megatron_mmprolong.runtime import vision_tensor_parallel_group
 from megatron_mmprolong.model.specs import Backend, default_backend
 
 
 def build_model(
-    config: Qwen25VLConfig,
+    config: VLConfig,
     parallel: ParallelConfig = ParallelConfig(),
     *,
     backend: Backend | None = None,
@@ -38,7 +38,7 @@ def build_model(
     vp_stage: int | None = None,
     meta: bool = False,
     **transformer_overrides: Any,
-) -> Qwen25VLModel:
+) -> VisionLanguageModel:
     """Needs Megatron-Core's parallel state (`runtime.initialize`). With `meta=True` the
     parameters live on the meta device: shapes and counts without memory. `packed` and
     `training` describe the batches, for the FP8 attention policy."""
@@ -66,7 +66,7 @@ def build_model(
     vision_pg_collection.tp = vision_tensor_parallel_group()
     device_context = torch.device("meta") if meta else contextlib.nullcontext()
     with device_context:
-        model = Qwen25VLModel(
+        model = VisionLanguageModel(
             config,
             language_config=language_transformer_config(config, parallel, **language),
             vision_config=vision_transformer_config(config, parallel, **vision),
@@ -92,7 +92,7 @@ def _check_transformer_engine(parallel: ParallelConfig) -> None:
                           f"this is {get_te_version()}; use p2p or upgrade (pip install 'megatron-mmprolong[gpu]')")
 
 
-def count_parameters(model: Qwen25VLModel) -> dict[str, int]:
+def count_parameters(model: VisionLanguageModel) -> dict[str, int]:
     """Parameter counts; a tied output layer counts once, as in transformers."""
     total = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for p in model.vision_model.parameters()) if model.vision_model else 0

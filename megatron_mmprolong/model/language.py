@@ -21,7 +21,7 @@ class LanguageModel(LanguageModule):
     """Embedding (first pipeline stage), decoder layers, final norm and output layer (last stage).
 
     The embedding does not scatter to sequence-parallel regions by itself: vision features are
-    placed into the rank's tokens first (see Qwen25VLModel.embed). (Reduce-scattering the lookup
+    placed into the rank's tokens first (see VisionLanguageModel.embed). (Reduce-scattering the lookup
     and placing features per TP rank would move more: the replicated vision encoder then needs
     its feature gradients all-reduced over TP.)
     """

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from megatron_mmprolong.config import ConfigError, ParallelConfig, PrecisionConfig, Qwen25VLConfig
+from megatron_mmprolong.config import ConfigError, ParallelConfig, PrecisionConfig, VLConfig
 
 
 class ArgumentError(ConfigError):
@@ -335,9 +335,9 @@ def scheduler_steps(args: TrainArgs, train_iters: int) -> dict[str, Any]:
     return dict(lr_warmup_steps=warmup, lr_decay_steps=decay, lr_decay_style=args.lr_decay_style)
 
 
-def model_config(args: TrainArgs, checkpoint_config: Qwen25VLConfig | None = None) -> Qwen25VLConfig:
+def model_config(args: TrainArgs, checkpoint_config: VLConfig | None = None) -> VLConfig:
     config = checkpoint_config or (
-        Qwen25VLConfig.from_hf_dir(args.hf_config) if args.hf_config else Qwen25VLConfig.preset(args.model)
+        VLConfig.from_hf_dir(args.hf_config) if args.hf_config else VLConfig.preset(args.model)
     )
     return config.with_rotary_base(args.rotary_base) if args.rotary_base else config
 

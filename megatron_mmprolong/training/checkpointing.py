@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_mmprolong.config import Qwen25VLConfig
+from megatron_mmprolong.config import VLConfig
 from megatron_mmprolong.convert.checkpoint_info import LATEST, iteration_dir, latest_iteration, write_info
 from megatron_mmprolong.convert.mcore_checkpoint import apply_model_state, load_sharded
 from megatron_mmprolong.files import write_text_whole
@@ -48,9 +48,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(save: str | Path, iteration: int, model, optimizer, scheduler, args, config: Qwen25VLConfig,
+def save_checkpoint(save: str | Path, iteration: int, model, optimizer, scheduler, args, config: VLConfig,
                     plan_digest: str) -> Path:
-    """`model` is the unwrapped Qwen25VLModel (its parameters are the optimizer's)."""
+    """`model` is the unwrapped VisionLanguageModel (its parameters are the optimizer's)."""
     final = iteration_dir(save, iteration)
     partial = final.with_name(final.name + ".partial")
     rank = dist.get_rank()

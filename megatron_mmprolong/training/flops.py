@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from megatron_mmprolong.config import Qwen25VLConfig
+from megatron_mmprolong.config import VLConfig
 
 
-def language_linear_flops_per_token(config: Qwen25VLConfig) -> float:
+def language_linear_flops_per_token(config: VLConfig) -> float:
     t = config.text
     qkv = t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
     out = t.num_attention_heads * t.head_dim * t.hidden_size
@@ -22,14 +22,14 @@ def language_linear_flops_per_token(config: Qwen25VLConfig) -> float:
     return 2.0 * (t.num_layers * (qkv + out + mlp) + t.hidden_size * t.vocab_size)
 
 
-def language_attention_flops(config: Qwen25VLConfig, segment_lengths) -> float:
+def language_attention_flops(config: VLConfig, segment_lengths) -> float:
     """Causal attention over packed samples: sum of s^2, not (sum of s)^2."""
     t = config.text
     lengths = np.asarray(segment_lengths, dtype=np.float64)
     return 2.0 * 2.0 * float((lengths**2).sum()) / 2.0 * t.num_attention_heads * t.head_dim * t.num_layers
 
 
-def vision_flops(config: Qwen25VLConfig, grids) -> float:
+def vision_flops(config: VLConfig, grids) -> float:
     """Forward FLOPs of encoding images with grids [n, 3] (t, h, w in patches)."""
     v = config.vision
     grids = np.asarray(grids, dtype=np.float64).reshape(-1, 3)
@@ -61,7 +61,7 @@ def _window_square_sum(grids: np.ndarray, side: int, merge: int) -> float:
     return total
 
 
-def training_flops_by_kind(config: Qwen25VLConfig, segment_lengths, grids) -> dict[str, float]:
+def training_flops_by_kind(config: VLConfig, segment_lengths, grids) -> dict[str, float]:
     """Forward and backward FLOPs (3x forward) of one batch: language model GEMMs, causal
     attention, vision encoder (the planner prices each at its own rate)."""
     tokens = float(np.sum(segment_lengths))
@@ -70,6 +70,6 @@ def training_flops_by_kind(config: Qwen25VLConfig, segment_lengths, grids) -> di
             "vision": 3.0 * vision_flops(config, grids)}
 
 
-def training_flops(config: Qwen25VLConfig, segment_lengths, grids) -> float:
+def training_flops(config: VLConfig, segment_lengths, grids) -> float:
     """Forward and backward FLOPs of one batch (3x forward)."""
     return sum(training_flops_by_kind(config, segment_lengths, grids).values())

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_mmprolong.config import ConfigError, ParallelConfig, Qwen25VLConfig
+from megatron_mmprolong.config import ConfigError, ParallelConfig, VLConfig
 from megatron_mmprolong.training import flops
 
 GIB = 2**30
@@ -105,7 +105,7 @@ class Workload:
         full, rest = divmod(self.seq_length, length)
         return np.array([length] * full + ([rest] if rest else []), dtype=np.float64)
 
-    def image_grids(self, config: Qwen25VLConfig) -> np.ndarray:
+    def image_grids(self, config: VLConfig) -> np.ndarray:
         """Pages of one sequence, as many as its image tokens need."""
         grid = np.array(self.page_grid, dtype=np.int64)
         tokens = int(grid.prod()) // config.vision.spatial_merge_size**2
@@ -198,7 +198,7 @@ class StageParameters:
         return self.language + self.vision
 
 
-def language_layer_parameters(config: Qwen25VLConfig, tp: int) -> float:
+def language_layer_parameters(config: VLConfig, tp: int) -> float:
     t = config.text
     qkv = (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
     sharded = qkv * (t.hidden_size + 1) + t.num_attention_heads * t.head_dim * t.hidden_size \
@@ -206,7 +206,7 @@ def language_layer_parameters(config: Qwen25VLConfig, tp: int) -> float:
     return sharded / tp + 2 * t.hidden_size  # the two norms are replicated
 
 
-def vision_parameters(config: Qwen25VLConfig, tp: int) -> float:
+def vision_parameters(config: VLConfig, tp: int) -> float:
     """Patch embedding, blocks and merger; the norms, the patch embedding and row-parallel
     biases are replicated over the vision TP group."""
     v = config.vision
@@ -219,7 +219,7 @@ def vision_parameters(config: Qwen25VLConfig, tp: int) -> float:
             + merger_sharded / tp + merger_replicated)
 
 
-def stage_parameters(config: Qwen25VLConfig, tp: int, pp: int, stage: int) -> StageParameters:
+def stage_parameters(config: VLConfig, tp: int, pp: int, stage: int) -> StageParameters:
     t = config.text
     layers = t.num_layers // pp
     language = layers * language_layer_parameters(config, tp)
@@ -245,7 +245,7 @@ def _layer_bytes(saved: SavedTensors, hidden: int, kv: int, ffn: int, head_dim: 
     return per_token * tokens * element + mask
 
 
-def estimate_memory(config: Qwen25VLConfig, workload: Workload, layout: Layout, backend: str = "te",
+def estimate_memory(config: VLConfig, workload: Workload, layout: Layout, backend: str = "te",
                     reserved_gib: float = 0.0) -> Memory:
     """Memory per GPU of the busiest pipeline stage."""
     stages = [_stage_memory(config, workload, layout, backend, reserved_gib, stage) for stage in range(layout.pp)]
@@ -302,12 +302,12 @@ def _stage_memory(config, workload, layout, backend, reserved_gib, stage) -> Mem
 
 # ---- time -----------------------------------------------------------------------------------
 
-def step_flops(config: Qwen25VLConfig, workload: Workload) -> dict[str, float]:
+def step_flops(config: VLConfig, workload: Workload) -> dict[str, float]:
     """Training FLOPs of one sequence by kind of work (forward + backward)."""
     return flops.training_flops_by_kind(config, workload.segment_lengths(), workload.image_grids(config))
 
 
-def estimate_step_seconds(config: Qwen25VLConfig, workload: Workload, layout: Layout, cluster: Cluster) -> float:
+def estimate_step_seconds(config: VLConfig, workload: Workload, layout: Layout, cluster: Cluster) -> float:
     gpu, t = cluster.gpu, config.text
     work = step_flops(config, workload)
     per_gpu = layout.tp * layout.cp * layout.pp
@@ -355,7 +355,7 @@ def estimate_step_seconds(config: Qwen25VLConfig, workload: Workload, layout: La
 
 # ---- layouts ----------------------------------------------------------------------------------
 
-def candidate_layouts(config: Qwen25VLConfig, workload: Workload, cluster: Cluster,
+def candidate_layouts(config: VLConfig, workload: Workload, cluster: Cluster,
                       recompute: tuple[str, ...] = RECOMPUTE, distributed_optimizer: bool = True) -> list[Layout]:
     """Every layout the model, sequence and batch allow; TP stays within a node."""
     layouts = []
@@ -378,7 +378,7 @@ def candidate_layouts(config: Qwen25VLConfig, workload: Workload, cluster: Clust
     return layouts
 
 
-def plan(config: Qwen25VLConfig, workload: Workload, cluster: Cluster, recompute: tuple[str, ...] = RECOMPUTE,
+def plan(config: VLConfig, workload: Workload, cluster: Cluster, recompute: tuple[str, ...] = RECOMPUTE,
          distributed_optimizer: bool = True) -> list[Estimate]:
     """Estimates of every candidate layout: those that fit first, fastest first."""
     if cluster.gpus < 1 or workload.seq_length < 1 or workload.global_batch < 1:

@@ -23,7 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from megatron_mmprolong.config import Qwen25VLConfig
+from megatron_mmprolong.config import VLConfig
 from megatron_mmprolong.model.language import LanguageModel
 from megatron_mmprolong.model.packed import host_cu_seqlens
 from megatron_mmprolong.model.specs import Backend
@@ -34,10 +34,10 @@ from megatron_mmprolong.patchify import patchify
 from megatron_mmprolong.positions import mrope_position_ids
 
 
-class Qwen25VLModel(MegatronModule):
+class VisionLanguageModel(MegatronModule):
     def __init__(
         self,
-        config: Qwen25VLConfig,
+        config: VLConfig,
         language_config: TransformerConfig,
         vision_config: TransformerConfig,
         merger_config: TransformerConfig,

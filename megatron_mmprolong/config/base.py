@@ -1,5 +1,6 @@
-"""Qwen2.5-VL model configuration: HF config.json in and out, presets, validation, and the
-Megatron-Core TransformerConfigs of the vision encoder, the merger and the language model."""
+"""What every model family's configuration shares: the language, vision and token fields, the
+parallel layout and precision, validation, and the Megatron-Core TransformerConfigs of the vision
+encoder, the merger and the language model."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class VisionConfig:
+    """The vision encoder. Defaults are Qwen2.5-VL-7B's; the fields after `hidden_act` are the
+    ones the families differ in (config/qwen3vl.py sets them for Qwen3-VL)."""
+
     depth: int = 32
     hidden_size: int = 1280
     num_heads: int = 16
@@ -32,12 +36,19 @@ class VisionConfig:
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     in_channels: int = 3
-    window_size: int = 112
+    window_size: int | None = 112  # px; None: no window attention (every block sees its frame)
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
     tokens_per_second: float = 2
     rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # of every vision norm, RMSNorm or LayerNorm
     hidden_act: str = "silu"
+    normalization: str = "RMSNorm"  # or "LayerNorm" (with bias), Megatron-Core's names
+    gated_mlp: bool = True  # SwiGLU (gate/up/down); False: fc1 -> act -> fc2
+    patch_embed_bias: bool = False
+    num_position_embeddings: int = 0  # learned square grid resampled to each image; 0: none
+    deepstack_visual_indexes: tuple[int, ...] = ()  # blocks whose output feeds language layers 0, 1, ...
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # processor (CLIP)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     @property
     def head_dim(self) -> int:
@@ -53,13 +64,26 @@ class VisionConfig:
         return self.hidden_size * self.spatial_merge_size**2
 
     @property
-    def window_merged_tokens(self) -> int:
-        """Side of an attention window in merged (LM) tokens: 112 px -> 4."""
+    def merged_token_px(self) -> int:
+        """Side in pixels of the square one language-model token covers (28 or 32)."""
+        return self.patch_size * self.spatial_merge_size
+
+    @property
+    def window_merged_tokens(self) -> int | None:
+        """Side of an attention window in merged (LM) tokens: 112 px -> 4; None without windows."""
+        if self.window_size is None:
+            return None
         return self.window_size // (self.spatial_merge_size * self.patch_size)
+
+    @property
+    def position_grid_side(self) -> int:
+        return math.isqrt(self.num_position_embeddings)
 
 
 @dataclass(frozen=True)
 class TextConfig:
+    """The language model. Defaults are Qwen2.5-VL-7B's (a Qwen2 decoder)."""
+
     vocab_size: int = 152064
     hidden_size: int = 3584
     num_layers: int = 28
@@ -72,10 +96,14 @@ class TextConfig:
     max_position_embeddings: int = 128000
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    explicit_head_dim: int | None = None  # None: hidden_size / num_attention_heads
+    qkv_bias: bool = True
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before the rotary (Qwen3)
+    mrope_interleaved: bool = False  # frequencies T,H,W,T,H,W,... instead of T..T,H..H,W..W
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
 
 
 @dataclass(frozen=True)
@@ -169,24 +197,56 @@ class PrecisionConfig:
 
 
 @dataclass(frozen=True)
-class Qwen25VLConfig:
+class VLConfig:
+    """A vision-language model of one family: its language model, vision encoder and special
+    tokens. Each family (config/qwen25vl.py, config/qwen3vl.py) is a subclass that reads and
+    writes its transformers config.json and names its presets; everything else (validation,
+    layouts, Megatron-Core configs) is shared and reads the fields below."""
+
     text: TextConfig = field(default_factory=TextConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     tokens: TokenIds = field(default_factory=TokenIds)
 
+    family: ClassVar[str] = ""  # transformers' model_type
+    hf_architecture: ClassVar[str] = ""  # its ...ForConditionalGeneration class
+    display_name: ClassVar[str] = ""
+    video_frames_as_items: ClassVar[bool] = False  # M-RoPE: each video frame placed as an image
+    _families: ClassVar[dict[str, type["VLConfig"]]] = {}
+    _presets: ClassVar[dict[str, "VLConfig"]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        VLConfig._families[cls.family] = cls
+
     # ---- construction -------------------------------------------------------------------
 
     @classmethod
-    def preset(cls, name: str) -> "Qwen25VLConfig":
-        try:
-            return PRESETS[name]
-        except KeyError:
-            raise ConfigError(
-                f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}"
-            ) from None
+    def register_presets(cls, presets: dict[str, "VLConfig"]) -> None:
+        for name, config in presets.items():
+            if name in VLConfig._presets:
+                raise ValueError(f"preset {name!r} is defined twice")
+            config.validate()
+            VLConfig._presets[name] = config
 
     @classmethod
-    def from_hf_dir(cls, hf_dir: str | Path) -> "Qwen25VLConfig":
+    def preset(cls, name: str) -> "VLConfig":
+        """A preset of any family (`VLConfig.preset`) or of this one (`Qwen3VLConfig.preset`)."""
+        config = VLConfig._presets.get(name)
+        if config is None or not isinstance(config, cls):
+            names = sorted(n for n, c in VLConfig._presets.items() if isinstance(c, cls))
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(names)}")
+        return config
+
+    @classmethod
+    def preset_names(cls) -> list[str]:
+        return [n for n, c in VLConfig._presets.items() if isinstance(c, cls)]
+
+    @classmethod
+    def families(cls) -> dict[str, type["VLConfig"]]:
+        return dict(VLConfig._families)
+
+    @classmethod
+    def from_hf_dir(cls, hf_dir: str | Path) -> "VLConfig":
         path = Path(hf_dir) / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: no config.json in the checkpoint directory")
@@ -200,152 +260,53 @@ class Qwen25VLConfig:
             raise ConfigError(f"{path}: {err}") from None
 
     @classmethod
-    def from_hf_dict(cls, data: dict[str, Any]) -> "Qwen25VLConfig":
-        """Read a transformers config: the nested `text_config` layout (transformers >= 4.52)
-        or the flat one of the published checkpoints."""
+    def from_hf_dict(cls, data: dict[str, Any]) -> "VLConfig":
+        """Read a transformers config of the family its `model_type` names (of `cls`'s family
+        only, when called on a family's class)."""
         model_type = data.get("model_type")
-        if model_type != "qwen2_5_vl":
-            raise ConfigError(f"model_type is {model_type!r}, expected 'qwen2_5_vl'")
-        text_src = dict(data.get("text_config") or {})
-        # Flat layout: language fields live at the top level.
-        for key, value in data.items():
-            if key not in ("text_config", "vision_config"):
-                text_src.setdefault(key, value)
-        vision_src = data.get("vision_config")
-        if not isinstance(vision_src, dict):
-            raise ConfigError("vision_config is missing")
-
-        rope = text_src.get("rope_parameters") or text_src.get("rope_scaling") or {}
-        rope_theta = rope.get("rope_theta", text_src.get("rope_theta", TextConfig.rope_theta))
-        mrope_section = tuple(rope.get("mrope_section", TextConfig.mrope_section))
-        try:
-            text = TextConfig(
-                vocab_size=int(text_src["vocab_size"]),
-                hidden_size=int(text_src["hidden_size"]),
-                num_layers=int(text_src["num_hidden_layers"]),
-                num_attention_heads=int(text_src["num_attention_heads"]),
-                num_key_value_heads=int(
-                    text_src.get("num_key_value_heads") or text_src["num_attention_heads"]
-                ),
-                intermediate_size=int(text_src["intermediate_size"]),
-                rms_norm_eps=float(text_src.get("rms_norm_eps", TextConfig.rms_norm_eps)),
-                rope_theta=float(rope_theta),
-                mrope_section=tuple(int(s) for s in mrope_section),
-                max_position_embeddings=int(
-                    text_src.get("max_position_embeddings", TextConfig.max_position_embeddings)
-                ),
-                tie_word_embeddings=bool(
-                    data.get("tie_word_embeddings") or text_src.get("tie_word_embeddings", False)
-                ),
-                hidden_act=text_src.get("hidden_act", "silu"),
-            )
-        except KeyError as err:
-            raise ConfigError(f"language model field {err.args[0]!r} is missing") from None
-
-        vision_rope = vision_src.get("rope_parameters") or {}
-        try:
-            vision = VisionConfig(
-                depth=int(vision_src["depth"]),
-                hidden_size=int(vision_src["hidden_size"]),
-                num_heads=int(vision_src["num_heads"]),
-                intermediate_size=int(vision_src["intermediate_size"]),
-                out_hidden_size=int(vision_src.get("out_hidden_size", text.hidden_size)),
-                patch_size=int(vision_src.get("patch_size", vision_src.get("spatial_patch_size", 14))),
-                temporal_patch_size=int(vision_src.get("temporal_patch_size", 2)),
-                spatial_merge_size=int(vision_src.get("spatial_merge_size", 2)),
-                in_channels=int(vision_src.get("in_channels", vision_src.get("in_chans", 3))),
-                window_size=int(vision_src.get("window_size", 112)),
-                fullatt_block_indexes=tuple(
-                    int(i) for i in vision_src.get("fullatt_block_indexes", (7, 15, 23, 31))
-                ),
-                tokens_per_second=float(vision_src.get("tokens_per_second", 2)),
-                rope_theta=float(vision_rope.get("rope_theta", VisionConfig.rope_theta)),
-                rms_norm_eps=1e-6,  # hard-coded in the reference vision blocks and merger
-                hidden_act=vision_src.get("hidden_act", "silu"),
-            )
-        except KeyError as err:
-            raise ConfigError(f"vision_config field {err.args[0]!r} is missing") from None
-
-        defaults = TokenIds()
-        tokens = TokenIds(
-            image=int(data.get("image_token_id", defaults.image)),
-            video=int(data.get("video_token_id", defaults.video)),
-            vision_start=int(data.get("vision_start_token_id", defaults.vision_start)),
-            vision_end=int(data.get("vision_end_token_id", defaults.vision_end)),
-            bos=int(text_src.get("bos_token_id") or defaults.bos),
-            eos=int(_first(text_src.get("eos_token_id")) or defaults.eos),
-        )
-        config = cls(text=text, vision=vision, tokens=tokens)
+        family = VLConfig._families.get(model_type)
+        if family is None or not issubclass(family, cls):
+            expected = " or ".join(repr(f) for f, c in VLConfig._families.items() if issubclass(c, cls))
+            raise ConfigError(f"model_type is {model_type!r}, expected {expected}")
+        config = family.read_hf_dict(data)
         config.validate()
         return config
 
+    @classmethod
+    def read_hf_dict(cls, data: dict[str, Any]) -> "VLConfig":
+        raise NotImplementedError
+
     def to_hf_dict(self) -> dict[str, Any]:
-        """The flat layout of the published checkpoints; every transformers release with
-        Qwen2.5-VL (and vLLM) reads it."""
-        t, v, k = self.text, self.vision, self.tokens
-        return {
-            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-            "model_type": "qwen2_5_vl",
-            "attention_dropout": 0.0,
-            "bos_token_id": k.bos,
-            "eos_token_id": k.eos,
-            "vision_start_token_id": k.vision_start,
-            "vision_end_token_id": k.vision_end,
-            "image_token_id": k.image,
-            "video_token_id": k.video,
-            "hidden_act": t.hidden_act,
-            "hidden_size": t.hidden_size,
-            "initializer_range": 0.02,
-            "intermediate_size": t.intermediate_size,
-            "max_position_embeddings": t.max_position_embeddings,
-            "max_window_layers": t.num_layers,
-            "num_attention_heads": t.num_attention_heads,
-            "num_hidden_layers": t.num_layers,
-            "num_key_value_heads": t.num_key_value_heads,
-            "rms_norm_eps": t.rms_norm_eps,
-            "rope_theta": t.rope_theta,
-            "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
-            "sliding_window": None,
-            "use_sliding_window": False,
-            "tie_word_embeddings": t.tie_word_embeddings,
-            "use_cache": True,
-            "vocab_size": t.vocab_size,
-            "vision_config": {
-                "model_type": "qwen2_5_vl_vision",
-                "depth": v.depth,
-                "hidden_act": v.hidden_act,
-                "hidden_size": v.hidden_size,
-                "intermediate_size": v.intermediate_size,
-                "num_heads": v.num_heads,
-                "in_chans": v.in_channels,
-                "in_channels": v.in_channels,
-                "out_hidden_size": v.out_hidden_size,
-                "patch_size": v.patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-                "spatial_patch_size": v.patch_size,
-                "temporal_patch_size": v.temporal_patch_size,
-                "window_size": v.window_size,
-                "fullatt_block_indexes": list(v.fullatt_block_indexes),
-                "tokens_per_second": _int_if_whole(v.tokens_per_second),
-                "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
-            },
-        }
+        raise NotImplementedError
 
     def save_hf(self, hf_dir: str | Path) -> None:
         path = Path(hf_dir) / "config.json"
         path.write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
-    def with_rotary_base(self, base: float) -> "Qwen25VLConfig":
-        """The recipe's `--rotary-base`: M-RoPE base 1e6 -> 4e6 for 128K training."""
+    def with_rotary_base(self, base: float) -> "VLConfig":
+        """The recipe's `--rotary-base`: the language model's M-RoPE base (1e6 -> 4e6 for
+        Qwen2.5-VL at 128K)."""
         if not base > 0:
             raise ConfigError(f"rotary base must be positive, got {base}")
         return dataclasses.replace(self, text=dataclasses.replace(self.text, rope_theta=float(base)))
+
+    def mrope_rule(self) -> dict[str, Any]:
+        """The family's keyword arguments of positions.mrope_position_ids (besides the grids)."""
+        return dict(image_token_id=self.tokens.image, video_token_id=self.tokens.video,
+                    spatial_merge_size=self.vision.spatial_merge_size,
+                    tokens_per_second=self.vision.tokens_per_second,
+                    video_frames_as_items=self.video_frames_as_items)
+
+    @property
+    def deepstack_levels(self) -> int:
+        """Language layers (the first ones) that receive intermediate vision features."""
+        return len(self.vision.deepstack_visual_indexes)
 
     # ---- validation ---------------------------------------------------------------------
 
     def validate(self) -> None:
         t, v = self.text, self.vision
-        if t.hidden_size % t.num_attention_heads:
+        if t.explicit_head_dim is None and t.hidden_size % t.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {t.hidden_size} is not a multiple of num_attention_heads "
                 f"{t.num_attention_heads}"
@@ -369,16 +330,22 @@ class Qwen25VLConfig:
             raise ConfigError(
                 f"vision head_dim {v.head_dim} must be a multiple of 4 (2D rotary over h and w)"
             )
-        if v.window_size % (v.patch_size * v.spatial_merge_size) or v.window_merged_tokens < 1:
+        if v.window_size is not None and (v.window_size % v.merged_token_px or v.window_merged_tokens < 1):
             raise ConfigError(
                 f"vision window_size {v.window_size} px must be a positive multiple of "
                 f"patch_size * spatial_merge_size = {v.patch_size * v.spatial_merge_size} px"
             )
-        bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
-        if bad:
-            raise ConfigError(
-                f"fullatt_block_indexes {bad} are outside the {v.depth} vision blocks"
-            )
+        for name in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+            bad = [i for i in getattr(v, name) if not 0 <= i < v.depth]
+            if bad:
+                raise ConfigError(f"{name} {bad} are outside the {v.depth} vision blocks")
+        if self.deepstack_levels > t.num_layers:
+            raise ConfigError(f"{self.deepstack_levels} deepstack levels need as many language layers, "
+                              f"the model has {t.num_layers}")
+        if v.num_position_embeddings and v.position_grid_side**2 != v.num_position_embeddings:
+            raise ConfigError(f"vision num_position_embeddings {v.num_position_embeddings} is not a square grid")
+        if v.normalization not in ("RMSNorm", "LayerNorm"):
+            raise ConfigError(f"vision normalization must be RMSNorm or LayerNorm, got {v.normalization!r}")
         if v.out_hidden_size != t.hidden_size:
             raise ConfigError(
                 f"vision out_hidden_size {v.out_hidden_size} differs from the language "
@@ -453,6 +420,18 @@ class Qwen25VLConfig:
                 f"pipeline_model_parallel_size {pp} does not divide num_layers {t.num_layers}; "
                 f"use decoder_first_pipeline_num_layers (--decoder-first-pipeline-num-layers) for an uneven first stage"
             )
+        levels = self.deepstack_levels
+        if levels and pp > 1:
+            # deepstack features are added to the outputs of language layers 0..levels-1, on
+            # the stage that runs the vision encoder: the first (virtual) pipeline stage
+            chunks = parallel.virtual_pipeline_parallel or 1
+            on_first = (first if first is not None else t.num_layers // pp) // chunks
+            if on_first < levels:
+                raise ConfigError(
+                    f"the first pipeline stage holds {on_first} language layers, but deepstack adds vision features to "
+                    f"the first {levels}: they must run with the vision encoder on stage 0; use "
+                    f"--decoder-first-pipeline-num-layers >= {levels * chunks} or fewer pipeline stages"
+                )
 
 
 def _require_divides(size: int, dims: dict[str, int], what: str) -> None:
@@ -465,83 +444,20 @@ def _require_divides(size: int, dims: dict[str, int], what: str) -> None:
             )
 
 
-def _first(value):
+def first_value(value):
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
-def _int_if_whole(value: float):
+def int_if_whole(value: float):
     return int(value) if float(value).is_integer() else value
-
-
-# ---- presets ------------------------------------------------------------------------------
-
-def _preset(text: TextConfig, vision: VisionConfig) -> Qwen25VLConfig:
-    config = Qwen25VLConfig(text=text, vision=vision)
-    config.validate()
-    return config
-
-
-_TINY_TEXT = TextConfig(
-    vocab_size=151936,  # the Qwen2.5 tokenizer's ids fit, so the CPU demo uses real text
-    hidden_size=64,
-    num_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    mrope_section=(2, 3, 3),
-    max_position_embeddings=32768,
-)
-_TINY_VISION = VisionConfig(
-    depth=4,
-    hidden_size=64,
-    num_heads=4,
-    intermediate_size=96,
-    out_hidden_size=64,
-    fullatt_block_indexes=(1, 3),
-)
-
-PRESETS: dict[str, Qwen25VLConfig] = {
-    "3b": _preset(
-        TextConfig(
-            vocab_size=151936, hidden_size=2048, num_layers=36, num_attention_heads=16,
-            num_key_value_heads=2, intermediate_size=11008, tie_word_embeddings=True,
-        ),
-        VisionConfig(out_hidden_size=2048),
-    ),
-    "7b": _preset(TextConfig(), VisionConfig()),
-    "32b": _preset(
-        TextConfig(
-            hidden_size=5120, num_layers=64, num_attention_heads=40, num_key_value_heads=8,
-            intermediate_size=27648,
-        ),
-        VisionConfig(intermediate_size=3456, out_hidden_size=5120),
-    ),
-    "72b": _preset(
-        TextConfig(
-            hidden_size=8192, num_layers=80, num_attention_heads=64, num_key_value_heads=8,
-            intermediate_size=29568,
-        ),
-        VisionConfig(intermediate_size=3456, out_hidden_size=8192),
-    ),
-    "tiny": _preset(_TINY_TEXT, _TINY_VISION),
-    "tiny-tied": _preset(dataclasses.replace(_TINY_TEXT, tie_word_embeddings=True), _TINY_VISION),
-    # 1K vocabulary with the special tokens on top (data/tiny_tokenizer.py): fast CPU training
-    "tiny-1k": Qwen25VLConfig(
-        text=dataclasses.replace(_TINY_TEXT, vocab_size=1024),
-        vision=_TINY_VISION,
-        tokens=TokenIds(vision_start=1016, vision_end=1017, image=1019, video=1020, bos=1021, eos=1022),
-    ),
-}
 
 
 # ---- Megatron-Core configs ----------------------------------------------------------------
 
-# Shared by the vision blocks and the language model: pre-norm RMSNorm blocks with SwiGLU MLPs,
-# QKV bias, no dropout. Fusions default off; the model builder enables what its backend has.
+# Shared by the vision blocks and the language model: pre-norm blocks without dropout; norms,
+# MLP gating and biases come from the family's fields. Fusions default off; the model builder
+# enables what its backend has.
 _QWEN_BLOCK = dict(
-    normalization="RMSNorm",
-    gated_linear_unit=True,
-    add_qkv_bias=True,
     hidden_dropout=0.0,
     attention_dropout=0.0,
     bias_activation_fusion=False,
@@ -555,7 +471,7 @@ _QWEN_BLOCK = dict(
 
 
 def language_transformer_config(
-    config: Qwen25VLConfig, parallel: ParallelConfig, **overrides: Any
+    config: VLConfig, parallel: ParallelConfig, **overrides: Any
 ) -> "TransformerConfig":
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -568,9 +484,13 @@ def language_transformer_config(
         num_query_groups=t.num_key_value_heads,
         kv_channels=t.head_dim,
         ffn_hidden_size=t.intermediate_size,
+        normalization="RMSNorm",
         layernorm_epsilon=t.rms_norm_eps,
+        gated_linear_unit=True,
         activation_func=_activation(t.hidden_act),
         add_bias_linear=False,
+        add_qkv_bias=t.qkv_bias,
+        qk_layernorm=t.qk_norm,
         mrope_section=list(t.mrope_section),
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
@@ -585,7 +505,7 @@ def language_transformer_config(
 
 
 def vision_transformer_config(
-    config: Qwen25VLConfig, parallel: ParallelConfig, **overrides: Any
+    config: VLConfig, parallel: ParallelConfig, **overrides: Any
 ) -> "TransformerConfig":
     """The vision blocks run whole on the first pipeline stage, without sequence or context
     parallelism: each context-parallel rank encodes its own images."""
@@ -600,9 +520,12 @@ def vision_transformer_config(
         num_query_groups=v.num_heads,
         kv_channels=v.head_dim,
         ffn_hidden_size=v.intermediate_size,
+        normalization=v.normalization,
         layernorm_epsilon=v.rms_norm_eps,
+        gated_linear_unit=v.gated_mlp,
         activation_func=_activation(v.hidden_act),
         add_bias_linear=True,
+        add_qkv_bias=True,
         tensor_model_parallel_size=parallel.vision_tp,
         pipeline_model_parallel_size=1,
         context_parallel_size=1,
@@ -613,9 +536,9 @@ def vision_transformer_config(
 
 
 def merger_transformer_config(
-    config: Qwen25VLConfig, parallel: ParallelConfig, **overrides: Any
+    config: VLConfig, parallel: ParallelConfig, **overrides: Any
 ) -> "TransformerConfig":
-    """RMSNorm(1280) -> Linear(4*1280, 4*1280) -> GELU (exact) -> Linear(-> LM hidden)."""
+    """Norm(1280) -> Linear(4*1280, 4*1280) -> GELU (exact) -> Linear(-> LM hidden)."""
     v = config.vision
     values = dict(
         num_layers=1,
@@ -630,8 +553,13 @@ def merger_transformer_config(
     return vision_transformer_config(config, parallel, **values)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """transformers' gelu_pytorch_tanh (a module-level function, so configs pickle)."""
+    return F.gelu(x, approximate="tanh")
+
+
 def _activation(name: str):
-    table = {"silu": F.silu, "gelu": F.gelu}
+    table = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh}
     if name not in table:
         raise ConfigError(f"hidden_act {name!r} is not supported (expected one of {list(table)})")
     return table[name]

@@ -1,0 +1,28 @@
+"""Model configurations: the shared fields and layouts (base.py) and one module per model family
+(qwen25vl.py, qwen3vl.py), each reading and writing its transformers config.json and naming its
+presets. `VLConfig.from_hf_dir` and `VLConfig.preset` pick the family."""
+
+from megatron_mmprolong.config.base import (
+    A2A_THD_MIN_TE,
+    CP_COMM_TYPES,
+    UNPACKED_CP_COMM_TYPES,
+    ConfigError,
+    ParallelConfig,
+    PrecisionConfig,
+    TextConfig,
+    TokenIds,
+    VisionConfig,
+    VLConfig,
+    language_transformer_config,
+    merger_transformer_config,
+    torch_dtype,
+    vision_transformer_config,
+)
+from megatron_mmprolong.config.qwen25vl import Qwen25VLConfig
+from megatron_mmprolong.config.qwen3vl import Qwen3VLConfig
+
+__all__ = [
+    "A2A_THD_MIN_TE", "CP_COMM_TYPES", "UNPACKED_CP_COMM_TYPES", "ConfigError", "ParallelConfig",
+    "PrecisionConfig", "Qwen25VLConfig", "Qwen3VLConfig", "TextConfig", "TokenIds", "VLConfig", "VisionConfig",
+    "language_transformer_config", "merger_transformer_config", "torch_dtype", "vision_transformer_config",
+]
