@@ -1,4 +1,4 @@
-"""M-RoPE position ids of Qwen2.5-VL: one (temporal, height, width) triple per token.
+"""M-RoPE position ids of Qwen2.5-VL and Qwen3-VL: one (temporal, height, width) triple per token.
 
 Text advances by one on all three axes. An image or video starts at the running position and
 spreads over its merged grid: (start + floor(t * interval), start + row, start + col), with
@@ -6,6 +6,9 @@ interval = 1 for images and tokens_per_second * seconds_per_grid for videos. Tex
 resumes at start + max(t_last, rows - 1, cols - 1) + 1 (the rule of the original Qwen2.5-VL code and
 of vLLM; transformers >= 5 drops the temporal term, which differs only for videos whose scaled
 duration exceeds their spatial extent). Positions restart at every packed sample.
+
+Qwen3-VL (`video_frames_as_items`) writes a "<t seconds>" text timestamp before each video frame,
+so each frame is placed as an image of its own (t = 1, no tokens_per_second scaling).
 
 Pure tensor code without Python loops over tokens or images; it is meant to run in the data
 loader's CPU workers (the model calls it only when a batch comes without position ids).
@@ -30,6 +33,7 @@ def mrope_position_ids(
     second_per_grid_ts: Tensor | Sequence[float] | None = None,
     tokens_per_second: float = 2,
     cu_seqlens: Tensor | None = None,
+    video_frames_as_items: bool = False,
 ) -> Tensor:
     """Position ids [3, batch, seq] for `input_ids` [batch, seq].
 
@@ -61,7 +65,11 @@ def mrope_position_ids(
     offsets = torch.zeros(3, total, dtype=torch.long, device=device)
 
     video_intervals = None
-    if video_grid_thw is not None and len(video_grid_thw):
+    if video_frames_as_items and video_grid_thw is not None and len(video_grid_thw):
+        video_grid_thw = torch.as_tensor(video_grid_thw).long()
+        frames = video_grid_thw.repeat_interleave(video_grid_thw[:, 0], dim=0)
+        video_grid_thw = torch.cat([torch.ones_like(frames[:, :1]), frames[:, 1:]], dim=1)
+    elif video_grid_thw is not None and len(video_grid_thw):
         seconds = (
             torch.ones(len(video_grid_thw))
             if second_per_grid_ts is None

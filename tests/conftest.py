@@ -10,7 +10,7 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from megatron_mmprolong.config import Qwen25VLConfig  # noqa: E402
+from megatron_mmprolong.config import Qwen3VLConfig, Qwen25VLConfig  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -74,12 +74,42 @@ TINY_SHAPES = {
 }
 
 
-@pytest.fixture(scope="session", params=sorted(TINY_SHAPES))
+def tiny_qwen3vl_config(*, tied=False, heads=4, kv_heads=2, head_dim=16, mrope_section=(4, 2, 2), layers=4,
+                        vision_heads=4, deepstack=(0, 2, 3), vision_depth=4) -> Qwen3VLConfig:
+    """A tiny Qwen3-VL on the tiny tokenizer's 1K vocabulary (special ids at its top)."""
+    base = Qwen3VLConfig.preset("qwen3vl-tiny-1k")
+    text = dataclasses.replace(base.text, tie_word_embeddings=tied, num_attention_heads=heads,
+                               num_key_value_heads=kv_heads, explicit_head_dim=head_dim,
+                               mrope_section=mrope_section, num_layers=layers)
+    vision = dataclasses.replace(base.vision, num_heads=vision_heads, deepstack_visual_indexes=deepstack,
+                                 depth=vision_depth)
+    config = Qwen3VLConfig(text=text, vision=vision, tokens=base.tokens)
+    config.validate()
+    return config
+
+
+# Qwen3-VL: untied with heads x head_dim != hidden and three deepstack levels; tied, with one KV
+# head, wider heads, two levels and 3 vision blocks.
+TINY_QWEN3VL_SHAPES = {
+    "qwen3vl": dict(),
+    "qwen3vl-tied": dict(tied=True, heads=2, kv_heads=1, head_dim=24, mrope_section=(4, 5, 3), layers=3,
+                         vision_heads=2,
+                         deepstack=(0, 1), vision_depth=3),
+}
+
+
+def tiny_family_config(name: str):
+    if name in TINY_QWEN3VL_SHAPES:
+        return tiny_qwen3vl_config(**TINY_QWEN3VL_SHAPES[name])
+    return tiny_config(**TINY_SHAPES[name])
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_SHAPES) + sorted(TINY_QWEN3VL_SHAPES))
 def tiny_hf(request, tmp_path_factory):
     """(config, directory) of a random HF checkpoint written by transformers."""
     from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
 
-    config = tiny_config(**TINY_SHAPES[request.param])
+    config = tiny_family_config(request.param)
     path = tmp_path_factory.mktemp(f"hf-{request.param}")
     write_random_hf_checkpoint(config, path, seed=len(request.param))
     return config, path

@@ -59,7 +59,7 @@ def test_pipeline_hooks_chain_to_the_full_model(loaded):
     assert not hasattr(last.language_model, "embedding")
     # One process has no pipeline group, so emulate a two-stage split of the decoder layers
     # (real pipeline runs are multi-process tests of the parallelism issue).
-    split = config.text.num_layers // 2
+    split = max(config.text.num_layers // 2, config.deepstack_levels)  # deepstack layers on the first stage
     first.language_model.decoder.layers = first.language_model.decoder.layers[:split]
     last.language_model.decoder.layers = last.language_model.decoder.layers[split:]
     sample = _sample(config, seed=1)
@@ -80,7 +80,7 @@ def test_freeze_options(loaded, vision, merger):
     model.freeze(vision_encoder=vision, merger=merger)
     our_logits(model, _sample(config)).float().square().mean().backward()
     for name, param in model.named_parameters():
-        in_merger = name.startswith("vision_model.merger.")
+        in_merger = name.startswith(("vision_model.merger.", "vision_model.deepstack_mergers."))
         in_encoder = name.startswith("vision_model.") and not in_merger
         frozen = (vision and in_encoder) or (merger and in_merger)
         assert param.requires_grad == (not frozen), name

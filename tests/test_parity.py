@@ -1,12 +1,15 @@
-"""The model equals transformers' Qwen2_5_VLForConditionalGeneration (float32, CPU): logits
-within 1e-4 for single and packed inputs, gradients of every parameter within 1e-4 relative."""
+"""The model equals transformers' model of its family (Qwen2_5_VLForConditionalGeneration,
+Qwen3VLForConditionalGeneration; float32, CPU): logits within 1e-4 for single and packed inputs,
+gradients of every parameter within 1e-4 relative."""
 
 import pytest
 import torch
 
+from megatron_mmprolong.convert.hf_checkpoint import HFCheckpoint
 from megatron_mmprolong.convert.hf_loader import load_hf_weights
 from megatron_mmprolong.convert.hf_mapping import HFLayout, canonical_name, tensor_rules
 from megatron_mmprolong.convert.parity import hf_logits, make_sample, our_logits, pack, run_parity
+from megatron_mmprolong.convert.transformers_model import hf_model_class
 from megatron_mmprolong.model.builder import build_model
 
 LOGIT_ATOL = 1e-4
@@ -22,15 +25,13 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def models(tiny_hf, runtime):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     config, path = tiny_hf
     ours = build_model(config)
     load_hf_weights(ours, path)
-    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager"
-    )
-    return config, ours, reference
+    reference = hf_model_class(config).from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    with HFCheckpoint(path) as checkpoint:
+        layout = HFLayout.detect(checkpoint.names())
+    return config, ours, reference, layout
 
 
 def _samples(config, names, seed=0):
@@ -40,7 +41,7 @@ def _samples(config, names, seed=0):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(models, case):
-    config, ours, reference = models
+    config, ours, reference, layout = models
     (sample,) = _samples(config, [case])
     with torch.no_grad():
         diff = (our_logits(ours, sample) - hf_logits(reference, sample)).abs().max().item()
@@ -48,7 +49,7 @@ def test_logits_match_transformers(models, case):
 
 
 def test_packed_logits_match_each_sample_alone(models):
-    config, ours, reference = models
+    config, ours, reference, layout = models
     samples = _samples(config, ["video", "four-images", "one-image"], seed=1)
     packed, params = pack(samples)
     with torch.no_grad():
@@ -58,7 +59,7 @@ def test_packed_logits_match_each_sample_alone(models):
 
 
 def test_run_parity_report(models):
-    config, ours, reference = models
+    config, ours, reference, layout = models
     report = run_parity(ours, reference, config, seed=3)
     assert report["max_abs_logit_diff"] < LOGIT_ATOL
     assert report["top1_agreement"] == 1.0
@@ -70,7 +71,7 @@ def _loss(logits, targets):
 
 
 def test_gradients_match_transformers(models):
-    config, ours, reference = models
+    config, ours, reference, layout = models
     samples = _samples(config, ["video", "four-images"], seed=2)
     packed, params = pack(samples)
     targets = torch.randint(0, config.text.vocab_size, packed.input_ids.shape)
@@ -85,7 +86,6 @@ def test_gradients_match_transformers(models):
         offset += n
 
     ref_grads = {name: p.grad for name, p in reference.named_parameters()}
-    layout = HFLayout.detect([f"{n}" for n in _hf_checkpoint_names(reference)])
     rules = {r.mcore: r for r in tensor_rules(config, layout)}
     checked = 0
     for name, param in ours.named_parameters():
@@ -99,21 +99,11 @@ def test_gradients_match_transformers(models):
     assert checked == len(list(ours.parameters()))
 
 
-def _hf_checkpoint_names(reference):
-    return [_checkpoint_name(n) for n, _ in reference.named_parameters()]
-
-
-def _checkpoint_name(module_name: str) -> str:
-    """transformers 5 module names -> the (flat) names it writes to safetensors."""
-    return (
-        module_name.replace("model.language_model.", "model.")
-        .replace("model.visual.", "visual.")
-    )
-
-
 def _hf_grad(ref_grads, checkpoint_name):
+    """The gradient of the module parameter that transformers saves as `checkpoint_name`
+    (Qwen2.5-VL's checkpoints drop the `language_model.` / `model.` nesting of its modules)."""
     for module_name, grad in ref_grads.items():
-        if _checkpoint_name(module_name) == checkpoint_name:
+        flat = module_name.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+        if checkpoint_name in (module_name, flat):
             return grad
-    # tied output layer: the gradient lives on the embedding
     raise KeyError(checkpoint_name)

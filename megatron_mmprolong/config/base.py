@@ -335,6 +335,8 @@ class VLConfig:
                 f"vision window_size {v.window_size} px must be a positive multiple of "
                 f"patch_size * spatial_merge_size = {v.patch_size * v.spatial_merge_size} px"
             )
+        if list(v.deepstack_visual_indexes) != sorted(set(v.deepstack_visual_indexes)):
+            raise ConfigError(f"deepstack_visual_indexes {list(v.deepstack_visual_indexes)} must be increasing")
         for name in ("fullatt_block_indexes", "deepstack_visual_indexes"):
             bad = [i for i in getattr(v, name) if not 0 <= i < v.depth]
             if bad:

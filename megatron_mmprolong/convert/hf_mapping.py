@@ -92,85 +92,148 @@ def split_qkv(qkv: Tensor, heads: int, groups: int) -> list[Tensor]:
 
 
 def tensor_rules(config: VLConfig, layout: HFLayout = NESTED) -> list[TensorRule]:
-    """Every parameter of the full (unpipelined) model."""
-    t, v = config.text, config.vision
-    lm, vis = layout.language, layout.vision
+    """Every parameter of the full (unpipelined) model: the family's vision encoder, then the
+    language model."""
+    vision_rules = {"qwen2_5_vl": _qwen25_vision_rules, "qwen3_vl": _qwen3_vision_rules}[config.family]
+    return vision_rules(config, layout.vision) + _language_rules(config, layout)
 
-    def qkv_rules(mcore: str, names: tuple[str, str, str], heads: int, groups: int, vision: bool):
+
+def _plain(mcore: str, name: str, shard: Shard, vision: bool) -> TensorRule:
+    return TensorRule(mcore, (name,), _same, _one, shard, vision)
+
+
+def _glu(mcore: str, gate: str, up: str, vision: bool) -> TensorRule:
+    return TensorRule(mcore, (gate, up), _concat, _halves, "glu", vision)
+
+
+def _vision_plain(mcore: str, name: str, shard: Shard = "replicated") -> TensorRule:
+    return _plain(mcore, name, shard, True)
+
+
+def _fused_vision_qkv(mcore: str, name: str, heads: int) -> TensorRule:
+    """transformers' vision qkv is [q; k; v] with every head a group of its own."""
+    return TensorRule(
+        mcore,
+        (name,),
+        lambda x: interleave_qkv(*x[0].chunk(3, dim=0), heads=heads, groups=heads),
+        lambda x: [torch.cat(split_qkv(x, heads, heads), dim=0)],
+        "column",
+        True,
+    )
+
+
+def _vision_attention_rules(m: str, h: str, heads: int) -> list[TensorRule]:
+    return [
+        _fused_vision_qkv(m + "self_attention.linear_qkv.weight", h + "attn.qkv.weight", heads),
+        _fused_vision_qkv(m + "self_attention.linear_qkv.bias", h + "attn.qkv.bias", heads),
+        _vision_plain(m + "self_attention.linear_proj.weight", h + "attn.proj.weight", "row"),
+        _vision_plain(m + "self_attention.linear_proj.bias", h + "attn.proj.bias"),
+    ]
+
+
+def _merger_rules(m: str, h: str, norm: str, fc1: str, fc2: str, norm_bias: bool) -> list[TensorRule]:
+    rules = [_vision_plain(m + "norm.weight", h + norm + ".weight")]
+    if norm_bias:
+        rules.append(_vision_plain(m + "norm.bias", h + norm + ".bias"))
+    return rules + [
+        _vision_plain(m + "projector.encoder.linear_fc1.weight", h + fc1 + ".weight", "column"),
+        _vision_plain(m + "projector.encoder.linear_fc1.bias", h + fc1 + ".bias", "column"),
+        _vision_plain(m + "projector.encoder.linear_fc2.weight", h + fc2 + ".weight", "row"),
+        _vision_plain(m + "projector.encoder.linear_fc2.bias", h + fc2 + ".bias"),
+    ]
+
+
+def _qwen25_vision_rules(config: VLConfig, vis: str) -> list[TensorRule]:
+    """RMSNorm blocks with SwiGLU MLPs, no patch-embedding bias, merger ln_q -> mlp.0 -> mlp.2."""
+    v = config.vision
+    rules = [_vision_plain("vision_model.patch_embed.weight", f"{vis}patch_embed.proj.weight")]
+    for i in range(v.depth):
+        m, h = f"vision_model.decoder.layers.{i}.", f"{vis}blocks.{i}."
+        rules += [_vision_plain(m + "self_attention.linear_qkv.layer_norm_weight", h + "norm1.weight")]
+        rules += _vision_attention_rules(m, h, v.num_heads)
+        rules += [
+            _vision_plain(m + "mlp.linear_fc1.layer_norm_weight", h + "norm2.weight"),
+            _glu(m + "mlp.linear_fc1.weight", h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight", True),
+            _glu(m + "mlp.linear_fc1.bias", h + "mlp.gate_proj.bias", h + "mlp.up_proj.bias", True),
+            _vision_plain(m + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight", "row"),
+            _vision_plain(m + "mlp.linear_fc2.bias", h + "mlp.down_proj.bias"),
+        ]
+    return rules + _merger_rules("vision_model.merger.", f"{vis}merger.", "ln_q", "mlp.0", "mlp.2", norm_bias=False)
+
+
+def _qwen3_vision_rules(config: VLConfig, vis: str) -> list[TensorRule]:
+    """LayerNorm blocks with fc1 -> fc2 MLPs, a patch-embedding bias, the position grid, the
+    merger norm -> linear_fc1 -> linear_fc2 and one such merger per deepstack level."""
+    v = config.vision
+    rules = [
+        _vision_plain("vision_model.patch_embed.weight", f"{vis}patch_embed.proj.weight"),
+        _vision_plain("vision_model.patch_embed.bias", f"{vis}patch_embed.proj.bias"),
+        _vision_plain("vision_model.position_grid.weight", f"{vis}pos_embed.weight"),
+    ]
+    for i in range(v.depth):
+        m, h = f"vision_model.decoder.layers.{i}.", f"{vis}blocks.{i}."
+        rules += [
+            _vision_plain(m + "self_attention.linear_qkv.layer_norm_weight", h + "norm1.weight"),
+            _vision_plain(m + "self_attention.linear_qkv.layer_norm_bias", h + "norm1.bias"),
+        ]
+        rules += _vision_attention_rules(m, h, v.num_heads)
+        rules += [
+            _vision_plain(m + "mlp.linear_fc1.layer_norm_weight", h + "norm2.weight"),
+            _vision_plain(m + "mlp.linear_fc1.layer_norm_bias", h + "norm2.bias"),
+            _vision_plain(m + "mlp.linear_fc1.weight", h + "mlp.linear_fc1.weight", "column"),
+            _vision_plain(m + "mlp.linear_fc1.bias", h + "mlp.linear_fc1.bias", "column"),
+            _vision_plain(m + "mlp.linear_fc2.weight", h + "mlp.linear_fc2.weight", "row"),
+            _vision_plain(m + "mlp.linear_fc2.bias", h + "mlp.linear_fc2.bias"),
+        ]
+    rules += _merger_rules("vision_model.merger.", f"{vis}merger.", "norm", "linear_fc1", "linear_fc2", norm_bias=True)
+    for k in range(config.deepstack_levels):
+        rules += _merger_rules(f"vision_model.deepstack_mergers.{k}.", f"{vis}deepstack_merger_list.{k}.",
+                               "norm", "linear_fc1", "linear_fc2", norm_bias=True)
+    return rules
+
+
+def _language_rules(config: VLConfig, layout: HFLayout) -> list[TensorRule]:
+    """The Qwen2 / Qwen3 decoder: QKV bias or not, per-head q/k norms or not."""
+    t = config.text
+    lm = layout.language
+
+    def qkv(mcore: str, kind: str, attn: str) -> TensorRule:
+        names = tuple(f"{attn}{x}_proj.{kind}" for x in "qkv")
+        heads, groups = t.num_attention_heads, t.num_key_value_heads
         return TensorRule(
             mcore,
             names,
             lambda x: interleave_qkv(*x, heads=heads, groups=groups),
             lambda x: split_qkv(x, heads, groups),
             "column",
-            vision,
+            False,
         )
 
-    def fused_vision_qkv(mcore: str, name: str):
-        heads = v.num_heads
-        return TensorRule(
-            mcore,
-            (name,),
-            lambda x: interleave_qkv(*x[0].chunk(3, dim=0), heads=heads, groups=heads),
-            lambda x: [torch.cat(split_qkv(x, heads, heads), dim=0)],
-            "column",
-            True,
-        )
-
-    def plain(mcore: str, name: str, shard: Shard, vision: bool):
-        return TensorRule(mcore, (name,), _same, _one, shard, vision)
-
-    def glu(mcore: str, gate: str, up: str, vision: bool):
-        return TensorRule(mcore, (gate, up), _concat, _halves, "glu", vision)
-
-    rules = [plain("vision_model.patch_embed.weight", f"{vis}patch_embed.proj.weight", "replicated", True)]
-    for i in range(v.depth):
-        m, h = f"vision_model.decoder.layers.{i}.", f"{vis}blocks.{i}."
-        rules += [
-            plain(m + "self_attention.linear_qkv.layer_norm_weight", h + "norm1.weight", "replicated", True),
-            fused_vision_qkv(m + "self_attention.linear_qkv.weight", h + "attn.qkv.weight"),
-            fused_vision_qkv(m + "self_attention.linear_qkv.bias", h + "attn.qkv.bias"),
-            plain(m + "self_attention.linear_proj.weight", h + "attn.proj.weight", "row", True),
-            plain(m + "self_attention.linear_proj.bias", h + "attn.proj.bias", "replicated", True),
-            plain(m + "mlp.linear_fc1.layer_norm_weight", h + "norm2.weight", "replicated", True),
-            glu(m + "mlp.linear_fc1.weight", h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight", True),
-            glu(m + "mlp.linear_fc1.bias", h + "mlp.gate_proj.bias", h + "mlp.up_proj.bias", True),
-            plain(m + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight", "row", True),
-            plain(m + "mlp.linear_fc2.bias", h + "mlp.down_proj.bias", "replicated", True),
-        ]
-    merger = "vision_model.merger."
-    rules += [
-        plain(merger + "norm.weight", f"{vis}merger.ln_q.weight", "replicated", True),
-        plain(merger + "projector.encoder.linear_fc1.weight", f"{vis}merger.mlp.0.weight", "column", True),
-        plain(merger + "projector.encoder.linear_fc1.bias", f"{vis}merger.mlp.0.bias", "column", True),
-        plain(merger + "projector.encoder.linear_fc2.weight", f"{vis}merger.mlp.2.weight", "row", True),
-        plain(merger + "projector.encoder.linear_fc2.bias", f"{vis}merger.mlp.2.bias", "replicated", True),
-        plain("language_model.embedding.word_embeddings.weight", f"{lm}embed_tokens.weight", "column", False),
-    ]
+    rules = [_plain("language_model.embedding.word_embeddings.weight", f"{lm}embed_tokens.weight", "column", False)]
     for i in range(t.num_layers):
         m, h = f"language_model.decoder.layers.{i}.", f"{lm}layers.{i}."
         attn = h + "self_attn."
         rules += [
-            plain(m + "self_attention.linear_qkv.layer_norm_weight", h + "input_layernorm.weight", "replicated", False),
-            qkv_rules(
-                m + "self_attention.linear_qkv.weight",
-                (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
-                t.num_attention_heads, t.num_key_value_heads, False,
-            ),
-            qkv_rules(
-                m + "self_attention.linear_qkv.bias",
-                (attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias"),
-                t.num_attention_heads, t.num_key_value_heads, False,
-            ),
-            plain(m + "self_attention.linear_proj.weight", attn + "o_proj.weight", "row", False),
-            plain(m + "mlp.linear_fc1.layer_norm_weight", h + "post_attention_layernorm.weight", "replicated", False),
-            glu(m + "mlp.linear_fc1.weight", h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight", False),
-            plain(m + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight", "row", False),
+            _plain(m + "self_attention.linear_qkv.layer_norm_weight", h + "input_layernorm.weight", "replicated", False),
+            qkv(m + "self_attention.linear_qkv.weight", "weight", attn),
         ]
-    rules.append(plain("language_model.decoder.final_layernorm.weight", f"{lm}norm.weight", "replicated", False))
+        if t.qkv_bias:
+            rules.append(qkv(m + "self_attention.linear_qkv.bias", "bias", attn))
+        if t.qk_norm:
+            rules += [
+                _plain(m + "self_attention.q_layernorm.weight", attn + "q_norm.weight", "replicated", False),
+                _plain(m + "self_attention.k_layernorm.weight", attn + "k_norm.weight", "replicated", False),
+            ]
+        rules += [
+            _plain(m + "self_attention.linear_proj.weight", attn + "o_proj.weight", "row", False),
+            _plain(m + "mlp.linear_fc1.layer_norm_weight", h + "post_attention_layernorm.weight", "replicated", False),
+            _glu(m + "mlp.linear_fc1.weight", h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight", False),
+            _plain(m + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight", "row", False),
+        ]
+    rules.append(_plain("language_model.decoder.final_layernorm.weight", f"{lm}norm.weight", "replicated", False))
     # Tied checkpoints carry no lm_head; a last pipeline stage still holds its own copy.
     head = f"{lm}embed_tokens.weight" if t.tie_word_embeddings else f"{layout.lm_head}weight"
-    rules.append(plain("language_model.output_layer.weight", head, "column", False))
+    rules.append(_plain("language_model.output_layer.weight", head, "column", False))
     return rules
 
 
@@ -183,7 +246,9 @@ def stored_rules(config: VLConfig, layout: HFLayout = NESTED) -> list[TensorRule
 
 _LOCAL_NORM_NAMES = (
     ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+    ("input_layernorm.bias", "self_attention.linear_qkv.layer_norm_bias"),
     ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
+    ("pre_mlp_layernorm.bias", "mlp.linear_fc1.layer_norm_bias"),
 )
 _LAYER = re.compile(r"(.*\.decoder\.layers\.)(\d+)(\..*)")
 

@@ -1,5 +1,5 @@
-"""Numerical parity between this model and transformers' Qwen2_5_VLForConditionalGeneration on
-the same multimodal inputs: several images of different sizes, a video clip, and the same
+"""Numerical parity between this model and transformers' model of its family
+(Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration) on the same multimodal inputs: several images of different sizes, a video clip, and the same
 samples packed into one THD sequence (compared with each sample run alone)."""
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def make_sample(
     seconds_per_grid: float = 0.5,
     text_tokens: int = 6,
 ) -> Sample:
-    """Random text around each image/video (grids in patch units), vision_start/end markers."""
+    """Random text around each image/video (grids in patch units), vision_start/end markers.
+    Where the family places video frames as items of their own (Qwen3-VL), each frame gets its
+    markers after a stand-in for its "<t seconds>" timestamp text."""
     ids = config.tokens
     special = min(ids.image, ids.video, ids.vision_start, ids.vision_end)
     merge2 = config.vision.spatial_merge_size**2
@@ -51,10 +53,19 @@ def make_sample(
     def text(n):
         return torch.randint(0, special, (n,), generator=generator).tolist()
 
+    def item(pad, frames, h, w):
+        return [ids.vision_start] + [pad] * (frames * h * w // merge2) + [ids.vision_end]
+
     tokens = text(text_tokens)
-    for grids, pad in ((images, ids.image), (videos, ids.video)):
-        for t, h, w in grids:
-            tokens += [ids.vision_start] + [pad] * (t * h * w // merge2) + [ids.vision_end] + text(text_tokens)
+    for t, h, w in images:
+        tokens += item(ids.image, t, h, w) + text(text_tokens)
+    for t, h, w in videos:
+        if config.video_frames_as_items:
+            for _ in range(t):
+                tokens += text(2) + item(ids.video, 1, h, w)
+            tokens += text(text_tokens)
+        else:
+            tokens += item(ids.video, t, h, w) + text(text_tokens)
 
     def pixels(grids):
         if not grids:
@@ -71,7 +82,8 @@ def make_sample(
         image_grid_thw=image_grid,
         pixel_values_videos=video_values,
         video_grid_thw=video_grid,
-        second_per_grid_ts=torch.full((len(videos),), seconds_per_grid) if videos else None,
+        second_per_grid_ts=(torch.full((len(videos),), seconds_per_grid)
+                            if videos and not config.video_frames_as_items else None),
     )
 
 
@@ -131,7 +143,7 @@ def known_difference(config: VLConfig, samples: list[Sample]) -> str | None:
     transformers >= 5, which differs when a video's temporal positions outrun its grid."""
     import transformers
 
-    if int(transformers.__version__.split(".")[0]) < 5:
+    if int(transformers.__version__.split(".")[0]) < 5 or config.video_frames_as_items:
         return None
     merge, rate = config.vision.spatial_merge_size, config.vision.tokens_per_second
     for sample in samples:

@@ -1,4 +1,4 @@
-"""The Qwen2.5-VL language model (a Qwen2 decoder with M-RoPE) as a Megatron LanguageModule."""
+"""The language model (Qwen2 or Qwen3 decoder with M-RoPE) as a Megatron LanguageModule."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ class LanguageModel(LanguageModule):
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: int | None = None,
+        deepstack: bool = False,
     ):
         super().__init__(config=config, pg_collection=pg_collection)
         self.pre_process = pre_process
@@ -50,10 +51,10 @@ class LanguageModel(LanguageModule):
                 scatter_to_sequence_parallel=False,
                 tp_group=pg_collection.tp,
             )
-        self.rotary = MRopeEmbedding(text.head_dim, text.rope_theta, text.mrope_section)
+        self.rotary = MRopeEmbedding(text.head_dim, text.rope_theta, text.mrope_section, text.mrope_interleaved)
         self.decoder = TransformerBlock(
             config,
-            language_block_spec(backend, config, vp_stage),
+            language_block_spec(backend, config, vp_stage, deepstack),
             pre_process=pre_process,
             post_process=post_process,
             pg_collection=pg_collection,
@@ -89,15 +90,18 @@ class LanguageModel(LanguageModule):
         packed_seq_params: PackedSeqParams | None = None,
         labels: Tensor | None = None,
         return_hidden: bool = False,
+        deepstack: Tensor | None = None,
     ) -> Tensor:
         """Hidden states (not the last stage), logits [batch, seq, vocab] (no labels) or the
         per-token loss [batch, seq] (labels, vocabulary-parallel cross entropy). With
         `return_hidden` the last stage returns its final hidden states [seq, batch, hidden]
         (whole over sequence parallelism) instead, for callers that need logits at a few
-        positions only (`logits`): at 128K a full logit tensor is tens of GB."""
+        positions only (`logits`): at 128K a full logit tensor is tens of GB. `deepstack`: the
+        features the first layers add (first pipeline stage; model/deepstack.py)."""
         hidden = self.decoder(
             decoder_input,
             attention_mask=None,
+            context=deepstack,
             rotary_pos_emb=self.rotary(position_ids),
             packed_seq_params=packed_seq_params,
         )

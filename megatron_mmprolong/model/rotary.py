@@ -20,14 +20,21 @@ def _inverse_frequencies(dim: int, base: float) -> Tensor:
 
 class MRopeEmbedding(nn.Module):
     """Language-model M-RoPE: frequency j reads the temporal, height or width position
-    according to `mrope_section` (e.g. 16 / 24 / 24 of the 64 frequencies of a 128-dim head)."""
+    according to `mrope_section`: in contiguous chunks (Qwen2.5-VL: 16 / 24 / 24 of the 64
+    frequencies of a 128-dim head) or `interleaved` T,H,W,T,H,W,... while each axis has
+    frequencies left, then T (Qwen3-VL: 24 / 20 / 20)."""
 
-    def __init__(self, head_dim: int, base: float, mrope_section: tuple[int, int, int]):
+    def __init__(self, head_dim: int, base: float, mrope_section: tuple[int, int, int], interleaved: bool = False):
         super().__init__()
         if sum(mrope_section) != head_dim // 2:
             raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
         self.register_buffer("inv_freq", _inverse_frequencies(head_dim, base), persistent=False)
-        axis = torch.tensor([a for a, n in enumerate(mrope_section) for _ in range(n)], device="cpu")
+        if interleaved:
+            j = torch.arange(head_dim // 2, device="cpu")
+            _, height, width = mrope_section
+            axis = torch.where((j % 3 == 1) & (j < 3 * height), 1, torch.where((j % 3 == 2) & (j < 3 * width), 2, 0))
+        else:
+            axis = torch.tensor([a for a, n in enumerate(mrope_section) for _ in range(n)], device="cpu")
         self.register_buffer("axis_of_frequency", axis, persistent=False)
 
     def forward(self, position_ids: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 The backend is chosen here and nowhere else: "te" (Transformer Engine: fused norm+linear,
 fused attention with THD/CP/FP8) on GPUs, "local" (Megatron-Core's own linears, the SDPA
-reference attention, our RMSNorm) elsewhere. Both name their parameters the same way in
+reference attention, our RMSNorm/LayerNorm) elsewhere. Both name their parameters the same way in
 distributed checkpoints (`sharded_state_dict_keys_map`), so checkpoints move between them.
 """
 
@@ -27,7 +27,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_mmprolong.model.attention import TokenRotarySelfAttention, WindowedSelfAttention
-from megatron_mmprolong.model.norm import RMSNorm
+from megatron_mmprolong.model.deepstack import DeepstackLanguageLayer, DeepstackTapLayer
+from megatron_mmprolong.model.norm import LocalNorm
 from megatron_mmprolong.model.reference_attention import ReferenceCoreAttention
 
 Backend = Literal["te", "local"]
@@ -73,7 +74,7 @@ def backend_modules(backend: Backend) -> BackendModules:
         )
     if backend == "local":
         return BackendModules(
-            norm=RMSNorm,
+            norm=LocalNorm,
             column_linear=ColumnParallelLinear,
             row_linear=RowParallelLinear,
             core_attention=ReferenceCoreAttention,
@@ -83,12 +84,15 @@ def backend_modules(backend: Backend) -> BackendModules:
 
 
 def _layer_spec(
-    backend: Backend, attention: type, mask: AttnMaskType, config: TransformerConfig
+    backend: Backend, attention: type, mask: AttnMaskType, config: TransformerConfig,
+    layer: type = TransformerLayer, **layer_params,
 ) -> ModuleSpec:
     m = backend_modules(backend)
     fused = m.fused_norm_column_linear
+    qk_norm = m.norm if config.qk_layernorm else IdentityOp  # per head, before the rotary (Qwen3)
     return ModuleSpec(
-        module=TransformerLayer,
+        module=layer,
+        params=layer_params,
         submodules=TransformerLayerSubmodules(
             input_layernorm=IdentityOp if fused else m.norm,
             self_attention=ModuleSpec(
@@ -98,8 +102,8 @@ def _layer_spec(
                     linear_qkv=fused or m.column_linear,
                     core_attention=m.core_attention,
                     linear_proj=m.row_linear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -122,17 +126,26 @@ def _layer_spec(
 
 
 def language_block_spec(
-    backend: Backend, config: TransformerConfig, vp_stage: int | None = None
+    backend: Backend, config: TransformerConfig, vp_stage: int | None = None, deepstack: bool = False
 ) -> TransformerBlockSubmodules:
-    layer = _layer_spec(backend, TokenRotarySelfAttention, AttnMaskType.causal, config)
+    """`deepstack`: the layers add the deepstack features they are given (model/deepstack.py)."""
+    layer = _layer_spec(backend, TokenRotarySelfAttention, AttnMaskType.causal, config,
+                        DeepstackLanguageLayer if deepstack else TransformerLayer)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
         layer_norm=backend_modules(backend).norm,
     )
 
 
-def vision_block_spec(backend: Backend, config: TransformerConfig) -> TransformerBlockSubmodules:
-    layer = _layer_spec(backend, WindowedSelfAttention, AttnMaskType.no_mask, config)
+def vision_block_spec(
+    backend: Backend, config: TransformerConfig, deepstack_taps: tuple[int, ...] = ()
+) -> TransformerBlockSubmodules:
+    """`deepstack_taps`: 0-based blocks whose outputs the block also returns (model/deepstack.py)."""
+    if deepstack_taps:
+        layer = _layer_spec(backend, WindowedSelfAttention, AttnMaskType.no_mask, config,
+                            DeepstackTapLayer, taps=tuple(deepstack_taps))
+    else:
+        layer = _layer_spec(backend, WindowedSelfAttention, AttnMaskType.no_mask, config)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * config.num_layers, layer_norm=backend_modules(backend).norm
     )

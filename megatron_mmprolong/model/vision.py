@@ -1,5 +1,6 @@
-"""The Qwen2.5-VL vision encoder: patch embedding, 32 blocks of window/full attention with 2D
-rotary, and the merger that turns each 2x2 patch group into one language-model token."""
+"""The vision encoder of both families: patch embedding (plus, for Qwen3-VL, a learned position
+grid resampled to each image), blocks of window or frame attention with 2D rotary, the merger
+that turns each 2x2 patch group into one language-model token, and Qwen3-VL's deepstack mergers."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from megatron_mmprolong.model.vision_layout import VisionLayout
 
 
 class PatchEmbed(nn.Module):
-    """Conv3d with stride equal to its kernel (no bias) over [C, T, P, P] patches, computed as
-    the single matmul it is. The weight keeps the Conv3d shape of the reference checkpoint."""
+    """Conv3d with stride equal to its kernel over [C, T, P, P] patches, computed as the single
+    matmul it is. The weight keeps the Conv3d shape of the reference checkpoint."""
 
     def __init__(self, vision: VisionConfig, config: TransformerConfig):
         super().__init__()
@@ -36,16 +37,40 @@ class PatchEmbed(nn.Module):
                 dtype=config.params_dtype,
             )
         )
+        self.bias = (
+            nn.Parameter(torch.zeros(vision.hidden_size, dtype=config.params_dtype))
+            if vision.patch_embed_bias
+            else None
+        )
         if config.perform_initialization:
             config.init_method(self.weight)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         """pixel_values [patches, C*T*P*P] -> [patches, hidden]."""
-        return F.linear(pixel_values.to(self.weight.dtype), self.weight.flatten(1))
+        return F.linear(pixel_values.to(self.weight.dtype), self.weight.flatten(1), self.bias)
+
+
+class PositionGrid(nn.Module):
+    """A learned square grid of position embeddings (Qwen3-VL: 48 x 48), resampled bilinearly to
+    each image's patch grid: every patch adds the weighted sum of its four nearest grid points
+    (`VisionLayout.position_taps`, computed from the grids alone)."""
+
+    def __init__(self, vision: VisionConfig, config: TransformerConfig):
+        super().__init__()
+        self.weight = nn.Parameter(
+            torch.empty(vision.num_position_embeddings, vision.hidden_size, dtype=config.params_dtype)
+        )
+        if config.perform_initialization:
+            config.init_method(self.weight)
+
+    def forward(self, taps: Tensor, weights: Tensor) -> Tensor:
+        """taps, weights [patches, 4] -> [patches, hidden]."""
+        return (self.weight[taps] * weights.unsqueeze(-1)).sum(1)
 
 
 class PatchMerger(MegatronModule):
-    """RMSNorm per patch, then an MLP over each group of merge x merge patches."""
+    """A norm per patch (or, `norm_after_grouping`, per group), then an MLP over each group of
+    merge x merge patches."""
 
     def __init__(
         self,
@@ -54,13 +79,15 @@ class PatchMerger(MegatronModule):
         merger_config: TransformerConfig,
         backend: Backend,
         pg_collection: ProcessGroupCollection,
+        norm_after_grouping: bool = False,
     ):
         super().__init__(config=merger_config)
         self.group_size = vision.merger_hidden_size
+        self.norm_after_grouping = norm_after_grouping
         self.norm = build_module(
             backend_modules(backend).norm,
             config=vision_config,
-            hidden_size=vision.hidden_size,
+            hidden_size=self.group_size if norm_after_grouping else vision.hidden_size,
             eps=vision.rms_norm_eps,
         )
         self.projector = MultimodalProjector(
@@ -73,11 +100,17 @@ class PatchMerger(MegatronModule):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """[patches, 1, hidden] (patches of a group adjacent) -> [groups, out_hidden]."""
-        grouped = self.norm(hidden_states).reshape(-1, 1, self.group_size)
+        if self.norm_after_grouping:
+            grouped = self.norm(hidden_states.reshape(-1, 1, self.group_size))
+        else:
+            grouped = self.norm(hidden_states).reshape(-1, 1, self.group_size)
         return self.projector(grouped).squeeze(1)
 
 
 class VisionEncoder(MegatronModule):
+    """Patches in processor order -> merged tokens in processor order [groups, out_width]: the
+    merger's features, then (Qwen3-VL) each deepstack level's, side by side on the last axis."""
+
     def __init__(
         self,
         vision: VisionConfig,
@@ -89,24 +122,34 @@ class VisionEncoder(MegatronModule):
         super().__init__(config=config)
         self.vision = vision
         self.patch_embed = PatchEmbed(vision, config)
+        self.position_grid = PositionGrid(vision, config) if vision.num_position_embeddings else None
         self.rotary = VisionRotaryEmbedding(vision.head_dim, vision.rope_theta)
         self.decoder = TransformerBlock(
             config,
-            vision_block_spec(backend, config),
+            vision_block_spec(backend, config, vision.deepstack_visual_indexes),
             post_layer_norm=False,
             pg_collection=pg_collection,
         )
         self.merger = PatchMerger(vision, config, merger_config, backend, pg_collection)
+        self.deepstack_mergers = nn.ModuleList(
+            PatchMerger(vision, config, merger_config, backend, pg_collection, norm_after_grouping=True)
+            for _ in vision.deepstack_visual_indexes
+        )
         self.full_attention_layers = frozenset(i + 1 for i in vision.fullatt_block_indexes)
 
+    @property
+    def out_width(self) -> int:
+        return self.vision.out_hidden_size * (1 + len(self.deepstack_mergers))
+
     def forward(self, pixel_values: Tensor, layout: VisionLayout) -> Tensor:
-        """Patches in processor order -> merged tokens in processor order [groups, out_hidden]."""
         if pixel_values.shape[0] != layout.num_patches:
             raise ValueError(
                 f"pixel values hold {pixel_values.shape[0]} patches but the grids describe "
                 f"{layout.num_patches}"
             )
         hidden = self.patch_embed(pixel_values)
+        if self.position_grid is not None:
+            hidden = hidden + self.position_grid(layout.position_taps, layout.position_weights).to(hidden.dtype)
         unit = self.vision.spatial_merge_size**2
         hidden = hidden.view(-1, unit, hidden.shape[-1])[layout.window_index]
         hidden = hidden.view(-1, 1, hidden.shape[-1])  # [patches, batch=1, hidden], window order
@@ -119,4 +162,8 @@ class VisionEncoder(MegatronModule):
             rotary_pos_emb=self.rotary(layout.patch_positions),
             packed_seq_params=segments,
         )
-        return self.merger(hidden)[layout.restore_index]
+        # with deepstack the block returns the last output and the tapped ones side by side
+        outputs = hidden.split(self.vision.hidden_size, dim=-1)
+        features = [merger(h) for merger, h in zip([self.merger, *self.deepstack_mergers], outputs, strict=True)]
+        merged = features[0] if len(features) == 1 else torch.cat(features, dim=-1)
+        return merged[layout.restore_index]

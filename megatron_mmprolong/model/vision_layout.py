@@ -1,9 +1,11 @@
-"""Where every vision patch goes: window order, attention segments and 2D rotary positions.
+"""Where every vision patch goes: window order, attention segments, 2D rotary positions and the
+taps of a learned position grid.
 
 The image processor emits patches in merge-group order (frame, row/2, col/2, 2, 2). Window
 attention needs the groups regrouped into windows of `window_size` px (4x4 merged tokens for
 Qwen2.5-VL) so that each window is a contiguous segment of a packed (THD) sequence; full
-attention blocks attend within each frame. All of it is a function of the grids alone, computed
+attention blocks attend within each frame. Without windows (Qwen3-VL) each frame is its one
+window and the order stays the processor's. All of it is a function of the grids alone, computed
 with vectorised tensor ops (no loop over images or windows) on the CPU, where the loader keeps
 `grid_thw`, and moved to the device once.
 """
@@ -26,6 +28,10 @@ class VisionLayout:
     patch_positions: Tensor  # [patches, 2] (row, col) of each patch, in window order
     window_segments: PackedSegments  # one segment per window
     frame_segments: PackedSegments  # one segment per frame (full-attention blocks)
+    # Bilinear resampling of the learned position grid, per patch in processor order: the four
+    # grid points (flat indices) and their weights; None without a position grid.
+    position_taps: Tensor | None = None  # [patches, 4] int64
+    position_weights: Tensor | None = None  # [patches, 4] float32
 
     @property
     def num_patches(self) -> int:
@@ -43,7 +49,7 @@ def build_vision_layout(
     if bool(((grids[:, 1] % merge) | (grids[:, 2] % merge)).any()):
         raise ValueError(f"grid heights and widths must be multiples of {merge}: {grids.tolist()}")
     t, rows, cols = grids[:, 0], grids[:, 1] // merge, grids[:, 2] // merge
-    side = vision.window_merged_tokens
+    side = vision.window_merged_tokens or int(torch.maximum(rows, cols).max())  # no windows: one a frame
     win_rows, win_cols = -(-rows // side), -(-cols // side)  # ceil
 
     groups_per_item = t * rows * cols
@@ -72,13 +78,43 @@ def build_vision_layout(
     patch_cols = (col[ordered] * merge).unsqueeze(1) + (sub % merge).unsqueeze(0)
     patch_positions = torch.stack([patch_rows.reshape(-1), patch_cols.reshape(-1)], dim=1)
 
+    taps = weights = None
+    if vision.num_position_embeddings:
+        sizes = grids[item][:, 1:].repeat_interleave(unit, dim=0)  # [patches, 2] (rows, cols) of its image
+        in_order = torch.stack([
+            ((row * merge).unsqueeze(1) + (sub // merge).unsqueeze(0)).reshape(-1),
+            ((col * merge).unsqueeze(1) + (sub % merge).unsqueeze(0)).reshape(-1),
+        ], dim=1)  # processor order, unlike patch_positions
+        taps, weights = _bilinear_taps(in_order, sizes, vision.position_grid_side)
+
+    def on_device(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.to(device, non_blocking=True)
+
     return VisionLayout(
-        window_index=window_index.to(device, non_blocking=True),
-        restore_index=restore_index.to(device, non_blocking=True),
-        patch_positions=patch_positions.to(device, non_blocking=True),
+        window_index=on_device(window_index),
+        restore_index=on_device(restore_index),
+        patch_positions=on_device(patch_positions),
         window_segments=_segments(window_lengths, device),
         frame_segments=_segments(frame_lengths, device),
+        position_taps=on_device(taps),
+        position_weights=on_device(weights),
     )
+
+
+def _bilinear_taps(positions: Tensor, sizes: Tensor, side: int) -> tuple[Tensor, Tensor]:
+    """Grid points and weights that resample a side x side grid to an image of `sizes` patches
+    with corners aligned (the first and last patch of an axis sit on the first and last grid
+    point), for patches at `positions` [patches, 2] (row, col)."""
+    source = positions.float() * (side - 1) / (sizes - 1).clamp(min=1)
+    low = source.floor()
+    frac = source - low
+    low = low.long()
+    high = (low + 1).clamp(max=side - 1)
+    axis_taps = torch.stack([low, high], dim=-1)  # [patches, 2 axes, 2 taps]
+    axis_weights = torch.stack([1 - frac, frac], dim=-1)
+    taps = axis_taps[:, 0, :, None] * side + axis_taps[:, 1, None, :]
+    weights = axis_weights[:, 0, :, None] * axis_weights[:, 1, None, :]
+    return taps.reshape(-1, 4), weights.reshape(-1, 4)
 
 
 def _segments(lengths: Tensor, device) -> PackedSegments:

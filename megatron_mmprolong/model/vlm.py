@@ -1,5 +1,7 @@
-"""Qwen2.5-VL on Megatron-Core: vision encoder + merger on the first pipeline stage, features
-scattered into the image/video placeholder tokens, then the M-RoPE language model.
+"""A Qwen vision-language model (Qwen2.5-VL, Qwen3-VL) on Megatron-Core: vision encoder + merger
+on the first pipeline stage, features scattered into the image/video placeholder tokens, then
+the M-RoPE language model. With deepstack (Qwen3-VL) the encoder's intermediate features are
+placed the same way, at the same rows, and handed to the first language layers (model/deepstack.py).
 
 With context parallelism the model takes the whole (packed) sequence and keeps this rank's
 zigzag share of tokens, position ids and labels (parallel/context_parallel.py): it embeds only
@@ -63,7 +65,8 @@ class VisionLanguageModel(MegatronModule):
             else None
         )
         self.language_model = LanguageModel(
-            language_config, config.text, backend, pg_collection, pre_process, post_process, vp_stage
+            language_config, config.text, backend, pg_collection, pre_process, post_process, vp_stage,
+            deepstack=config.deepstack_levels > 0,
         )
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -79,11 +82,12 @@ class VisionLanguageModel(MegatronModule):
         return self.language_model.shared_embedding_or_output_weight()
 
     def freeze(self, vision_encoder: bool = False, merger: bool = False) -> None:
-        """Stop training the vision blocks (patch embedding included) and/or the merger."""
+        """Stop training the vision blocks (patch embedding included) and/or the mergers
+        (deepstack mergers included)."""
         if self.vision_model is None:
             return
         for name, param in self.vision_model.named_parameters():
-            in_merger = name.startswith("merger.")
+            in_merger = name.startswith(("merger.", "deepstack_mergers."))
             if (merger and in_merger) or (vision_encoder and not in_merger):
                 param.requires_grad_(False)
 
@@ -95,16 +99,12 @@ class VisionLanguageModel(MegatronModule):
         second_per_grid_ts: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
     ) -> Tensor:
-        c = self.model_config
         return mrope_position_ids(
             input_ids,
-            image_token_id=c.tokens.image,
-            video_token_id=c.tokens.video,
-            spatial_merge_size=c.vision.spatial_merge_size,
+            **self.model_config.mrope_rule(),
             image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw,
             second_per_grid_ts=second_per_grid_ts,
-            tokens_per_second=c.vision.tokens_per_second,
             cu_seqlens=cu_seqlens,
         )
 
@@ -143,12 +143,13 @@ class VisionLanguageModel(MegatronModule):
                 cp_index = self.cp_token_index(input_ids.shape[1], cu_seqlens).to(input_ids.device, non_blocking=True)
             position_ids = position_ids[..., cp_index]
             labels = labels[:, cp_index] if labels is not None else None
-        decoder_input = None
+        decoder_input = deepstack = None
         if self.pre_process:
-            decoder_input = self.embed(
+            decoder_input, deepstack = self.embed(
                 input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, cp_index, pages
             )
-        return self.language_model(decoder_input, position_ids, packed_seq_params, labels, return_hidden)
+        return self.language_model(decoder_input, position_ids, packed_seq_params, labels, return_hidden,
+                                   deepstack=deepstack)
 
     def cp_token_index(self, seq_length: int, cu_seqlens: Tensor | None = None) -> Tensor:
         """Positions of the sequence kept by this context-parallel rank (CPU)."""
@@ -164,10 +165,12 @@ class VisionLanguageModel(MegatronModule):
         video_grid_thw: Tensor | None = None,
         cp_index: Tensor | None = None,
         pages: Tensor | None = None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor | None]:
         """Embeddings [seq, batch, hidden] of this rank's tokens with the vision features in
         their placeholder positions: only the CP share (`cp_index`) is looked up and only its
-        features are placed; then, with sequence parallelism, each TP rank keeps its rows."""
+        features are placed; then, with sequence parallelism, each TP rank keeps its rows. With
+        deepstack, also the deepstack features of the same rows [seq, batch, levels, hidden]
+        (zeros at text tokens; None without vision inputs)."""
         if pages is not None and (pixel_values is not None or pixel_values_videos is not None):
             raise ValueError("images come as pages or as pixel_values, not both; videos only as pixel_values_videos")
         tokens = self.model_config.tokens
@@ -181,15 +184,26 @@ class VisionLanguageModel(MegatronModule):
         ]
         ids = input_ids[:, cp_index] if cp_index is not None else input_ids
         embeddings = self.language_model.embed(ids)
+        deepstack = None
         if items:
+            levels = self.model_config.deepstack_levels
+            if levels:  # placed together with the embeddings: one gather, the same rows
+                embeddings = torch.cat([embeddings, embeddings.new_zeros(*embeddings.shape[:-1],
+                                                                         levels * embeddings.shape[-1])], dim=-1)
             embeddings = self._place_vision(embeddings, input_ids, items, cp_index, from_pages=pages is not None)
+            if levels:
+                rows, batch, _ = embeddings.shape
+                embeddings, deepstack = embeddings.view(rows, batch, 1 + levels, -1).split([1, levels], dim=2)
+                embeddings, deepstack = embeddings.squeeze(2).contiguous(), deepstack.contiguous()
         elif self._vision_needs_grad():
             # no vision work in this micro-batch: a blank image keeps the vision parameters in
             # the backward pass (see _blank_image_features), adding exactly zero
             embeddings = embeddings + self._blank_image_features().sum().to(embeddings.dtype) * 0
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
-        return embeddings
+            if deepstack is not None:
+                deepstack = tensor_parallel.scatter_to_sequence_parallel_region(deepstack)
+        return embeddings, deepstack
 
     def _place_vision(self, embeddings: Tensor, input_ids: Tensor, items, rows: Tensor | None,
                       from_pages: bool = False) -> Tensor:
@@ -233,7 +247,7 @@ class VisionLanguageModel(MegatronModule):
             # the autograd graph too; the blank image also gives the parameters their gradient
             local = self._blank_image_features()[:0]
         else:
-            local = inputs.new_empty(0, vision.out_hidden_size, dtype=self._vision_dtype())
+            local = inputs.new_empty(0, self.vision_model.out_width, dtype=self._vision_dtype())
         longest = max(int(merged[o].sum()) for o in owned)
         gathered = gather_padded(local, longest, cp)
         return gathered, gathered_rows(merged, owned, longest).to(gathered.device, non_blocking=True)
