@@ -107,6 +107,17 @@ class PatchMerger(MegatronModule):
         return self.projector(grouped).squeeze(1)
 
 
+class MergerList(nn.ModuleList):
+    """The deepstack mergers. A plain ModuleList would be checkpointed as replicated tensors,
+    so its tensor-parallel shards get the names and offsets of each merger's own."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        state = {}
+        for index, merger in enumerate(self):
+            state.update(merger.sharded_state_dict(f"{prefix}{index}.", sharded_offsets, metadata))
+        return state
+
+
 class VisionEncoder(MegatronModule):
     """Patches in processor order -> merged tokens in processor order [groups, out_width]: the
     merger's features, then (Qwen3-VL) each deepstack level's, side by side on the last axis."""
@@ -131,7 +142,7 @@ class VisionEncoder(MegatronModule):
             pg_collection=pg_collection,
         )
         self.merger = PatchMerger(vision, config, merger_config, backend, pg_collection)
-        self.deepstack_mergers = nn.ModuleList(
+        self.deepstack_mergers = MergerList(
             PatchMerger(vision, config, merger_config, backend, pg_collection, norm_after_grouping=True)
             for _ in vision.deepstack_visual_indexes
         )
@@ -162,8 +173,9 @@ class VisionEncoder(MegatronModule):
             rotary_pos_emb=self.rotary(layout.patch_positions),
             packed_seq_params=segments,
         )
+        if not self.deepstack_mergers:
+            return self.merger(hidden)[layout.restore_index]
         # with deepstack the block returns the last output and the tapped ones side by side
         outputs = hidden.split(self.vision.hidden_size, dim=-1)
         features = [merger(h) for merger, h in zip([self.merger, *self.deepstack_mergers], outputs, strict=True)]
-        merged = features[0] if len(features) == 1 else torch.cat(features, dim=-1)
-        return merged[layout.restore_index]
+        return torch.cat(features, dim=-1)[layout.restore_index]
