@@ -19,7 +19,7 @@ from megatron_mmprolong.convert.output_dir import OutputExistsError
 from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
 from megatron_mmprolong.convert.torch_dist import TorchDistReader
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_qwen3vl_config
 
 TP2_PP2 = ParallelConfig(tensor_parallel=2, pipeline_parallel=2)
 
@@ -49,12 +49,26 @@ def converted(tmp_path_factory, runtime):
     return config, root
 
 
+# Qwen3-VL: its 3 deepstack layers stay on the first of the two stages.
+QWEN3_TP2_PP2 = ParallelConfig(tensor_parallel=2, pipeline_parallel=2, decoder_first_pipeline_num_layers=3)
+QWEN3_CONVERT_SHAPES = {
+    "qwen3vl": dict(),
+    "qwen3vl-tied": dict(tied=True, head_dim=24, mrope_section=(4, 5, 3), vision_heads=2, deepstack=(1, 2)),
+}
+
+
+def _convert_case(shape):
+    if shape in QWEN3_CONVERT_SHAPES:
+        return tiny_qwen3vl_config(**QWEN3_CONVERT_SHAPES[shape]), QWEN3_TP2_PP2
+    return tiny_config(**CONVERT_SHAPES[shape]), TP2_PP2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", sorted(CONVERT_SHAPES))
+@pytest.mark.parametrize("shape", sorted(CONVERT_SHAPES) + sorted(QWEN3_CONVERT_SHAPES))
 def test_round_trip_is_bit_exact(shape, dtype, tmp_path, runtime):
-    config = tiny_config(**CONVERT_SHAPES[shape])
+    config, layout = _convert_case(shape)
     write_random_hf_checkpoint(config, tmp_path / "hf", seed=3, dtype=dtype)
-    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", TP2_PP2, progress=False)
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", layout, progress=False)
     mcore_to_hf(tmp_path / "mcore", tmp_path / "back", max_shard_bytes=300_000, progress=False)
     original, back = _hf_tensors(tmp_path / "hf"), _hf_tensors(tmp_path / "back")
     assert set(original) == set(back)
@@ -186,6 +200,32 @@ def test_verify_catches_a_flipped_weight(converted, tmp_path, capsys):
     args = ["convert", "verify", "--hf-dir", str(root / "hf"), "--mcore-dir", str(tmp_path / "mcore"), "--atol", "1e-4"]
     assert main(args) == 1
     assert json.loads(capsys.readouterr().out)["passed"] is False
+
+
+def test_qwen3vl_conversion_exports_and_verifies_at_other_layouts(tmp_path, capsys, runtime):
+    """A Qwen3-VL checkpoint converted at TP2 x PP2 loads back into transformers unchanged and
+    verifies at one rank and at TP2 x PP2 with the deepstack layers on stage 0."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    config = tiny_qwen3vl_config()
+    write_random_hf_checkpoint(config, tmp_path / "hf", seed=22)
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", QWEN3_TP2_PP2, progress=False)
+    mcore_to_hf(tmp_path / "mcore", tmp_path / "export", hf_template=tmp_path / "hf", progress=False)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "export")
+    reference = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    for layout in (["--tp", "1", "--pp", "1"], ["--tp", "2", "--pp", "2", "--decoder-first-pipeline-num-layers", "3"]):
+        args = ["convert", "verify", "--hf-dir", str(tmp_path / "hf"), "--mcore-dir", str(tmp_path / "mcore"),
+                "--atol", "1e-4", *layout]
+        assert main(args) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["passed"] and report["max_abs_logit_diff"] < 1e-4, report
+    args = ["convert", "verify", "--hf-dir", str(tmp_path / "hf"), "--mcore-dir", str(tmp_path / "mcore"),
+            "--tp", "1", "--pp", "2"]
+    assert main(args) == 2
+    assert "deepstack adds vision features to the first 3" in capsys.readouterr().err
 
 
 # ---- bad input, safety ------------------------------------------------------------------------

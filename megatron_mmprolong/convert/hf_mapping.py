@@ -55,6 +55,11 @@ NESTED = HFLayout(language="model.language_model.", vision="model.visual.")
 FLAT = HFLayout(language="model.", vision="visual.")
 
 
+def export_layout(config: VLConfig) -> HFLayout:
+    """The layout transformers itself writes for the family (and its published checkpoints use)."""
+    return {"qwen2_5_vl": FLAT, "qwen3_vl": NESTED}[config.family]
+
+
 def _same(tensors: list[Tensor]) -> Tensor:
     return tensors[0]
 

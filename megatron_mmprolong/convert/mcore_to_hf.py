@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from megatron_mmprolong.convert.checkpoint_info import checkpoint_config, read_info
 from megatron_mmprolong.convert.hf_checkpoint import CheckpointError
-from megatron_mmprolong.convert.hf_mapping import FLAT, checkpoint_key, stored_rules
+from megatron_mmprolong.convert.hf_mapping import checkpoint_key, export_layout, stored_rules
 from megatron_mmprolong.convert.hf_to_mcore import ConversionReport
 from megatron_mmprolong.convert.output_dir import atomic_output_dir
 from megatron_mmprolong.convert.safetensors_stream import PlannedTensor, StreamingSafetensorsWriter
@@ -45,7 +45,7 @@ def mcore_to_hf(
     config = checkpoint_config(mcore_dir, hf_template)
     info = read_info(mcore_dir) or {}
     checksums = info.get("checksums", {})
-    rules = stored_rules(config, FLAT)
+    rules = stored_rules(config, export_layout(config))
     with TorchDistReader(mcore_dir) as reader:
         missing = sorted({checkpoint_key(r.mcore)[0] for r in rules} - set(reader.keys()))
         if missing:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mmprolong.config import ParallelConfig
+from megatron_mmprolong.convert.transformers_model import hf_model_class
 
 
 def verify_checkpoint(hf_dir: str | Path, mcore_dir: str | Path, parallel: ParallelConfig, seed: int = 0) -> dict:
@@ -50,9 +51,7 @@ def verify_checkpoint(hf_dir: str | Path, mcore_dir: str | Path, parallel: Paral
             dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
     report = None
     if last and ps.get_tensor_model_parallel_rank() == 0:
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        reference = hf_model_class(config).from_pretrained(
             hf_dir, dtype=torch.float32, attn_implementation="eager"
         ).eval()
         with torch.no_grad():
