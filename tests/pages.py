@@ -29,10 +29,10 @@ def old_host_patches(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(grid).reshape(gh * gw, 3 * 2 * 14 * 14)
 
 
-def for_this_rank(batch: dict) -> dict:
+def for_this_rank(batch: dict, patch: int = 14) -> dict:
     """`batch` (pages of all its images) with only the pages of this rank's `images_to_decode`."""
     grids = batch["image_grid_thw"]
-    pixels = grids[:, 1] * grids[:, 2] * 196
+    pixels = grids[:, 1] * grids[:, 2] * patch * patch
     starts = torch.cumsum(pixels, 0) - pixels
     mine = images_to_decode(grids, PageShare.of_this_rank())
     rows = [torch.arange(int(starts[i]), int(starts[i] + pixels[i])) for i in mine]

@@ -1,6 +1,7 @@
 """TP, TP+SP, CP, PP and TP x CP give the single-process loss (1e-5) and gradients (1e-4 relative)
 through Megatron-Core's schedules, for one-sample and multi-sample packed (THD) micro-batches
-whose samples are not multiples of 2*CP; with activation recompute off, selective and full."""
+whose samples are not multiples of 2*CP; with activation recompute off, selective and full; for
+Qwen2.5-VL and for Qwen3-VL (deepstack features split over CP and SP like the embeddings)."""
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from megatron_mmprolong.data.loader import Segment, assemble_pack
 from megatron_mmprolong.data.packing import Alignment
 from megatron_mmprolong.patchify import patchify
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_qwen3vl_config
 from multiprocess import run_ranks
 from pages import for_this_rank, random_pages
 
@@ -22,14 +23,15 @@ LOSS_ATOL = 1e-5
 GRAD_RTOL = 1e-4
 MODES = ("none", "selective", "full")
 CONFIG = tiny_config(layers=4, kv_heads=2)
+CONFIGS = {"qwen2_5_vl": CONFIG, "qwen3_vl": tiny_qwen3vl_config()}  # 4 layers each; Qwen3: 3 deepstack levels
 ALIGNMENT = Alignment(context_parallel=2, tensor_parallel=2, sequence_parallel=True)  # multiple of 8
 
 
-def _batches():
+def _batches(config=CONFIG):
     """A one-sample pack and a three-sample pack; raw sample lengths are not multiples of 8."""
     generator = torch.Generator().manual_seed(12)
     rng = np.random.default_rng(12)
-    special = {"pad": CONFIG.tokens.eos, "image_pad": CONFIG.tokens.image, "video_pad": CONFIG.tokens.video}
+    special = {"pad": config.tokens.eos, "image_pad": config.tokens.image, "video_pad": config.tokens.video}
     packs = [[dict(images=[(1, 12, 20), (1, 6, 4)], text_tokens=5)],
              [dict(images=[(1, 8, 8)], text_tokens=6), dict(images=[(1, 4, 6), (1, 10, 6)], text_tokens=3),
               dict(images=[], text_tokens=9)]]
@@ -37,17 +39,18 @@ def _batches():
     for pack in packs:
         segments = []
         for spec in pack:
-            sample = make_sample(CONFIG, generator, **spec)
+            sample = make_sample(config, generator, **spec)
             tokens = sample.input_ids[0].numpy().astype(np.int64)
             assert len(tokens) % 8
             grids = sample.image_grid_thw.numpy() if sample.image_grid_thw is not None else np.zeros((0, 3), np.int64)
             segments.append(Segment(tokens, rng.random(len(tokens)) < 0.4, grids))
         grids = np.concatenate([s.grids for s in segments])
-        batches.append(assemble_pack(segments, random_pages(grids, rng), ALIGNMENT, special, 2))
+        batches.append(assemble_pack(segments, random_pages(grids, rng, config.vision.patch_size), ALIGNMENT,
+                                     special, 2))
     return batches
 
 
-def _run(layout: dict, hf_dir, modes=MODES, save_to=None, load_from=None) -> dict:
+def _run(family: str, layout: dict, hf_dir, modes=MODES, save_to=None, load_from=None) -> dict:
     """On every rank: loss and synced gradients per recompute mode (rank-local shards)."""
     from megatron.core import dist_checkpointing, parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -58,9 +61,10 @@ def _run(layout: dict, hf_dir, modes=MODES, save_to=None, load_from=None) -> dic
     from megatron_mmprolong.model.builder import build_model
     from megatron_mmprolong.training.step import forward_step
 
+    config = CONFIGS[family]
     parallel = ParallelConfig(**layout)
     runtime.initialize(parallel)
-    batches = [for_this_rank(b) for b in _batches()]
+    batches = [for_this_rank(b, config.vision.patch_size) for b in _batches(config)]
     encoded, embedded = [], []  # vision inputs; (tokens embedded, rows out) per micro-batch
     vision_tp = runtime.vision_tensor_parallel_group()
     out = {"tp": (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
@@ -71,7 +75,7 @@ def _run(layout: dict, hf_dir, modes=MODES, save_to=None, load_from=None) -> dic
             "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
             "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
         }[mode]
-        model = build_model(CONFIG, parallel, pre_process=ps.is_pipeline_first_stage(),
+        model = build_model(config, parallel, pre_process=ps.is_pipeline_first_stage(),
                             post_process=ps.is_pipeline_last_stage(), calculate_per_token_loss=True,
                             variable_seq_lengths=True, **recompute)
         if load_from is not None:
@@ -95,7 +99,8 @@ def _run(layout: dict, hf_dir, modes=MODES, save_to=None, load_from=None) -> dic
         for name, param in model.named_parameters():
             grad = param.grad.detach().clone()
             torch.distributed.all_reduce(grad, group=ps.get_context_parallel_group())
-            if getattr(param, "sequence_parallel", False):
+            # what finalize_model_grads sums over TP: SP-tagged norms and Qwen3's per-head q/k norms
+            if getattr(param, "sequence_parallel", False) or "q_layernorm" in name or "k_layernorm" in name:
                 torch.distributed.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
             grads[canonical_name(name, offset)] = grad
         out["modes"][mode] = {"loss": float(total), "grads": grads}
@@ -112,17 +117,26 @@ def _run(layout: dict, hf_dir, modes=MODES, save_to=None, load_from=None) -> dic
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, runtime):
-    hf_dir = tmp_path_factory.mktemp("hf")
-    write_random_hf_checkpoint(CONFIG, hf_dir, seed=9)
-    result = _run({}, hf_dir, modes=("none",))
-    count = sum(float(b["loss_mask"].sum()) for b in _batches())
-    return hf_dir, result["modes"]["none"], count
+def references(tmp_path_factory, runtime):
+    """family -> (HF checkpoint, one-process loss and gradients, loss tokens), made on first use."""
+    made = {}
+
+    def reference(family):
+        if family not in made:
+            config = CONFIGS[family]
+            hf_dir = tmp_path_factory.mktemp(f"hf-{family}")
+            write_random_hf_checkpoint(config, hf_dir, seed=9)
+            result = _run(family, {}, hf_dir, modes=("none",))
+            count = sum(float(b["loss_mask"].sum()) for b in _batches(config))
+            made[family] = (family, hf_dir, result["modes"]["none"], count)
+        return made[family]
+
+    return reference
 
 
 def _compare(reference, results, modes=MODES):
-    _, expected, count = reference
-    rules = {r.mcore: r for r in tensor_rules(CONFIG)}
+    family, _, expected, count = reference
+    rules = {r.mcore: r for r in tensor_rules(CONFIGS[family])}
     for mode in modes:
         last = [r for r in results if r["last_stage"]]
         for result in last:
@@ -147,43 +161,53 @@ LAYOUTS = {
     "cp2": (dict(context_parallel=2), 2),
     "pp2": (dict(pipeline_parallel=2), 2),
     "pp2-uneven": (dict(pipeline_parallel=2, decoder_first_pipeline_num_layers=1), 2),  # vision + 1 layer | 3
+    # Qwen3-VL's three deepstack layers run with the vision encoder on the first stage
+    "pp2-deepstack": (dict(pipeline_parallel=2, decoder_first_pipeline_num_layers=3), 2),
 }
+CASES = [("qwen2_5_vl", name) for name in sorted(LAYOUTS) if name != "pp2-deepstack"] + [
+    ("qwen3_vl", name) for name in ("tp2", "tp2-sp", "cp2", "pp2-deepstack")]
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_layout_matches_one_process(reference, name):
+@pytest.mark.parametrize("family, name", CASES)
+def test_layout_matches_one_process(references, family, name):
+    config = CONFIGS[family]
     layout, ranks = LAYOUTS[name]
-    results = run_ranks(_run, ranks, layout, reference[0])
+    reference = references(family)
+    results = run_ranks(_run, ranks, family, layout, reference[1])
     _compare(reference, results)
     if name == "pp2-uneven":
         assert [r["layers"] for r in results] == [1, 3]
     if name == "cp2":
         # every image row encoded once, by exactly one rank
-        full = torch.cat([patchify(b["pages"], b["image_grid_thw"]) for b in _batches()])
+        patch = config.vision.patch_size
+        full = torch.cat([patchify(b["pages"], b["image_grid_thw"], patch) for b in _batches(config)])
         per_rank = [torch.cat(r["encoded"]) for r in results if r["encoded"]]
         assert len(per_rank) == 2 and all(len(p) for p in per_rank)
         encoded = torch.cat(per_rank)
         assert len(encoded) == len(full)
         assert sorted(map(tuple, encoded[:, :3].tolist())) == sorted(map(tuple, full[:, :3].tolist()))
-        _assert_embeds_only_local_tokens(results, cp=2, tp=1)
+        _assert_embeds_only_local_tokens(results, config, cp=2, tp=1)
 
 
-def _assert_embeds_only_local_tokens(results, cp: int, tp: int):
+def _assert_embeds_only_local_tokens(results, config, cp: int, tp: int):
     """Each rank looks up (and all-reduces over TP) only its CP share of the tokens."""
-    lengths = [b["tokens"].shape[1] for b in _batches()]
+    lengths = [b["tokens"].shape[1] for b in _batches(config)]
     for result in results:
         if result["embedded"]:
             assert result["embedded"] == [(n // cp, n // cp) for n in lengths]
 
 
-def test_tp2_cp2_and_a_checkpoint_moving_to_pp2(reference, tmp_path):
+@pytest.mark.parametrize("family, pipeline", [("qwen2_5_vl", dict(pipeline_parallel=2)),
+                                              ("qwen3_vl", LAYOUTS["pp2-deepstack"][0])])
+def test_tp2_cp2_and_a_checkpoint_moving_to_pp2(references, family, pipeline, tmp_path):
     """TP2 x CP2 on 4 ranks; its distributed checkpoint then loads at PP2 with the same loss."""
+    reference = references(family)
     checkpoint = tmp_path / "ckpt"
-    results = run_ranks(_run, 4, dict(tensor_parallel=2, context_parallel=2, sequence_parallel=True),
-                        reference[0], MODES, checkpoint)
+    results = run_ranks(_run, 4, family, dict(tensor_parallel=2, context_parallel=2, sequence_parallel=True),
+                        reference[1], MODES, checkpoint)
     _compare(reference, results)
-    _assert_embeds_only_local_tokens(results, cp=2, tp=2)
-    moved = run_ranks(_run, 2, dict(pipeline_parallel=2), None, ("none",), None, checkpoint)
+    _assert_embeds_only_local_tokens(results, CONFIGS[family], cp=2, tp=2)
+    moved = run_ranks(_run, 2, family, pipeline, None, ("none",), None, checkpoint)
     _compare(reference, moved, modes=("none",))
 
 
