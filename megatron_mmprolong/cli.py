@@ -20,17 +20,22 @@ def _model_info(args) -> int:
     t, v = config.text, config.vision
     report = {
         "source": args.preset or str(args.hf_dir),
+        "family": config.display_name,
+        "hf_architecture": config.hf_architecture,
         **counts,
         "language_config": {
             "layers": t.num_layers, "hidden_size": t.hidden_size, "heads": t.num_attention_heads,
-            "kv_heads": t.num_key_value_heads, "ffn": t.intermediate_size, "vocab": t.vocab_size,
-            "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section),
+            "kv_heads": t.num_key_value_heads, "head_dim": t.head_dim, "ffn": t.intermediate_size,
+            "vocab": t.vocab_size, "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section),
+            "mrope_interleaved": t.mrope_interleaved, "qkv_bias": t.qkv_bias, "qk_norm": t.qk_norm,
             "tied_embeddings": t.tie_word_embeddings,
         },
         "vision_config": {
             "blocks": v.depth, "hidden_size": v.hidden_size, "heads": v.num_heads,
-            "ffn": v.intermediate_size, "window_px": v.window_size,
+            "ffn": v.intermediate_size, "gated_mlp": v.gated_mlp, "normalization": v.normalization,
+            "patch_px": v.patch_size, "px_per_token": v.merged_token_px, "window_px": v.window_size,
             "full_attention_blocks": list(v.fullatt_block_indexes),
+            "deepstack_blocks": list(v.deepstack_visual_indexes),
         },
     }
     print(json.dumps(report, indent=2))
@@ -39,12 +44,12 @@ def _model_info(args) -> int:
 
 def _check_parity(args) -> int:
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_mmprolong import runtime
     from megatron_mmprolong.config import VLConfig
     from megatron_mmprolong.convert.hf_loader import load_hf_weights
     from megatron_mmprolong.convert.parity import run_parity
+    from megatron_mmprolong.convert.transformers_model import hf_model_class
     from megatron_mmprolong.model.builder import build_model
 
     config = VLConfig.from_hf_dir(args.hf_dir)
@@ -52,7 +57,7 @@ def _check_parity(args) -> int:
     model = build_model(config, backend="local")
     load_hf_weights(model, args.hf_dir)
     model.eval()
-    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    reference = hf_model_class(config).from_pretrained(
         args.hf_dir, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     return _judge(run_parity(model, reference, config, seed=args.seed), args)
@@ -234,12 +239,12 @@ def _inspect_data(args) -> int:
 
 def _load_hf_model(hf_dir: str, dtype: str):
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_mmprolong.config import torch_dtype
+    from megatron_mmprolong.config import VLConfig, torch_dtype
+    from megatron_mmprolong.convert.transformers_model import hf_model_class
 
     dtype = torch_dtype(dtype) if dtype != "auto" else torch.float32
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).eval()
+    return hf_model_class(VLConfig.from_hf_dir(hf_dir)).from_pretrained(hf_dir, dtype=dtype).eval()
 
 
 def _eval_model(args):
@@ -492,15 +497,16 @@ def build_parser() -> argparse.ArgumentParser:
         "model-info", help="parameter counts of a preset or HF config, built on the meta device"
     )
     source = info.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help="3b, 7b, 32b, 72b, tiny or tiny-tied")
-    source.add_argument("--hf-dir", help="directory with a Qwen2.5-VL config.json")
+    source.add_argument("--preset", help="3b, 7b, 32b, 72b (Qwen2.5-VL), qwen3vl-2b, qwen3vl-4b, qwen3vl-8b, "
+                                         "qwen3vl-32b, or a tiny one (tiny, qwen3vl-tiny, ...)")
+    source.add_argument("--hf-dir", help="directory with a Qwen2.5-VL or Qwen3-VL config.json")
     info.set_defaults(run=_model_info)
 
     parity = verbs.add_parser(
         "check-parity",
         help="compare logits with transformers on text + images + video, alone and packed (fp32, CPU)",
     )
-    parity.add_argument("--hf-dir", required=True, help="Hugging Face Qwen2.5-VL checkpoint directory")
+    parity.add_argument("--hf-dir", required=True, help="Hugging Face Qwen2.5-VL or Qwen3-VL checkpoint directory")
     parity.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
     _add_tolerances(parity)
     parity.set_defaults(run=_check_parity)

@@ -3,9 +3,10 @@ import time
 import pytest
 import torch
 
-from megatron_mmprolong.config import ConfigError, ParallelConfig, Qwen25VLConfig
+from megatron_mmprolong.config import ConfigError, ParallelConfig, Qwen25VLConfig, VLConfig
 from megatron_mmprolong.convert.hf_loader import load_hf_weights
 from megatron_mmprolong.convert.parity import make_sample, our_logits
+from megatron_mmprolong.convert.transformers_model import hf_model_class, hf_model_config
 from megatron_mmprolong.model.builder import build_model, count_parameters
 
 
@@ -87,14 +88,12 @@ def test_freeze_options(loaded, vision, merger):
         assert (param.grad is None) == frozen, name
 
 
-@pytest.mark.parametrize("name", ["3b", "7b", "32b", "72b"])
+@pytest.mark.parametrize("name", ["3b", "7b", "32b", "72b", "qwen3vl-2b", "qwen3vl-4b", "qwen3vl-8b", "qwen3vl-32b"])
 def test_parameter_counts_equal_transformers(name, runtime):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    config = Qwen25VLConfig.preset(name)
+    config = VLConfig.preset(name)
     ours = count_parameters(build_model(config, meta=True))
     with torch.device("meta"):
-        hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config.to_hf_dict()))
+        hf = hf_model_class(config)(hf_model_config(config))
     total = sum(p.numel() for p in hf.parameters())
     vision = sum(p.numel() for p in hf.model.visual.parameters())
     assert ours == {"total": total, "vision": vision, "language": total - vision}
@@ -140,3 +139,33 @@ def test_all_to_all_context_parallel_needs_transformer_engine_2_10(monkeypatch):
     _check_transformer_engine(ParallelConfig(context_parallel=2, cp_comm_type="p2p"))
     with pytest.raises(ConfigError, match="a2a on packed sequences needs Transformer Engine >= 2.10, this is 2.9.0"):
         _check_transformer_engine(ParallelConfig(context_parallel=2, cp_comm_type="a2a"))
+
+
+def test_deepstack_layers_must_sit_on_the_first_pipeline_stage():
+    config = VLConfig.preset("qwen3vl-8b")  # 36 layers, 3 deepstack levels
+    config.validate_parallel(ParallelConfig(pipeline_parallel=12))  # 3 layers a stage: fits
+    with pytest.raises(ConfigError, match="first pipeline stage holds 2 language layers, but deepstack"):
+        config.validate_parallel(ParallelConfig(pipeline_parallel=18))
+    with pytest.raises(ConfigError, match="holds 1 language layers"):  # virtual stages split stage 0
+        config.validate_parallel(ParallelConfig(pipeline_parallel=12, virtual_pipeline_parallel=3))
+    config.validate_parallel(ParallelConfig(pipeline_parallel=18, decoder_first_pipeline_num_layers=19))
+    Qwen25VLConfig.preset("7b").validate_parallel(ParallelConfig(pipeline_parallel=28))  # no deepstack
+
+
+def test_full_recompute_keeps_deepstack_gradients(runtime):
+    """Deepstack features ride on the blocks' `context` through activation checkpoints: with
+    full recompute the loss and every gradient equal those of the plain forward."""
+    config = VLConfig.preset("qwen3vl-tiny-1k")
+    sample = _sample(config, seed=4)
+    results = []
+    for recompute in ({}, dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2)):
+        torch.manual_seed(0)
+        model = build_model(config, **recompute)
+        model.train()
+        our_logits(model, sample).float().square().mean().backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    plain, recomputed = results
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert plain["vision_model.deepstack_mergers.0.projector.encoder.linear_fc1.weight"].abs().sum() > 0

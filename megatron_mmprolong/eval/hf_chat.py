@@ -83,21 +83,23 @@ class LocalChatBackend:
 
 
 class TransformersChatBackend(LocalChatBackend):
-    """transformers' Qwen2.5-VL from a checkpoint directory with its tokenizer: on the GPU in bf16
+    """transformers' model (Qwen2.5-VL or Qwen3-VL) from a checkpoint directory with its tokenizer: on the GPU in bf16
     when there is one (or `dtype`), else on the CPU in fp32."""
 
     def __init__(self, hf_dir: str | Path, image: ImageParams = ImageParams(), dtype=None):
         import torch
-        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        from megatron_mmprolong.config import VLConfig
+        from megatron_mmprolong.convert.transformers_model import hf_model_class
 
         hf_dir = Path(hf_dir)
         if not (hf_dir / "config.json").is_file():
-            raise CheckpointError(f"{hf_dir}: no config.json there (a Qwen2.5-VL checkpoint directory)")
+            raise CheckpointError(f"{hf_dir}: no config.json there (a Qwen2.5-VL or Qwen3-VL checkpoint directory)")
         if not (hf_dir / "tokenizer.json").is_file():
             raise CheckpointError(f"{hf_dir}: no tokenizer.json there; the checkpoint needs its tokenizer")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+        model = hf_model_class(VLConfig.from_hf_dir(hf_dir)).from_pretrained(hf_dir, dtype=dtype).to(device).eval()
         super().__init__(model, ChatTokenizer(hf_dir), image, hf_dir.resolve().name, device)
 
 
