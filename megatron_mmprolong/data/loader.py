@@ -20,6 +20,7 @@ number of micro-batches consumed; `LoaderState` is what a checkpoint stores.
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,6 +215,20 @@ def make_dataloader(dataset: PackedSequences, state: LoaderState | None = None, 
         prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=num_workers > 0,
         multiprocessing_context="spawn" if num_workers else None, worker_init_fn=_ignore_stop_signals,
     )
+
+
+@contextmanager
+def loader_batches(loader: DataLoader):
+    """`iter(loader)` whose workers are stopped however the caller leaves. They ignore SIGTERM
+    (below), and the interpreter's exit handler terminates daemon children with SIGTERM and then
+    joins them: after an exception a rank would wait for its workers forever."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

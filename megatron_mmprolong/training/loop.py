@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_mmprolong import errors, runtime
-from megatron_mmprolong.config import ConfigError
+from megatron_mmprolong.config import ConfigError, VLConfig
 from megatron_mmprolong.convert.checkpoint_info import checkpoint_config, iteration_dir, latest_iteration, resolve_checkpoint
 from megatron_mmprolong.convert.mcore_checkpoint import load_mcore_checkpoint
-from megatron_mmprolong.data.loader import LoaderState, PackedSequences, make_dataloader
+from megatron_mmprolong.data.loader import LoaderState, PackedSequences, loader_batches, make_dataloader
 from megatron_mmprolong.data.packing import Alignment
 from megatron_mmprolong.data.plan import MixtureSpec, Plan, PlanConfig, make_plan
 from megatron_mmprolong.data.store import MultimodalStore
@@ -72,6 +72,17 @@ def check_plan_alignment(planned: Alignment, needed: Alignment) -> None:
                           f"{needed.pack_multiple} (re-plan with its CP/TP/SP/FP8)")
 
 
+def check_data_fits_model(plan: Plan, config: VLConfig) -> None:
+    """Pages cut and normalised for another family's image processor would train on wrong pixels."""
+    for prefix in plan.datasets:
+        store = MultimodalStore(prefix)
+        mismatch = store.image_params.processor_mismatch(config.vision)
+        if mismatch:
+            raise ConfigError(f"dataset {prefix} was built for {store.model_family} ({'; '.join(mismatch)}), this run "
+                              f"trains {config.display_name} ({config.family}): rebuild it with mmprolong build-data "
+                              "--model set to this run's model")
+
+
 def _plan(args: A.TrainArgs, alignment: Alignment) -> Plan:
     if args.data_plan:
         plan = Plan.load(args.data_plan)
@@ -93,7 +104,9 @@ def _read_inputs(args: A.TrainArgs, alignment: Alignment, rank: int):
     if rank == 0:
         try:
             loaded = checkpoint_config(resolve_checkpoint(args.load)) if args.load else None
-            inputs = (loaded, _plan(args, alignment))
+            plan = _plan(args, alignment)
+            check_data_fits_model(plan, A.model_config(args, loaded))
+            inputs = (loaded, plan)
         except Exception as err:  # re-raised below on rank 0, as it is
             failure = err
     shared = [inputs, None if failure is None else errors.status(failure)]
@@ -169,43 +182,43 @@ def train(args: A.TrainArgs) -> TrainResult:
                               share=PageShare.of_this_rank())
     loader = make_dataloader(dataset, LoaderState(plan.digest(), dp_rank, dp, start * microbatches), args.num_workers,
                              prefetch_bytes=int(args.loader_prefetch_gib * 2**30))
-    batches = iter(loader)
-    stores = [MultimodalStore(p) for p in plan.datasets]
-    logger = _Logger(args, rt, plan)
-    signals = ExitSignals()
-    forward_backward = get_forward_backward_func()
-    losses: dict[int, float] = {}
-    iteration = start
-    stopped = False
-    while iteration < train_iters:
-        began = time.perf_counter()
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        outputs = forward_backward(forward_step_func=forward_step, data_iterator=batches, model=[ddp],
-                                   num_microbatches=microbatches, seq_length=args.seq_length,
-                                   micro_batch_size=1, forward_only=False)
-        updated, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
-        iteration += 1
-        if grad_norm is not None and not math.isfinite(grad_norm):
-            raise TrainingError(f"iteration {iteration}: gradient norm is {grad_norm}; stopping "
-                                "(lower --lr, check the data, or resume from the last checkpoint)")
-        loss = _global_loss(outputs, ps)
-        if not math.isfinite(loss):
-            raise TrainingError(f"iteration {iteration}: loss is {loss}; stopping")
-        losses[iteration] = loss
-        tokens, flops = _step_metrics(plan, stores, config, iteration - 1)
-        logger.step(iteration, train_iters, loss, optimizer.param_groups[0]["lr"], grad_norm, tokens, flops,
-                    time.perf_counter() - began)
-        stopped = signals.any_rank()
-        periodic = args.save_interval and iteration % args.save_interval == 0
-        if args.save and (periodic or stopped or iteration == train_iters):
-            save_checkpoint(args.save, iteration, model, optimizer, scheduler, args, config, plan.digest())
-            logger.line(f"saved checkpoint {iteration_dir(args.save, iteration)}")
-        if stopped:
-            logger.line(f"stopping after iteration {iteration} on a termination signal; resume with --load {args.save}")
-            break
-    logger.close()
+    with loader_batches(loader) as batches:
+        stores = [MultimodalStore(p) for p in plan.datasets]
+        logger = _Logger(args, rt, plan)
+        signals = ExitSignals()
+        forward_backward = get_forward_backward_func()
+        losses: dict[int, float] = {}
+        iteration = start
+        stopped = False
+        while iteration < train_iters:
+            began = time.perf_counter()
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            outputs = forward_backward(forward_step_func=forward_step, data_iterator=batches, model=[ddp],
+                                       num_microbatches=microbatches, seq_length=args.seq_length,
+                                       micro_batch_size=1, forward_only=False)
+            updated, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            iteration += 1
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                raise TrainingError(f"iteration {iteration}: gradient norm is {grad_norm}; stopping "
+                                    "(lower --lr, check the data, or resume from the last checkpoint)")
+            loss = _global_loss(outputs, ps)
+            if not math.isfinite(loss):
+                raise TrainingError(f"iteration {iteration}: loss is {loss}; stopping")
+            losses[iteration] = loss
+            tokens, flops = _step_metrics(plan, stores, config, iteration - 1)
+            logger.step(iteration, train_iters, loss, optimizer.param_groups[0]["lr"], grad_norm, tokens, flops,
+                        time.perf_counter() - began)
+            stopped = signals.any_rank()
+            periodic = args.save_interval and iteration % args.save_interval == 0
+            if args.save and (periodic or stopped or iteration == train_iters):
+                save_checkpoint(args.save, iteration, model, optimizer, scheduler, args, config, plan.digest())
+                logger.line(f"saved checkpoint {iteration_dir(args.save, iteration)}")
+            if stopped:
+                logger.line(f"stopping after iteration {iteration} on a termination signal; resume with --load {args.save}")
+                break
+        logger.close()
     return TrainResult(iteration, stopped, losses)
 
 
