@@ -49,17 +49,17 @@ class OldPath:
     """The loader before issue 16, per rank: every page of the pack decoded, then float32 patches
     (the temporal frame duplicated) made on the host and shipped."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, image):
+        self.dataset, self.image = dataset, image
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        from megatron_mmprolong.patchify import patchify
+        from megatron_mmprolong.data.pixels import patchify_pages
 
         item = self.dataset[index]
-        item["pixel_values"] = patchify(item.pop("pages"), item["image_grid_thw"])
+        item["pixel_values"] = patchify_pages(item.pop("pages"), item["image_grid_thw"], self.image)
         return item
 
 
@@ -131,6 +131,7 @@ def main() -> None:
     import torch
     import yaml
 
+    from megatron_mmprolong.data.images import ImageParams
     from megatron_mmprolong.data.build import BuildConfig, build_dataset
     from megatron_mmprolong.data.loader import PackedSequences
     from megatron_mmprolong.data.plan import MixtureSpec, PlanConfig, make_plan
@@ -158,7 +159,7 @@ def main() -> None:
     for name in ("old", "new"):
         seconds, received = 0.0, []
         for share in shares:  # each rank's loader in turn
-            rank = OldPath(PackedSequences(plan)) if name == "old" else PackedSequences(plan, share=share)
+            rank = OldPath(PackedSequences(plan), ImageParams()) if name == "old" else PackedSequences(plan, share=share)
             spent, items = cpu_seconds(rank, args.sequences)
             seconds += spent
             received.append(sum(item_bytes(item) for item in items) / args.sequences)
@@ -178,7 +179,7 @@ def main() -> None:
         "bytes_per_rank": round(paths["new"]["bytes_per_rank_mb"]["max"] / paths["old"]["bytes_per_rank_mb"]["max"], 3),
         "cores_per_gpu": round(paths["new"]["cpu_cores_per_gpu_for_recipe_x5"] / paths["old"]["cpu_cores_per_gpu_for_recipe_x5"], 3),
     }
-    old = peak_loader_memory(OldPath(PackedSequences(plan)), args.old_workers, None, 3 * args.old_workers)
+    old = peak_loader_memory(OldPath(PackedSequences(plan), ImageParams()), args.old_workers, None, 3 * args.old_workers)
     new = peak_loader_memory(PackedSequences(plan, share=shares[0]), args.workers, args.prefetch_gib, plan.packs)
     old_scaled = round(old["peak_gib"] * args.workers / args.old_workers, 2)  # each worker holds its own items
     memory = {"old_measured": old, f"old_scaled_to_{args.workers}_workers_gib": old_scaled, "new": new,

@@ -156,15 +156,17 @@ def _synth_docs(args) -> int:
 
 
 def _build_data(args) -> int:
+    from megatron_mmprolong.config import VLConfig
     from megatron_mmprolong.data.build import BuildConfig, build_dataset
     from megatron_mmprolong.data.images import ImageParams
     from megatron_mmprolong.data.records import PAPER_TASKS
 
     extra = tuple(t for t in (args.extra_tasks or "").split(",") if t)
+    model = VLConfig.from_preset_or_dir(args.model)
     config = BuildConfig(
-        tokenizer=args.tokenizer, seq_length=args.seq_length, dpi=args.dpi,
-        image=ImageParams(min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                          format=args.image_format, jpeg_quality=args.jpeg_quality),
+        tokenizer=args.tokenizer, seq_length=args.seq_length, dpi=args.dpi, model_family=model.family,
+        image=ImageParams.for_model(model.vision, args.min_pixels, args.max_pixels,
+                                    format=args.image_format, jpeg_quality=args.jpeg_quality),
         pdf_backend=args.pdf_backend, overflow=args.overflow, page_label=args.page_label,
         system_prompt=args.system_prompt, tasks=(*PAPER_TASKS, "chat", *extra), seed=args.seed,
         shard_size=args.shard_size,
@@ -195,7 +197,7 @@ def _synth_qa(args) -> int:
 
         if not args.generator.startswith("hf:"):
             raise SynthQAError(f"--generator {args.generator!r}: expected hf:DIR (or --endpoint URL --model NAME)")
-        generator = TransformersChatBackend(args.generator[3:], image)
+        generator = TransformersChatBackend(args.generator[3:], image.min_pixels, image.max_pixels)
     elif not args.model:
         raise SynthQAError("--endpoint and --offline need --model, the name the server serves")
     elif args.offline:
@@ -247,6 +249,24 @@ def _load_hf_model(hf_dir: str, dtype: str):
     return hf_model_class(VLConfig.from_hf_dir(hf_dir)).from_pretrained(hf_dir, dtype=dtype).eval()
 
 
+def _evaluated_config(args):
+    """The config of the checkpoint --hf-dir or --mcore-dir names (read before any model loads)."""
+    from megatron_mmprolong.config import VLConfig
+    from megatron_mmprolong.convert.checkpoint_info import checkpoint_config, resolve_checkpoint
+
+    return VLConfig.from_hf_dir(args.hf_dir) if args.hf_dir else checkpoint_config(resolve_checkpoint(args.mcore_dir))
+
+
+def _check_store_fits(store, config) -> None:
+    """A dataset's pages must follow the evaluated model's image processor."""
+    from megatron_mmprolong.eval.dataset_qa import EvalError
+
+    mismatch = store.image_params.processor_mismatch(config.vision)
+    if mismatch:
+        raise EvalError(f"{store.prefix} was built for {store.model_family} ({'; '.join(mismatch)}), the model is "
+                        f"{config.display_name}: rebuild it with mmprolong build-data --model")
+
+
 def _eval_model(args):
     """(model, writes output, barrier): transformers for --hf-dir; this project's model at TP x CP
     x PP for --mcore-dir, on every rank of a torchrun world of that many ranks, rank 0 writing."""
@@ -277,6 +297,7 @@ def _eval_qa(args) -> int:
     from megatron_mmprolong.eval.dataset_qa import answer_resumably, write_results
 
     store = MultimodalStore(args.data)
+    _check_store_fits(store, _evaluated_config(args))
     tokenizer = ChatTokenizer(args.tokenizer or store.manifest["tokenizer"]["path"])
     indices = [i for i in range(len(store)) if not args.tasks or store.task(i) in args.tasks][:args.limit]
     if not indices:
@@ -304,7 +325,8 @@ def _eval_needle(args) -> int:
         return 2
     config = NeedleConfig(str(tokenizer), tuple(args.lengths), tuple(args.depths), args.per_cell, args.page_width,
                           args.page_height, args.font_size, args.train_length, args.seed,
-                          tuple(str(Path(r).resolve()) for r in args.haystack or ()), args.dpi, args.metric)
+                          tuple(str(Path(r).resolve()) for r in args.haystack or ()), args.dpi, args.metric,
+                          _evaluated_config(args).family)
     _check_files("--haystack", config.haystack)
     if not config.haystack:
         config.pages()  # errors in the settings before the model loads
@@ -324,6 +346,7 @@ def _eval_position_loss(args) -> int:
 
         raise EvalError(f"--bucket-size {args.bucket_size}: must be at least 1 position")
     store = MultimodalStore(args.data)
+    _check_store_fits(store, _evaluated_config(args))
     indices = [i for i in range(len(store)) if int(store.samples[i]["tokens"]) >= args.min_tokens][:args.limit]
     if not indices:
         print(f"mmprolong eval: error: {args.data} has no samples of {args.min_tokens} tokens or more", file=sys.stderr)
@@ -345,7 +368,7 @@ def _eval_extend(args) -> int:
 
     _check_files("--records", args.records)
     config = ExtensionConfig(str(Path(args.tokenizer).resolve()), tuple(str(Path(r).resolve()) for r in args.records),
-                             tuple(args.lengths), args.dpi, args.seed)
+                             tuple(args.lengths), args.dpi, args.seed, _evaluated_config(args).family)
     check_inputs(config)
     return _eval_into_folder(args, run_extension_eval, config, "extension_config.json",
                              ("samples", "exact_match", "f1", "by_length"))
@@ -396,17 +419,18 @@ def _eval_mmlongbench(args) -> int:
         return 2
     tokenizer = args.tokenizer or args.hf_dir
     if args.mcore_dir and not tokenizer:
-        print("mmprolong eval: error: --mcore-dir needs --tokenizer (the checkpoint's Qwen2.5-VL tokenizer)",
+        print("mmprolong eval: error: --mcore-dir needs --tokenizer (the checkpoint's tokenizer)",
               file=sys.stderr)
         return 2
+    family = "qwen2_5_vl" if args.endpoint else _evaluated_config(args).family
+    image = ImageParams.for_family(family, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     config = MMLongBenchConfig(source, args.page_labels, args.max_new_tokens, args.max_samples, args.seed,
-                               args.min_pixels, args.max_pixels)
+                               image.min_pixels, image.max_pixels, family)
     root = DataRoot.open(args.data_root)
     work = pairs(datasets, args.lengths, tokenizer)
     check_same_settings(Path(args.out) / SETTINGS, config, write=False)
     released(root, work, config)  # bad data fails before a model loads
     judge = _mmlongbench_judge(args)
-    image = ImageParams(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     writer, barrier, concurrency = True, lambda: None, 1
     if args.endpoint:
         from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig
@@ -419,7 +443,8 @@ def _eval_mmlongbench(args) -> int:
         from megatron_mmprolong.config import torch_dtype
         from megatron_mmprolong.eval.hf_chat import TransformersChatBackend
 
-        backend = TransformersChatBackend(args.hf_dir, image, None if args.dtype == "auto" else torch_dtype(args.dtype))
+        backend = TransformersChatBackend(args.hf_dir, image.min_pixels, image.max_pixels,
+                                          None if args.dtype == "auto" else torch_dtype(args.dtype))
     else:
         from megatron_mmprolong.data.chat import ChatTokenizer
         from megatron_mmprolong.eval.hf_chat import LocalChatBackend
@@ -567,8 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--task", choices=["ocr-full", "ocr-needle"], help="what to build from PDF folders")
     build.add_argument("--extra-tasks", help="comma-separated task labels accepted besides the paper's")
     build.add_argument("--dpi", type=int, default=144)
-    build.add_argument("--min-pixels", type=int, default=56 * 56)
-    build.add_argument("--max-pixels", type=int, default=28 * 28 * 16384)
+    build.add_argument("--model", default="7b", metavar="PRESET|HF_DIR",
+                       help="the model the data is for, whose image processor it follows (patch size, pixel bounds, "
+                            "normalisation): a preset (7b, qwen3vl-8b, ...) or a checkpoint directory; default 7b "
+                            "(Qwen2.5-VL)")
+    build.add_argument("--min-pixels", type=int, help="pixels per page at least (default: the model processor's)")
+    build.add_argument("--max-pixels", type=int, help="pixels per page at most (default: the model processor's)")
     build.add_argument("--image-format", choices=["png", "jpeg"], default="png")
     build.add_argument("--jpeg-quality", type=int, default=95)
     build.add_argument("--pdf-backend", choices=["auto", "pymupdf", "pypdfium2"], default="auto")
@@ -755,11 +784,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help='v1.0: "Document ID (page N): <image>" (the harness\'s released code, the default); '
                             'v1.1: "Document ID: <image>" (its later doc-QA label)')
     bench.add_argument("--max-new-tokens", type=int, default=128, help="per reply (the harness's 128)")
-    bench.add_argument("--tokenizer", help="Qwen2.5-VL tokenizer: for --mcore-dir, and for counting 256K/512K "
+    bench.add_argument("--tokenizer", help="the model's tokenizer: for --mcore-dir, and for counting 256K/512K "
                                            "contexts (default: the --hf-dir checkpoint's)")
-    bench.add_argument("--min-pixels", type=int, default=56 * 56, help="image resizing of --hf-dir/--mcore-dir (the "
-                                                                      "Qwen2.5-VL processor's defaults)")
-    bench.add_argument("--max-pixels", type=int, default=28 * 28 * 16384)
+    bench.add_argument("--min-pixels", type=int, help="image resizing of --hf-dir/--mcore-dir (default: the model "
+                                                      "family's processor; Qwen2.5-VL's with --endpoint)")
+    bench.add_argument("--max-pixels", type=int, help="(default: as --min-pixels)")
     bench.add_argument("--model", help="model name served by --endpoint")
     bench.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoint's API key")
     bench.add_argument("--concurrency", type=int, default=4, help="requests in flight to --endpoint")
@@ -791,7 +820,7 @@ def _add_score_options(parser) -> None:
 
 def _add_eval_model(parser, endpoint: bool = False) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf-dir", help="Hugging Face Qwen2.5-VL checkpoint, run with transformers")
+    source.add_argument("--hf-dir", help="Hugging Face Qwen2.5-VL or Qwen3-VL checkpoint, run with transformers")
     source.add_argument("--mcore-dir", help="Megatron checkpoint or training --save directory, run with this "
                                             "project's model at --tp x --cp x --pp (torchrun with that many ranks)")
     if endpoint:

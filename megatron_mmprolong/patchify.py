@@ -1,9 +1,10 @@
 """Page images -> the vision encoder's input, in one vectorised pass that runs where the pages
-are (the GPU in training): RGB uint8 scaled to [0, 1], normalised with the CLIP mean/std,
-duplicated to `temporal` frames and cut into 14x14 patches in merge-group order, as
-Qwen2.5-VL's image processor makes them: [patches, 3 * temporal * 14 * 14] float32.
+are (the GPU in training): RGB uint8 scaled to [0, 1], normalised with the family's mean/std
+(CLIP for Qwen2.5-VL, 0.5 for Qwen3-VL), duplicated to `temporal` frames and cut into patch x patch
+patches in merge-group order, as the image processor makes them: [patches, 3 * temporal * patch^2]
+float32.
 
-Pages travel as uint8 `[pixels, 3]`: each image's [h * 14, w * 14, 3] rows (HWC, as decoders
+Pages travel as uint8 `[pixels, 3]`: each image's [h * patch, w * patch, 3] rows (HWC, as decoders
 give them) back to back, in the order of their grids. They are 8x smaller than the float
 patches (4 bytes a value, 2 frames), so the loader ships these and the device expands them.
 Shared by the model (training) and by data/pixels.py (host-side inputs for transformers).
@@ -14,19 +15,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# CLIP normalisation used by the Qwen2.5-VL image processor.
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def page_pixels(grids: Tensor, patch: int = 14) -> Tensor:
+def page_pixels(grids: Tensor, patch: int) -> Tensor:
     """Pixels of each page [images] (int64) from its grid (t, h, w) in patches."""
     return grids[:, 1].long() * grids[:, 2].long() * patch * patch
 
 
-def patchify(pages: Tensor, grids: Tensor, patch: int = 14, merge: int = 2, temporal: int = 2) -> Tensor:
+def patchify(pages: Tensor, grids: Tensor, patch: int, merge: int, temporal: int, *,
+             mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """uint8 pages [pixels, 3] with their grids [images, 3] (t = 1; on the CPU, so no host sync)
-    -> float32 [sum of h * w, 3 * temporal * patch * patch]."""
+    -> float32 [sum of h * w, 3 * temporal * patch * patch], normalised with the processor's mean/std."""
     grids = grids.detach().to("cpu", torch.int64).reshape(-1, 3)
     channels = 3
     side = patch * merge  # one merged token covers side x side pixels
@@ -61,7 +58,7 @@ def patchify(pages: Tensor, grids: Tensor, patch: int = 14, merge: int = 2, temp
     blocks = blocks.view(total, merge, patch, merge, patch, channels)  # (row patch, row, col patch, col, C)
     # made on the host and copied without a wait: torch.tensor(..., device="cuda") would sync
     mean, std, scale = (torch.tensor(v, dtype=torch.float32).to(device, non_blocking=True)
-                        for v in (IMAGE_MEAN, IMAGE_STD, 1 / 255))
+                        for v in (mean, std, 1 / 255))
     values = (blocks.to(torch.float32) * scale - mean) / std
     values = values.permute(0, 1, 3, 5, 2, 4)  # (token, row patch, col patch, C, row, col)
     values = values.unsqueeze(4).expand(total, merge, merge, channels, temporal, patch, patch)

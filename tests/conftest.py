@@ -138,20 +138,25 @@ def small_synth(tmp_path_factory):
         docs=3, min_pages=4, max_pages=7, page_width=448, page_height=560, font_size=14, seed=1))
 
 
-def build_tiny_train_data(root):
-    """(tiny tokenizer, records.jsonl, mixture YAML) under `root` for the tiny-1k CPU recipe:
-    four synthetic documents built at 2048 tokens, a 120K-token budget drawn with replacement."""
+def build_tiny_train_data(root, model: str = "tiny-1k"):
+    """(tiny tokenizer, records.jsonl, mixture YAML) under `root` for the CPU recipe of the preset
+    `model` (tiny-1k or qwen3vl-tiny-1k, whose pages it follows): four synthetic documents built at
+    2048 tokens, a 120K-token budget drawn with replacement."""
     import yaml
 
+    from megatron_mmprolong.config import VLConfig
     from megatron_mmprolong.data.build import BuildConfig, build_dataset
+    from megatron_mmprolong.data.images import ImageParams
     from megatron_mmprolong.data.synth import SynthConfig, synth_docs
     from megatron_mmprolong.data.tiny_tokenizer import write_tiny_tokenizer
 
+    config = VLConfig.preset(model)
     tokenizer = write_tiny_tokenizer(root / "tokenizer")
     records = synth_docs(root / "docs", SynthConfig(docs=4, min_pages=4, max_pages=6, page_width=224,
                                                     page_height=336, font_size=9, seed=2))
-    build_dataset([records], root / "data" / "synth", BuildConfig(tokenizer=str(tokenizer), seq_length=2048),
-                  progress=False)
+    build = BuildConfig(tokenizer=str(tokenizer), seq_length=2048, model_family=config.family,
+                        image=ImageParams.for_model(config.vision))
+    build_dataset([records], root / "data" / "synth", build, progress=False)
     mix = root / "mix.yaml"
     mix.write_text(yaml.safe_dump({"token_budget": 120000, "seed": 3,
                                    "datasets": [{"path": "data/synth", "replacement": True}]}))
@@ -161,3 +166,8 @@ def build_tiny_train_data(root):
 @pytest.fixture(scope="session")
 def tiny_train_data(tmp_path_factory):
     return build_tiny_train_data(tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_train_data(tmp_path_factory):
+    return build_tiny_train_data(tmp_path_factory.mktemp("train-qwen3vl"), "qwen3vl-tiny-1k")

@@ -225,3 +225,24 @@ def test_cli_synth_build_inspect(tmp_path, capsys):
     assert "extract-single" in out and "<image 1: 336x448 px, 192 tokens>" in out and "--- loss on:" in out
     with Image.open(f"{prefix}.lengths.png") as png:
         assert png.size == (900, 480)
+
+
+def test_cli_build_data_for_qwen3vl(tmp_path, capsys):
+    """--model qwen3vl-8b: pages at 32 px per token, the family in the manifest and in inspect-data."""
+    assert main(["synth-docs", "--out", str(tmp_path / "docs"), "--docs", "1", "--min-pages", "4", "--max-pages", "4",
+                 "--page-width", "336", "--page-height", "448", "--font-size", "12"]) == 0
+    records = json.loads(capsys.readouterr().out)["records"]
+    prefix = tmp_path / "ds"
+    assert main(["build-data", "--input", records, "--output-prefix", str(prefix), "--tokenizer", str(QWEN_TOKENIZER),
+                 "--seq-length", "4096", "--model", "qwen3vl-8b"]) == 0
+    capsys.readouterr()
+    store = MultimodalStore(prefix)
+    assert store.model_family == "qwen3_vl"
+    assert store.manifest["image"]["patch_size"] == 16 and store.manifest["image"]["mean"] == [0.5] * 3
+    assert store.image_grids(0).tolist()[0] == [1, 28, 20]  # 448 x 336 -> 448 x 320 px, 16 px patches
+    assert main(["inspect-data", str(prefix), "--sample", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "qwen3_vl: 16 px patches, 32 px per token" in out and "<image 1: 320x448 px, 140 tokens>" in out
+    assert main(["build-data", "--input", records, "--output-prefix", str(tmp_path / "x"), "--tokenizer",
+                 str(QWEN_TOKENIZER), "--model", "qwen4"]) == 2
+    assert "'qwen4' is neither a preset" in capsys.readouterr().err

@@ -15,14 +15,15 @@ from PIL import Image
 
 from megatron_mmprolong.cli import main
 from megatron_mmprolong.config import ConfigError
+from megatron_mmprolong.data.images import ImageParams
 from megatron_mmprolong.data.loader import LoaderState, PackedSequences, make_dataloader
 from megatron_mmprolong.data.packing import Alignment, balance, best_fit_decreasing, packing_report
+from megatron_mmprolong.data.pixels import patchify_pages
 from megatron_mmprolong.data.plan import MixtureSpec, Plan, PlanConfig, PlanError, make_plan
 from megatron_mmprolong.data.sampling import SamplingError, default_bin_edges, length_bins, select
 from megatron_mmprolong.data.store import MultimodalStore, StoreError
 from megatron_mmprolong.parallel.context_parallel import assign_images
 from megatron_mmprolong.parallel.page_split import PageShare, images_to_decode
-from megatron_mmprolong.patchify import patchify
 from megatron_mmprolong.positions import mrope_position_ids
 
 from conftest import CORPUS, QWEN_TOKENIZER
@@ -209,7 +210,7 @@ def test_pixel_values_equal_the_transformers_processor(datasets, backend):
     pages = [Image.open(io.BytesIO(b)) for d, s in item["samples"] for b in stores[d].image_bytes(s)]
     expected = processor(images=pages, return_tensors="pt")
     assert torch.equal(item["image_grid_thw"], expected["image_grid_thw"])
-    assert (patchify(item["pages"], item["image_grid_thw"]) - expected["pixel_values"]).abs().max() < 1e-5
+    assert (patchify_pages(item["pages"], item["image_grid_thw"], ImageParams()) - expected["pixel_values"]).abs().max() < 1e-5
     # and for the original 450x590 synthetic pages, resized by us at build time and by it now
     qa = stores[0]
     index = 0
@@ -217,7 +218,7 @@ def test_pixel_values_equal_the_transformers_processor(datasets, backend):
     originals = [Image.open(records.parent / p) for p in record["pages"]]
     from megatron_mmprolong.data.pixels import decoder, pixel_values
 
-    ours = pixel_values(qa.image_bytes(index), qa.image_grids(index), decoder(backend))
+    ours = pixel_values(qa.image_bytes(index), qa.image_grids(index), decoder(backend), qa.image_params)
     reference = processor(images=originals, return_tensors="np")
     assert np.array_equal(qa.image_grids(index), reference["image_grid_thw"])
     assert np.abs(ours - reference["pixel_values"]).max() < 1e-5
@@ -244,7 +245,7 @@ def test_patchify_equals_the_old_host_pixel_values_bit_for_bit(datasets):
     sizes = set()
     for item in (dataset[i] for i in range(len(dataset))):
         old = torch.from_numpy(_old_pixel_values(_pack_images(stores, item)))
-        assert torch.equal(patchify(item["pages"], item["image_grid_thw"]), old)
+        assert torch.equal(patchify_pages(item["pages"], item["image_grid_thw"], ImageParams()), old)
         sizes |= {tuple(g) for g in item["image_grid_thw"].tolist()}
     assert len(sizes) > 1  # pages of several sizes in one pack
 
@@ -280,7 +281,7 @@ def _replica_pages(plan_path):
         out["bound"][cp_rank] = (dataset.item_bytes_bound(), max(_item_bytes(item) for item in items))
         if here.encodes_vision:
             out["gathered"][cp_rank] = [gather_pages(item["pages"], item["image_grid_thw"], share,
-                                                     ps.get_tensor_model_parallel_group()) for item in items]
+                                                     ps.get_tensor_model_parallel_group(), 14, 2) for item in items]
     return out
 
 
@@ -316,7 +317,7 @@ def test_each_rank_decodes_only_the_pages_it_encodes(datasets, tmp_path):
                 mine = images_to_decode(grids, replace_share(result["share"], cp_rank))
                 assert len(result["local"][cp_rank][index]) == int(grids[mine].prod(-1).sum()) * 196
                 gathered = result["gathered"][cp_rank][index]
-                assert torch.equal(patchify(gathered, grids[owned]), full[rows])
+                assert torch.equal(patchify_pages(gathered, grids[owned], ImageParams()), full[rows])
     for result in results:
         for bound, largest in result["bound"].values():
             assert largest <= bound

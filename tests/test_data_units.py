@@ -1,5 +1,7 @@
 """Records, image sizes, chat format and synthetic documents."""
 
+import dataclasses
+import io
 import json
 import random
 
@@ -10,8 +12,8 @@ from PIL import Image
 from megatron_mmprolong.data.chat import ImageSlot, encode_conversation
 from megatron_mmprolong.data.images import ImageError, ImageParams, prepare_image, smart_resize
 from megatron_mmprolong.data.records import ChatRecord, DocumentRecord, RecordError, read_jsonl
+from megatron_mmprolong.data.pixels import patchify_pages
 from megatron_mmprolong.data.synth import SynthConfig, synth_docs
-from megatron_mmprolong.patchify import patchify
 
 from pages import old_host_patches
 
@@ -171,9 +173,52 @@ def test_patchify_equals_the_old_host_path_bit_for_bit():
     images = [rng.integers(0, 256, (h * 14, w * 14, 3), dtype=np.uint8) for _, h, w in grids]
     pages = torch.from_numpy(np.concatenate([image.reshape(-1, 3) for image in images]))
     expected = torch.from_numpy(np.concatenate([old_host_patches(image) for image in images]))
-    assert torch.equal(patchify(pages, torch.from_numpy(grids)), expected)
-    assert patchify(pages[:0], torch.zeros(0, 3, dtype=torch.long)).shape == (0, 1176)
+    assert torch.equal(patchify_pages(pages, torch.from_numpy(grids), ImageParams()), expected)
+    assert patchify_pages(pages[:0], torch.zeros(0, 3, dtype=torch.long), ImageParams()).shape == (0, 1176)
     with pytest.raises(ValueError, match="pages hold 100 pixels but their grids describe"):
-        patchify(pages[:100], torch.from_numpy(grids))
+        patchify_pages(pages[:100], torch.from_numpy(grids), ImageParams())
     with pytest.raises(ValueError, match="single images"):
-        patchify(pages, torch.tensor([[2, 12, 20]]))
+        patchify_pages(pages, torch.tensor([[2, 12, 20]]), ImageParams())
+
+
+def test_qwen3vl_pages_equal_its_image_processor():
+    """Qwen3-VL's processor: 32 px per token, 64 to 16384 tokens, mean = std = 0.5. Sizes, grids and
+    pixel values of our pages equal transformers' (the same processor class at patch 16)."""
+    import torch
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference
+
+    from megatron_mmprolong.config import VLConfig
+
+    params = ImageParams.for_model(VLConfig.preset("qwen3vl-8b").vision)
+    assert (params.patch_size, params.factor, params.mean, params.std) == (16, 32, (0.5,) * 3, (0.5,) * 3)
+    assert (params.min_pixels, params.max_pixels) == (64 * 32 * 32, 16384 * 32 * 32)
+    for h, w in [(8, 8), (1684, 1191), (10, 1900), (5000, 3000), (27, 29), (14000, 9000), (300, 301)]:
+        assert smart_resize(h, w, params) == reference(h, w, 32, params.min_pixels, params.max_pixels), (h, w)
+    processor = Qwen2VLImageProcessorPil(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                         min_pixels=params.min_pixels, max_pixels=params.max_pixels)
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in [(700, 990), (200, 90)]]
+    prepared = [prepare_image(image, params) for image in images]
+    grids = torch.tensor([grid for _, grid in prepared])
+    pages = torch.cat([torch.from_numpy(np.array(Image.open(io.BytesIO(data)))).reshape(-1, 3) for data, _ in prepared])
+    expected = processor(images=images, return_tensors="pt")
+    assert torch.equal(grids, expected["image_grid_thw"])
+    assert (patchify_pages(pages, grids, params) - expected["pixel_values"]).abs().max() < 1e-5
+    # the Qwen2.5-VL normalisation on the same patches is far off: the family's mean/std are used
+    clip = ImageParams(patch_size=16, min_pixels=params.min_pixels, max_pixels=params.max_pixels)
+    assert (patchify_pages(pages, grids, clip) - expected["pixel_values"]).abs().max() > 0.1
+
+
+def test_image_params_round_trip_through_a_manifest_and_name_mismatches():
+    from megatron_mmprolong.config import VLConfig
+
+    qwen3 = ImageParams.for_model(VLConfig.preset("qwen3vl-tiny").vision, max_pixels=10**6, format="jpeg")
+    stored = json.loads(json.dumps({**dataclasses.asdict(qwen3), "dpi": 144}))
+    assert ImageParams.from_manifest(stored) == qwen3
+    assert ImageParams.from_manifest({k: v for k, v in stored.items() if k not in ("mean", "std")}).mean == \
+        ImageParams().mean  # manifests from before mean/std were recorded: Qwen2.5-VL's
+    assert qwen3.processor_mismatch(VLConfig.preset("qwen3vl-8b").vision) == []
+    mismatch = ImageParams().processor_mismatch(VLConfig.preset("qwen3vl-8b").vision)
+    assert [m.split()[0] for m in mismatch] == ["patch_size", "mean", "std"]
+    assert ImageParams().processor_mismatch(VLConfig.preset("7b").vision) == []

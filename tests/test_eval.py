@@ -169,12 +169,15 @@ def test_needle_oracle_and_settings(tiny_train_data, tmp_path):
         _needle_config(tokenizer_path, depths=(0.5, 1.5))
 
 
-def test_needle_cli_on_a_checkpoint(tiny_train_data, tmp_path, capsys):
-    from megatron_mmprolong.config import Qwen25VLConfig
+@pytest.mark.parametrize("preset", ["tiny-1k", "qwen3vl-tiny-1k"])
+def test_needle_cli_on_a_checkpoint(tiny_train_data, tmp_path, capsys, preset):
+    """The haystacks' pages follow the evaluated checkpoint's family (Qwen3-VL: 16 px patches)."""
+    from megatron_mmprolong.config import VLConfig
     from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
 
     tokenizer_path, *_ = tiny_train_data
-    write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), tmp_path / "hf", seed=2)
+    config = VLConfig.preset(preset)
+    write_random_hf_checkpoint(config, tmp_path / "hf", seed=2)
     args = ["eval", "needle", "--hf-dir", str(tmp_path / "hf"), "--tokenizer", str(tokenizer_path), "--out",
             str(tmp_path / "needle"), "--lengths", "512", "1024", "--depths", "0", "1", "--per-cell", "1",
             "--page-width", "224", "--page-height", "336", "--font-size", "9", "--train-length", "512"]
@@ -182,6 +185,8 @@ def test_needle_cli_on_a_checkpoint(tiny_train_data, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["samples"] == 4 and set(printed["by_length"]) == {"512", "1024"}
     assert (tmp_path / "needle" / "needle.png").is_file()
+    store = MultimodalStore(tmp_path / "needle" / "data" / "needle")
+    assert store.model_family == config.family and store.image_params.processor_mismatch(config.vision) == []
     assert main(["eval", "needle", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "x"),
                  "--lengths", "50"]) == 2
 
@@ -258,19 +263,20 @@ def test_answer_f1(answer, expected, f1):
     assert answer_f1(answer, expected) == pytest.approx(f1)
 
 
-def _on_both_checkpoints(tmp_path, seed: int, command: list[str], hf_out: str, mcore_out: str, layout: list[str]):
-    """`command` on a random tiny checkpoint with transformers (in this process), then on its
-    Megatron conversion at `layout` over two torchrun ranks; outputs under tmp_path."""
+def _on_both_checkpoints(tmp_path, seed: int, command: list[str], hf_out: str, mcore_out: str, layout: list[str],
+                         preset: str = "tiny-1k"):
+    """`command` on a random tiny checkpoint of `preset` with transformers (in this process), then
+    on its Megatron conversion at `layout` over two torchrun ranks; outputs under tmp_path."""
     import os
     import socket
     import subprocess
     import sys
 
-    from megatron_mmprolong.config import ParallelConfig, Qwen25VLConfig
+    from megatron_mmprolong.config import ParallelConfig, VLConfig
     from megatron_mmprolong.convert.hf_to_mcore import hf_to_mcore
     from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
 
-    write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), tmp_path / "hf", seed=seed)
+    write_random_hf_checkpoint(VLConfig.preset(preset), tmp_path / "hf", seed=seed)
     hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", ParallelConfig(), progress=False)
     assert main([*command, "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / hf_out)]) == 0
     with socket.socket() as sock:
@@ -293,6 +299,31 @@ def test_megatron_and_transformers_give_the_same_answers(dataset, tmp_path, caps
     hf, mcore = (json.loads((tmp_path / name).read_text())["results"] for name in ("hf.json", "mcore.json"))
     assert len(hf) == 4 and all(len(r["answer"]) > 5 for r in hf)  # long, arbitrary replies
     assert [r["answer"] for r in mcore] == [r["answer"] for r in hf]
+
+
+@pytest.mark.parametrize("layout", [["--cp", "2"], ["--pp", "2", "--decoder-first-pipeline-num-layers", "3"]],
+                         ids=["cp2", "pp2"])
+def test_qwen3vl_megatron_and_transformers_give_the_same_answers(tiny_qwen3vl_train_data, tmp_path, layout):
+    """As above for Qwen3-VL: deepstack features split over CP with the tokens, or on PP stage 0
+    with the 3 language layers they feed."""
+    tokenizer, _, mix = tiny_qwen3vl_train_data
+    store = MultimodalStore(mix.parent / "data" / "synth")
+    _on_both_checkpoints(tmp_path, 7, ["eval", "qa", "--data", store.prefix, "--limit", "3"], "hf.json", "mcore.json",
+                         layout, "qwen3vl-tiny-1k")
+    hf, mcore = (json.loads((tmp_path / name).read_text())["results"] for name in ("hf.json", "mcore.json"))
+    assert len(hf) == 3 and all(len(r["answer"]) > 5 for r in hf)
+    assert [r["answer"] for r in mcore] == [r["answer"] for r in hf]
+
+
+def test_eval_refuses_a_dataset_of_another_family(dataset, tmp_path, capsys):
+    from megatron_mmprolong.config import VLConfig
+    from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
+
+    store, _ = dataset
+    write_random_hf_checkpoint(VLConfig.preset("qwen3vl-tiny-1k"), tmp_path / "hf", seed=2)
+    assert main(["eval", "qa", "--hf-dir", str(tmp_path / "hf"), "--data", store.prefix]) == 2
+    err = capsys.readouterr().err
+    assert "was built for qwen2_5_vl" in err and "patch_size 14 (the model's: 16)" in err
 
 
 def test_megatron_eval_models_are_bf16_and_project_only_the_rows_they_use(tmp_path):

@@ -13,7 +13,8 @@ from megatron_mmprolong.convert.parity import make_sample
 from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
 from megatron_mmprolong.data.loader import Segment, assemble_pack
 from megatron_mmprolong.data.packing import Alignment
-from megatron_mmprolong.patchify import patchify
+from megatron_mmprolong.data.images import ImageParams
+from megatron_mmprolong.data.pixels import patchify_pages
 
 from conftest import tiny_config, tiny_qwen3vl_config
 from multiprocess import run_ranks
@@ -179,8 +180,8 @@ def test_layout_matches_one_process(references, family, name):
         assert [r["layers"] for r in results] == [1, 3]
     if name == "cp2":
         # every image row encoded once, by exactly one rank
-        patch = config.vision.patch_size
-        full = torch.cat([patchify(b["pages"], b["image_grid_thw"], patch) for b in _batches(config)])
+        image = ImageParams.for_model(config.vision)
+        full = torch.cat([patchify_pages(b["pages"], b["image_grid_thw"], image) for b in _batches(config)])
         per_rank = [torch.cat(r["encoded"]) for r in results if r["encoded"]]
         assert len(per_rank) == 2 and all(len(p) for p in per_rank)
         encoded = torch.cat(per_rank)

@@ -297,12 +297,15 @@ def test_an_unreachable_endpoint_fails_fast_naming_the_url(synth_pdfs, tmp_path,
 @pytest.fixture(scope="module")
 def tiny_generator(tmp_path_factory):
     """A random tiny-1k Qwen2.5-VL with the tiny tokenizer beside it: a checkpoint `hf:DIR` loads."""
-    from megatron_mmprolong.config import Qwen25VLConfig
+    return _tiny_chat_checkpoint(tmp_path_factory.mktemp("tiny-generator"), "tiny-1k")
+
+
+def _tiny_chat_checkpoint(path: Path, preset: str) -> Path:
+    from megatron_mmprolong.config import VLConfig
     from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
     from megatron_mmprolong.data.tiny_tokenizer import write_tiny_tokenizer
 
-    path = tmp_path_factory.mktemp("tiny-generator")
-    write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), path, seed=4)
+    write_random_hf_checkpoint(VLConfig.preset(preset), path, seed=4)
     write_tiny_tokenizer(path)
     return path
 
@@ -354,13 +357,16 @@ def test_end_to_end_on_the_real_corpus_with_the_transformers_backend(tiny_genera
     assert summary["tokens"]["completion"] <= 8 * 12 and summary["tokens"]["prompt"] > 8 * 2 * 16
 
 
-def test_the_transformers_backend_sees_pages_as_build_data_stores_them(tiny_generator, tmp_path):
+@pytest.mark.parametrize("preset", ["tiny-1k", "qwen3vl-tiny-1k"])
+def test_the_transformers_backend_sees_pages_as_build_data_stores_them(preset, tmp_path):
     """The in-process generator's input for a chat request equals the training sample build-data
-    makes of the same pages and question: the same tokens and the same pixels."""
+    makes of the same pages and question: the same tokens and the same pixels, for each family
+    (Qwen3-VL: 32 px tokens, its normalisation, mm_token_type_ids in transformers' generate)."""
     import asyncio
 
     import torch
 
+    from megatron_mmprolong.config import VLConfig
     from megatron_mmprolong.data.build import BuildConfig, build_dataset
     from megatron_mmprolong.data.pixels import PilDecoder, sample_pixels
     from megatron_mmprolong.data.store import MultimodalStore
@@ -369,17 +375,21 @@ def test_the_transformers_backend_sees_pages_as_build_data_stores_them(tiny_gene
     from megatron_mmprolong.eval.hf_chat import TransformersChatBackend
     from megatron_mmprolong.serving.chat import ChatRequest, image_part, text_part
 
-    pdf, image, question = CORPUS / "pdflatex-4-pages.pdf", ImageParams(max_pixels=28 * 28 * 64), "On page 3, what?"
+    tiny_generator = _tiny_chat_checkpoint(tmp_path / "model", preset)
+    vision = VLConfig.preset(preset).vision
+    image = ImageParams.for_model(vision, max_pixels=vision.merged_token_px**2 * 64)
+    pdf, question = CORPUS / "pdflatex-4-pages.pdf", "On page 3, what?"
     pages = render_pages(str(pdf), [2, 3], 72, image, "auto")
     content = [text_part("Page 2:"), image_part(pages[0]), text_part("Page 3:"), image_part(pages[1]), text_part(question)]
     request = ChatRequest([{"role": "user", "content": content}], max_tokens=6)
-    backend = TransformersChatBackend(tiny_generator, image)
+    backend = TransformersChatBackend(tiny_generator, image.min_pixels, image.max_pixels)
     inputs = backend.prompt(request)
     records = tmp_path / "r.jsonl"
     records.write_text(json.dumps({"pdf": str(pdf), "page_range": [2, 3], "task": "extract-single",
                                    "question": question, "answer": "x"}) + "\n")
     build_dataset([records], tmp_path / "ds", BuildConfig(tokenizer=str(tiny_generator), seq_length=4096, dpi=72,
-                                                          image=image), progress=False)
+                                                          model_family=VLConfig.preset(preset).family, image=image),
+                  progress=False)
     store = MultimodalStore(tmp_path / "ds")
     prompt, _ = prompt_and_answer(store, 0)
     pixels, grids = sample_pixels(store, 0, PilDecoder())

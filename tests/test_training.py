@@ -49,6 +49,22 @@ def test_loss_falls(tiny_train_data, tmp_path):
     assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text().strip() == "24"
 
 
+def test_an_error_during_training_exits_with_the_loader_workers_running(tiny_train_data, tmp_path):
+    """The loader workers ignore SIGTERM (Slurm's stop signal): an exception in a step must still
+    stop them, or the interpreter's exit handler joins them forever and the job hangs."""
+    *_, mix = tiny_train_data
+    module, *args = _command(1, mix, tmp_path / "run", "--train-iters", "3")[2:]
+    fail_in_the_first_step = ("import sys, megatron_mmprolong.training.loop as loop\n"
+                              "def fail(*args): raise RuntimeError('injected failure')\n"
+                              "loop._step_metrics = fail\n"
+                              "from megatron_mmprolong.train import main\n"
+                              "sys.exit(main(sys.argv[1:]))")
+    assert module == "megatron_mmprolong.train"
+    run = subprocess.run([sys.executable, "-c", fail_in_the_first_step, *args], env=_env(), capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode != 0 and "injected failure" in run.stderr
+
+
 def _workers(process):
     """The processes running the training ranks: torchrun's children."""
     import psutil
@@ -124,3 +140,65 @@ def test_tp2cp2_losses_equal_the_recorded_reference(tiny_train_data, tmp_path):
     assert sorted(losses) == [1, 2, 3, 4, 5]
     for iteration, loss in losses.items():
         assert loss == pytest.approx(reference["losses"][str(iteration)], rel=1e-6, abs=0)
+
+
+# ---- Qwen3-VL: the second family through the same loop ---------------------------------------
+
+def test_qwen3vl_loss_falls(tiny_qwen3vl_train_data, tmp_path):
+    """A tiny Qwen3-VL (deepstack, q/k norms, interleaved M-RoPE, 32 px tokens) trains end to end."""
+    *_, mix = tiny_qwen3vl_train_data
+    subprocess.run(_command(1, mix, tmp_path / "run", "--train-iters", "24", "--model", "qwen3vl-tiny-1k"),
+                   check=True, env=_env(), stdout=subprocess.DEVNULL)
+    losses = list(_losses(tmp_path / "run").values())
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5
+
+
+def test_qwen3vl_converted_checkpoint_trains_and_resumes_bit_for_bit(tiny_qwen3vl_train_data, tmp_path):
+    """HF -> Megatron at TP2; a run from it saves at step 3 and goes on to 6; a second run resumed
+    from that step-3 checkpoint has exactly the losses of steps 4-6, and a step at learning rate 0
+    exports the HF checkpoint unchanged (the weights came from it, deepstack mergers included)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from megatron_mmprolong.config import ParallelConfig, VLConfig
+    from megatron_mmprolong.convert.hf_to_mcore import hf_to_mcore
+    from megatron_mmprolong.convert.mcore_to_hf import mcore_to_hf
+    from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
+
+    *_, mix = tiny_qwen3vl_train_data
+    tp2 = ["--tensor-model-parallel-size", "2"]
+    write_random_hf_checkpoint(VLConfig.preset("qwen3vl-tiny-1k"), tmp_path / "hf", seed=5)
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", ParallelConfig(tensor_parallel=2), progress=False)
+
+    subprocess.run(_command(2, mix, tmp_path / "frozen", "--train-iters", "1", "--lr", "0", "--min-lr", "0", *tp2,
+                            "--load", str(tmp_path / "mcore")), check=True, env=_env(), stdout=subprocess.DEVNULL)
+    mcore_to_hf(tmp_path / "frozen" / "iter_0000001", tmp_path / "export", progress=False)
+    original, exported = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+                          for d in (tmp_path / "hf", tmp_path / "export"))
+    assert any("deepstack" in name for name in original) and set(exported) == set(original)
+    assert all(torch.equal(exported[name], tensor) for name, tensor in original.items())
+
+    straight = tmp_path / "straight"
+    subprocess.run(_command(2, mix, straight, "--train-iters", "6", "--save-interval", "3", *tp2,
+                            "--load", str(tmp_path / "mcore")), check=True, env=_env(), stdout=subprocess.DEVNULL)
+    expected = _losses(straight)
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "iter_0000003", resumed / "iter_0000003")
+    (resumed / "latest_checkpointed_iteration.txt").write_text("3")
+    subprocess.run(_command(2, mix, resumed, "--train-iters", "6", *tp2, "--load", str(resumed)),
+                   check=True, env=_env(), stdout=subprocess.DEVNULL)
+    assert _losses(resumed) == {i: expected[i] for i in (4, 5, 6)}
+
+
+def test_training_refuses_data_built_for_another_family(tiny_train_data, tmp_path):
+    """Qwen2.5-VL pages (14 px patches, CLIP normalisation) would feed a Qwen3-VL encoder wrong pixels."""
+    *_, mix = tiny_train_data
+    run = subprocess.run(_command(1, mix, tmp_path / "run", "--train-iters", "1", "--model", "qwen3vl-tiny-1k"),
+                         env=_env(), capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "was built for qwen2_5_vl" in run.stderr and "patch_size 14 (the model's: 16)" in run.stderr
+    assert not (tmp_path / "run" / "latest_checkpointed_iteration.txt").exists()

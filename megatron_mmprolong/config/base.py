@@ -47,8 +47,11 @@ class VisionConfig:
     patch_embed_bias: bool = False
     num_position_embeddings: int = 0  # learned square grid resampled to each image; 0: none
     deepstack_visual_indexes: tuple[int, ...] = ()  # blocks whose output feeds language layers 0, 1, ...
-    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # processor (CLIP)
+    # the image processor's: normalisation (CLIP) and pixels per image (4 to 16384 LM tokens)
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 16384
 
     @property
     def head_dim(self) -> int:
@@ -244,6 +247,16 @@ class VLConfig:
     @classmethod
     def families(cls) -> dict[str, type["VLConfig"]]:
         return dict(VLConfig._families)
+
+    @classmethod
+    def from_preset_or_dir(cls, name: str) -> "VLConfig":
+        """A preset by name, or the config.json of a checkpoint directory."""
+        if name in VLConfig._presets:
+            return cls.preset(name)
+        if not Path(name).is_dir():
+            raise ConfigError(f"{name!r} is neither a preset ({', '.join(cls.preset_names())}) nor a checkpoint "
+                              "directory")
+        return cls.from_hf_dir(name)
 
     @classmethod
     def from_hf_dir(cls, hf_dir: str | Path) -> "VLConfig":

@@ -60,6 +60,8 @@ _VISION = VisionConfig(
     deepstack_visual_indexes=(8, 16, 24),
     image_mean=(0.5, 0.5, 0.5),
     image_std=(0.5, 0.5, 0.5),
+    min_pixels=32 * 32 * 64,  # preprocessor_config.json: 64 to 16384 tokens of 32x32 px
+    max_pixels=32 * 32 * 16384,
 )
 
 

@@ -69,6 +69,7 @@ class BuildConfig:
     tokenizer: str
     seq_length: int = 131072
     dpi: int = 144
+    model_family: str = "qwen2_5_vl"  # whose processor `image` is (config/: a VLConfig family)
     image: ImageParams = field(default_factory=ImageParams)
     pdf_backend: str = "auto"
     overflow: str = "skip"
@@ -438,6 +439,7 @@ def _manifest(staged: Path, config: BuildConfig, inputs, ocr_task) -> dict:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "name": Path(str(staged)).name,
+        "model_family": config.model_family,
         "tokenizer": load_tokenizer(config.tokenizer).identity(),
         "image": {**build_config.pop("image"), "dpi": config.dpi, "pdf_backend": config.pdf_backend},
         "chat": {"system_prompt": config.system_prompt, "page_label": config.page_label},

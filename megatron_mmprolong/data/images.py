@@ -1,22 +1,24 @@
-"""Page images as Qwen2.5-VL sees them: the processor's size rule, resizing, encoding.
+"""Page images as the model's image processor sees them: its size rule, resizing, encoding, and
+its normalisation (applied later, on the device, by megatron_mmprolong/patchify.py).
 
-`smart_resize` follows the rule of the Qwen2.5-VL image processor: each side rounded to a
-multiple of 28 px (patch 14 x merge 2), then scaled down (floor) or up (ceil) by the square root
-of the pixel-count excess so the area lands in [min_pixels, max_pixels]. Images are stored at
-exactly that size, so the loader only decodes, normalises and cuts patches.
+`smart_resize` follows the rule of the Qwen2.5-VL and Qwen3-VL image processors: each side
+rounded to a multiple of patch x merge px (28 or 32), then scaled down (floor) or up (ceil) by the
+square root of the pixel-count excess so the area lands in [min_pixels, max_pixels]. Images are
+stored at exactly that size, so the loader only decodes, normalises and cuts patches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from dataclasses import dataclass
 
 from PIL import Image
 
-# The published Qwen2.5-VL preprocessor_config.json: 4 to 16384 vision tokens per image.
-DEFAULT_MIN_PIXELS = 56 * 56
-DEFAULT_MAX_PIXELS = 28 * 28 * 16384
+from megatron_mmprolong.config import VisionConfig
+
+_QWEN25 = VisionConfig()
 
 
 class ImageError(ValueError):
@@ -25,13 +27,52 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageParams:
-    min_pixels: int = DEFAULT_MIN_PIXELS
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    patch_size: int = 14
-    merge_size: int = 2
-    temporal_patch_size: int = 2
+    """One model family's image processor (defaults: Qwen2.5-VL's) and how pages are stored."""
+
+    min_pixels: int = _QWEN25.min_pixels
+    max_pixels: int = _QWEN25.max_pixels
+    patch_size: int = _QWEN25.patch_size
+    merge_size: int = _QWEN25.spatial_merge_size
+    temporal_patch_size: int = _QWEN25.temporal_patch_size
+    mean: tuple[float, float, float] = _QWEN25.image_mean
+    std: tuple[float, float, float] = _QWEN25.image_std
     format: str = "png"  # "png" (lossless) or "jpeg"
     jpeg_quality: int = 95
+
+    @classmethod
+    def for_model(cls, vision: VisionConfig, min_pixels: int | None = None, max_pixels: int | None = None,
+                  **storage) -> "ImageParams":
+        """The processor of the model whose vision config is `vision`; pixel bounds default to its."""
+        return cls(min_pixels=vision.min_pixels if min_pixels is None else min_pixels,
+                   max_pixels=vision.max_pixels if max_pixels is None else max_pixels,
+                   patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                   temporal_patch_size=vision.temporal_patch_size, mean=tuple(vision.image_mean),
+                   std=tuple(vision.image_std), **storage)
+
+    @classmethod
+    def for_family(cls, family: str, **kwargs) -> "ImageParams":
+        """The processor of a model family (transformers' model_type: qwen2_5_vl, qwen3_vl)."""
+        from megatron_mmprolong.config import VLConfig
+
+        families = VLConfig.families()
+        if family not in families:
+            raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(families)}")
+        return cls.for_model(families[family]().vision, **kwargs)
+
+    @classmethod
+    def from_manifest(cls, image: dict) -> "ImageParams":
+        """The params a dataset was built with (its manifest's "image"); datasets built before
+        the mean/std were recorded are Qwen2.5-VL's."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: tuple(v) if isinstance(v, list) else v for k, v in image.items() if k in names}
+        return cls(**known)
+
+    def processor_mismatch(self, vision: VisionConfig) -> list[str]:
+        """How these params differ from the processor of the model `vision` describes ([] if not)."""
+        model = ImageParams.for_model(vision)
+        return [f"{name} {getattr(self, name)} (the model's: {getattr(model, name)})"
+                for name in ("patch_size", "merge_size", "temporal_patch_size", "mean", "std")
+                if getattr(self, name) != getattr(model, name)]
 
     @property
     def factor(self) -> int:
@@ -69,7 +110,7 @@ def grid_thw(height: int, width: int, params: ImageParams = ImageParams()) -> tu
 
 
 def vision_tokens(height: int, width: int, params: ImageParams = ImageParams()) -> int:
-    """Language-model tokens of an image at its smart_resize size: one per 28x28 px."""
+    """Language-model tokens of an image at its smart_resize size: one per factor x factor px."""
     return (height // params.factor) * (width // params.factor)
 
 

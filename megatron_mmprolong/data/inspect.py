@@ -11,11 +11,13 @@ from megatron_mmprolong.data.store import MultimodalStore
 
 
 def summary(store: MultimodalStore) -> str:
-    m, samples = store.manifest, store.samples
+    m, samples, image = store.manifest, store.samples, store.image_params
     counts = m["counts"]
     lengths = np.asarray(samples["tokens"])
     lines = [
         f"dataset      {store.prefix}",
+        f"model        {store.model_family}: {image.patch_size} px patches, {image.factor} px per token, "
+        f"mean {list(image.mean)} std {list(image.std)}",
         f"tokenizer    {m['tokenizer']['path']} (vocab {m['tokenizer']['vocab_size']})",
         f"rendering    {m['image']['format']} at {m['image']['dpi']} dpi via {m['image']['pdf_backend']}, "
         f"{m['image']['min_pixels']}..{m['image']['max_pixels']} px",
@@ -83,6 +85,7 @@ def length_histogram_png(store: MultimodalStore, path: str | Path, width: int = 
 def decode_sample(store: MultimodalStore, index: int, tokenizer) -> str:
     """The sample as text: image runs shown as markers, the loss tokens repeated at the end."""
     tokens = np.asarray(store.tokens[index])
+    patch = store.image_params.patch_size
     grids = store.image_grids(index)
     pieces, run, image = [], [], 0
     i = 0
@@ -94,7 +97,7 @@ def decode_sample(store: MultimodalStore, index: int, tokenizer) -> str:
             pieces.append(tokenizer.decode(run))
             run = []
             t, h, w = grids[image]
-            pieces.append(f"<image {image + 1}: {w * 14}x{h * 14} px, {end - i - 1} tokens>")
+            pieces.append(f"<image {image + 1}: {w * patch}x{h * patch} px, {end - i - 1} tokens>")
             image += 1
             i = end + 1
             continue

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megatron_mmprolong.data.images import ImageParams
 from megatron_mmprolong.patchify import patchify
 
 
@@ -76,7 +77,7 @@ def decoder(backend: str = "pil", device: str = "cpu"):
     raise ValueError(f"image backend must be pil or dali, got {backend!r}")
 
 
-def decode_pages(images: list[bytes], grids: np.ndarray, decode, patch: int = 14) -> np.ndarray:
+def decode_pages(images: list[bytes], grids: np.ndarray, decode, patch: int) -> np.ndarray:
     """Decoded images, checked against their grids, back to back: uint8 [pixels, 3]."""
     if not images:
         return np.zeros((0, 3), dtype=np.uint8)
@@ -87,17 +88,20 @@ def decode_pages(images: list[bytes], grids: np.ndarray, decode, patch: int = 14
     return np.concatenate([image.reshape(-1, 3) for image in decoded])
 
 
-def pixel_values(images: list[bytes], grids: np.ndarray, decode, patch: int = 14, merge: int = 2,
-                 temporal: int = 2) -> np.ndarray:
+def patchify_pages(pages: torch.Tensor, grids: torch.Tensor, image: ImageParams) -> torch.Tensor:
+    """`patchify` with the processor settings `image` (a dataset's, or a model family's)."""
+    return patchify(pages, grids, image.patch_size, image.merge_size, image.temporal_patch_size,
+                    mean=image.mean, std=image.std)
+
+
+def pixel_values(images: list[bytes], grids: np.ndarray, decode, image: ImageParams) -> np.ndarray:
     """transformers' `pixel_values` of all images of a sample: [sum of t*h*w, C*temporal*patch*patch]."""
-    decoded = torch.from_numpy(decode_pages(images, grids, decode, patch))
-    return patchify(decoded, torch.from_numpy(np.asarray(grids, dtype=np.int64)).reshape(-1, 3), patch, merge,
-                    temporal).numpy()
+    decoded = torch.from_numpy(decode_pages(images, grids, decode, image.patch_size))
+    return patchify_pages(decoded, torch.from_numpy(np.asarray(grids, dtype=np.int64)).reshape(-1, 3), image).numpy()
 
 
 def sample_pixels(store, index: int, decode) -> tuple[np.ndarray, np.ndarray]:
     """(pixel values, grids) of one sample of a `MultimodalStore`, with the store's image parameters."""
-    image, grids = store.manifest["image"], store.image_grids(index)
-    pixels = pixel_values(store.image_bytes(index), grids, decode, image["patch_size"], image["merge_size"],
-                          image["temporal_patch_size"])
+    grids = store.image_grids(index)
+    pixels = pixel_values(store.image_bytes(index), grids, decode, store.image_params)
     return pixels, grids

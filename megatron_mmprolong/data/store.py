@@ -5,11 +5,11 @@ builder (numpy, JSON and Megatron's IndexedDataset).
                                  placeholders already expanded (vision_start, N x image_pad, vision_end)
     PREFIX.loss_spans.{bin,idx}  int32 (start, end) pairs per sample: loss on answer tokens only
     PREFIX.images.{bin,idx}      uint8: one encoded image (PNG/JPEG) per sequence, at model size
-    PREFIX.image_grids.npy       int32 [images, 3]: (t, h, w) in 14 px patches
+    PREFIX.image_grids.npy       int32 [images, 3]: (t, h, w) in patches (manifest image.patch_size px)
     PREFIX.samples.npy           one row per sample (SAMPLE_DTYPE): lengths, image range, task, bin
     PREFIX.ids.json              source id of every sample
     PREFIX.rejects.jsonl         inputs that did not become samples, with location and reason
-    PREFIX.manifest.json         written last: format, tokenizer, image parameters, counts,
+    PREFIX.manifest.json         written last: format, model family, tokenizer, image parameters, counts,
                                  histograms, build arguments, each file's size (checked on
                                  opening) and checksum (checked by inspect-data --verify)
 """
@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from megatron_mmprolong.data.images import ImageParams
 
 FORMAT = "megatron-mmprolong/multimodal-store"
 FORMAT_VERSION = 1
@@ -218,6 +220,15 @@ class MultimodalStore:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def model_family(self) -> str:
+        """The family whose image processor the pages follow (datasets built before it was recorded: Qwen2.5-VL)."""
+        return self.manifest.get("model_family", "qwen2_5_vl")
+
+    @property
+    def image_params(self) -> ImageParams:
+        return ImageParams.from_manifest(self.manifest["image"])
 
     def task(self, index: int) -> str:
         return self.manifest["tasks"][int(self.samples[index]["task"])]

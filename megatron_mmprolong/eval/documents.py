@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from megatron_mmprolong.data.images import image_size, vision_tokens
+from megatron_mmprolong.data.images import ImageParams, image_size, vision_tokens
 from megatron_mmprolong.data.pdf import open_pdf
 from megatron_mmprolong.data.records import DocumentRecord, RecordError, read_jsonl
 from megatron_mmprolong.eval.dataset_qa import EvalError
@@ -59,12 +59,13 @@ def page_images(record: DocumentRecord, pages_dir: Path, dpi: int) -> list[str]:
 class PageTokens:
     """Tokens a page image takes in a prompt (its vision tokens and label), read once per path."""
 
-    def __init__(self):
+    def __init__(self, image: ImageParams):
+        self.image = image
         self._sizes: dict[str, int] = {}
 
     def __call__(self, path: str) -> int:
         if path not in self._sizes:
-            self._sizes[path] = vision_tokens(*image_size(path)) + PAGE_LABEL_TOKENS
+            self._sizes[path] = vision_tokens(*image_size(path), self.image) + PAGE_LABEL_TOKENS
         return self._sizes[path]
 
 

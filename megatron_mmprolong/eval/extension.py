@@ -21,7 +21,7 @@ import numpy as np
 
 from megatron_mmprolong.data.build import BuildConfig, build_dataset
 from megatron_mmprolong.data.chat import ChatTokenizer, load_tokenizer
-from megatron_mmprolong.data.images import ImageError
+from megatron_mmprolong.data.images import ImageError, ImageParams
 from megatron_mmprolong.data.pdf import PdfError
 from megatron_mmprolong.data.records import DocumentRecord
 from megatron_mmprolong.eval.dataset_qa import EvalError, QAResult, answer_resumably, score
@@ -37,6 +37,7 @@ class ExtensionConfig:
     lengths: tuple[int, ...] = (262144, 524288)
     dpi: int = 144
     seed: int = 0
+    model_family: str = "qwen2_5_vl"  # the evaluated model's: its image processor makes the pages
 
 
 def renumber_pages(question: str, shift: int) -> str:
@@ -85,15 +86,17 @@ def prepare_extension(config: ExtensionConfig, out: Path, progress: bool = True)
     if Path(f"{prefix}.manifest.json").is_file():
         return
     documents = check_inputs(config)
+    image = ImageParams.for_family(config.model_family)
     try:
         pages = [page_images(d, out / "pages", config.dpi) for d in documents]
-        records = extended_records(documents, pages, config.lengths, PageTokens(), config.seed)
+        records = extended_records(documents, pages, config.lengths, PageTokens(image), config.seed)
     except (PdfError, ImageError) as err:
         raise EvalError(str(err)) from None
     write_text_whole(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     build_dataset([out / "records.jsonl"], prefix, BuildConfig(
         tokenizer=config.tokenizer, seq_length=1024 * math.ceil(max(config.lengths) * 1.5 / 1024), dpi=config.dpi,
-        tasks=tuple(sorted({r["task"] for r in records})), shard_size=8), progress=progress)
+        tasks=tuple(sorted({r["task"] for r in records})), shard_size=8, model_family=config.model_family,
+        image=image), progress=progress)
 
 
 def run_extension_eval(model, config: ExtensionConfig, out_dir: str | Path, progress: bool = True,

@@ -73,8 +73,7 @@ class LocalChatBackend:
         input_ids = torch.tensor([ids], device=self.device)
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if images:
-            pixels = pixel_values(images, grids, PilDecoder(), self.image.patch_size, self.image.merge_size,
-                                  self.image.temporal_patch_size)
+            pixels = pixel_values(images, grids, PilDecoder(), self.image)
             dtype = next(self.model.parameters()).dtype
             inputs |= {"pixel_values": torch.from_numpy(pixels).to(self.device, dtype),
                        "image_grid_thw": torch.tensor(grids, device=self.device),
@@ -84,9 +83,10 @@ class LocalChatBackend:
 
 class TransformersChatBackend(LocalChatBackend):
     """transformers' model (Qwen2.5-VL or Qwen3-VL) from a checkpoint directory with its tokenizer: on the GPU in bf16
-    when there is one (or `dtype`), else on the CPU in fp32."""
+    when there is one (or `dtype`), else on the CPU in fp32. Images follow the model family's processor,
+    within `min_pixels`..`max_pixels` when given."""
 
-    def __init__(self, hf_dir: str | Path, image: ImageParams = ImageParams(), dtype=None):
+    def __init__(self, hf_dir: str | Path, min_pixels: int | None = None, max_pixels: int | None = None, dtype=None):
         import torch
 
         from megatron_mmprolong.config import VLConfig
@@ -99,7 +99,9 @@ class TransformersChatBackend(LocalChatBackend):
             raise CheckpointError(f"{hf_dir}: no tokenizer.json there; the checkpoint needs its tokenizer")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-        model = hf_model_class(VLConfig.from_hf_dir(hf_dir)).from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+        config = VLConfig.from_hf_dir(hf_dir)
+        model = hf_model_class(config).from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+        image = ImageParams.for_model(config.vision, min_pixels, max_pixels)
         super().__init__(model, ChatTokenizer(hf_dir), image, hf_dir.resolve().name, device)
 
 

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from megatron_mmprolong.data.build import BuildConfig, build_dataset
 from megatron_mmprolong.data.chat import ChatTokenizer
-from megatron_mmprolong.data.images import ImageError, vision_tokens
+from megatron_mmprolong.data.images import ImageError, ImageParams, vision_tokens
 from megatron_mmprolong.data.pdf import PdfError
 from megatron_mmprolong.data.synth import (NeedleGrid, SynthConfig, needle_docs, needle_page, needle_page_image,
                                            single_question)
@@ -51,6 +51,7 @@ class NeedleConfig:
     haystack: tuple[str, ...] = ()  # document records whose pages surround the needle
     dpi: int = 144  # rendering of PDF haystack records
     metric: str = "exact_match"  # of the grid and heat map: exact_match or f1
+    model_family: str = "qwen2_5_vl"  # the evaluated model's: its image processor makes the pages
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) <= PROMPT_TOKENS:
@@ -63,7 +64,7 @@ class NeedleConfig:
             raise EvalError(f"metric must be exact_match or f1, got {self.metric!r}")
 
     def tokens_per_page(self) -> int:
-        return vision_tokens(self.page_height, self.page_width) + PAGE_LABEL_TOKENS
+        return vision_tokens(self.page_height, self.page_width, ImageParams.for_family(self.model_family)) + PAGE_LABEL_TOKENS
 
     def pages(self) -> tuple[int, ...]:
         pages = tuple(max(1, round((n - PROMPT_TOKENS) / self.tokens_per_page())) for n in self.lengths)
@@ -86,8 +87,9 @@ def prepare_needle(config: NeedleConfig, out: Path, progress: bool = True) -> No
     prefix = out / "data" / "needle"
     if not Path(f"{prefix}.manifest.json").is_file():
         seq_length = 1024 * math.ceil(max(config.lengths) * 1.5 / 1024)
-        build_dataset([records], prefix, BuildConfig(tokenizer=config.tokenizer, seq_length=seq_length, shard_size=8),
-                      progress=progress)
+        build = BuildConfig(tokenizer=config.tokenizer, seq_length=seq_length, shard_size=8,
+                            model_family=config.model_family, image=ImageParams.for_family(config.model_family))
+        build_dataset([records], prefix, build, progress=progress)
 
 
 def haystack_docs(config: NeedleConfig, out: Path, synth: SynthConfig) -> Path:
@@ -100,7 +102,7 @@ def haystack_docs(config: NeedleConfig, out: Path, synth: SynthConfig) -> Path:
         pool = [page for document in documents for page in page_images(document, out / "pages", config.dpi)]
     except (PdfError, ImageError) as err:
         raise EvalError(str(err)) from None
-    page_tokens, lines = PageTokens(), []
+    page_tokens, lines = PageTokens(ImageParams.for_family(config.model_family)), []
     (out / "docs").mkdir(parents=True, exist_ok=True)
     for length in config.lengths:
         for depth in config.depths:

@@ -254,7 +254,8 @@ class VisionLanguageModel(MegatronModule):
 
     def _patchify(self, pages: Tensor, grids: Tensor) -> Tensor:
         vision = self.model_config.vision
-        return patchify(pages, grids, vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
+        return patchify(pages, grids, vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size,
+                        mean=vision.image_mean, std=vision.image_std)
 
     def _vision_dtype(self) -> torch.dtype:
         return self.vision_model.patch_embed.weight.dtype

@@ -61,7 +61,7 @@ def images_to_decode(grids: Tensor, share: PageShare) -> list[int]:
     return [owned[i] for i in tensor_slices(grids, share)[share.tensor_rank]]
 
 
-def gather_pages(pages: Tensor, grids: Tensor, share: PageShare, group, patch: int = 14, merge: int = 2) -> Tensor:
+def gather_pages(pages: Tensor, grids: Tensor, share: PageShare, group, patch: int, merge: int) -> Tensor:
     """This TP rank's decoded pages (uint8 [pixels, 3], `images_to_decode` order) -> the pages of
     the whole CP share, in `context_share` order, on every TP rank of `group`. Every TP rank
     calls it with the same grids (CPU)."""

@@ -6,8 +6,9 @@ target; the last one is cut at the page that reaches it. Every inserted page kee
 so its label names its own document; `ans_page_list` counts pages of the original document, so
 it stays as it is.
 
-Tokens are counted as Qwen2.5-VL counts them: the prompt's text with the Qwen2.5-VL tokenizer,
-each image as its smart_resize size over 28x28 px plus the vision start and end tokens.
+Tokens are counted as the evaluated model counts them (Qwen2.5-VL's rule for a served model): the
+prompt's text with its tokenizer, each image as its smart_resize size over 28x28 px (32x32 for
+Qwen3-VL) plus the vision start and end tokens.
 """
 
 from __future__ import annotations

@@ -47,10 +47,11 @@ class MMLongBenchConfig:
     seed: int = HARNESS_SEED
     min_pixels: int = ImageParams.min_pixels
     max_pixels: int = ImageParams.max_pixels
+    model_family: str = "qwen2_5_vl"  # whose image processor sizes the pages (served models: as Qwen2.5-VL)
 
     @property
     def image(self) -> ImageParams:
-        return ImageParams(min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return ImageParams.for_family(self.model_family, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
 
 @dataclass(frozen=True)
