@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from megatron_mmprolong.cli import main
-from megatron_mmprolong.config import ParallelConfig, Qwen25VLConfig, TextConfig
+from megatron_mmprolong.config import ParallelConfig, Qwen3VLConfig, Qwen25VLConfig, TextConfig, VLConfig
 from megatron_mmprolong.training import planner
 from megatron_mmprolong.training.planner import Cluster, Layout, Workload
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_qwen3vl_config
 from multiprocess import run_ranks
 from pages import for_this_rank, random_pages
 
@@ -31,6 +31,19 @@ def _config() -> Qwen25VLConfig:
     return dataclasses.replace(base, text=text, vision=vision)
 
 
+def _qwen3vl_config() -> Qwen3VLConfig:
+    """The same scale in Qwen3-VL's shape: heads x head dim (384) != hidden, q/k norms, no QKV
+    bias; LayerNorm, fc1/fc2 vision MLPs, position grid, three deepstack levels."""
+    base = tiny_qwen3vl_config(heads=8, kv_heads=2, head_dim=48, mrope_section=(8, 8, 8))
+    text = dataclasses.replace(base.text, vocab_size=4096, hidden_size=256, intermediate_size=768)
+    vision = dataclasses.replace(base.vision, hidden_size=128, num_heads=4, intermediate_size=256,
+                                 out_hidden_size=256)
+    return dataclasses.replace(base, text=text, vision=vision)
+
+
+CONFIGS = {"qwen2.5-vl": _config, "qwen3-vl": _qwen3vl_config}
+
+
 def _batch(config, alignment):
     from megatron_mmprolong.convert.parity import make_sample
     from megatron_mmprolong.data.loader import Segment, assemble_pack
@@ -44,11 +57,11 @@ def _batch(config, alignment):
         sample = make_sample(config, generator, images=[PAGE] * PAGES_PER_SAMPLE, text_tokens=text)
         tokens = sample.input_ids[0].numpy().astype(np.int64)
         segments.append(Segment(tokens, rng.random(len(tokens)) < 0.5, sample.image_grid_thw.numpy()))
-        pixels.append(random_pages(sample.image_grid_thw.numpy(), rng))
+        pixels.append(random_pages(sample.image_grid_thw.numpy(), rng, config.vision.patch_size))
     return assemble_pack(segments, np.concatenate(pixels), alignment, special, 2)
 
 
-def _measure(layout: dict, recompute: str, microbatches: int) -> dict:
+def _measure(layout: dict, recompute: str, microbatches: int, family: str = "qwen2.5-vl") -> dict:
     """On every rank: peak bytes of two fp32 training steps (model, DDP, Adam built inside the
     measurement), its parameter count and the packed length."""
     from megatron.core import parallel_state as ps
@@ -64,9 +77,9 @@ def _measure(layout: dict, recompute: str, microbatches: int) -> dict:
 
     parallel = ParallelConfig(**layout)
     runtime.initialize(parallel)
-    config = _config()
+    config = CONFIGS[family]()
     batch = for_this_rank(_batch(config, Alignment(parallel.context_parallel, parallel.tensor_parallel,
-                                                   parallel.sequence_parallel)))
+                                                   parallel.sequence_parallel)), config.vision.patch_size)
     overrides = {"none": {}, "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
                  "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
     tracker = PeakMemory()
@@ -97,19 +110,23 @@ LAYOUTS = {
     "pp2-two-microbatches": (dict(pipeline_parallel=2), 2, "none", 2),
     "cp2": (dict(context_parallel=2), 2, "none", 1),
     "dp2": ({}, 2, "none", 1),
+    "qwen3vl-single": ({}, 1, "none", 1, "qwen3-vl"),
+    "qwen3vl-tp2-sp": (dict(tensor_parallel=2, sequence_parallel=True), 2, "none", 1, "qwen3-vl"),
+    "qwen3vl-full-recompute": ({}, 1, "full", 1, "qwen3-vl"),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_memory_estimate_within_15_percent_of_measured_peak(name):
-    layout, world, recompute, microbatches = LAYOUTS[name]
-    ranks = run_ranks(_measure, world, layout, recompute, microbatches)
+    layout, world, recompute, microbatches, *family = LAYOUTS[name]
+    family = family[0] if family else "qwen2.5-vl"
+    ranks = run_ranks(_measure, world, layout, recompute, microbatches, family)
     tp, cp, pp = (layout.get(k, 1) for k in ("tensor_parallel", "context_parallel", "pipeline_parallel"))
     plan_layout = Layout(tp, cp, pp, world // (tp * cp * pp), recompute, distributed_optimizer=False)
     tokens = ranks[0]["tokens"]
     workload = Workload(tokens, global_batch=plan_layout.dp * microbatches, params_bytes=4, page_grid=PAGE,
                         image_fraction=2 * PAGES_PER_SAMPLE * (PAGE[1] * PAGE[2] // 4) / tokens)
-    config = _config()
+    config = CONFIGS[family]()
     for rank in ranks:  # parameter counts, per stage and TP shard, equal the model's
         assert planner.stage_parameters(config, tp, pp, rank["stage"]).total == rank["params"]
     estimate = planner.estimate_memory(config, workload, plan_layout, backend="local")
@@ -173,20 +190,84 @@ def test_plan_rejects_bad_input(capsys):
     assert "no layout fits" in capsys.readouterr().out
 
 
-def test_the_7b_recipe_layout_fits_only_with_its_recompute():
-    """examples/mmprolong_7b_128k.yaml on its 8 x 8 H100: the planner agrees with its choices."""
+@pytest.mark.parametrize("recipe_name", ["mmprolong_7b_128k.yaml", "qwen3vl_8b_128k.yaml"])
+def test_the_128k_recipe_layouts_fit_only_with_their_recompute(recipe_name):
+    """examples/*_128k.yaml on their 8 x 8 H100: the planner agrees with their choices."""
     from pathlib import Path
 
     from megatron_mmprolong.training.arguments import read_recipe
 
-    recipe = read_recipe(Path(__file__).parents[1] / "examples" / "mmprolong_7b_128k.yaml")
+    recipe = read_recipe(Path(__file__).parents[1] / "examples" / recipe_name)
     tp, cp = recipe["tensor_model_parallel_size"], recipe["context_parallel_size"]
     workload = Workload(recipe["seq_length"], recipe["global_batch_size"], fp8=recipe["fp8_format"] is not None)
     layout = Layout(tp, cp, 1, 64 // (tp * cp), recipe["recompute_granularity"], recipe["use_distributed_optimizer"])
-    config = Qwen25VLConfig.preset(recipe["model"])
+    config = VLConfig.preset(recipe["model"])
     assert planner.estimate_memory(config, workload, layout, reserved_gib=4).total <= 80 * planner.GIB
     without = dataclasses.replace(layout, recompute="none")
     assert planner.estimate_memory(config, workload, without, reserved_gib=4).total > 80 * planner.GIB
+
+
+def test_qwen3vl_recipe_keeps_its_rope_base():
+    """128K is inside Qwen3-VL's pretrained 256K window: the recipe keeps base 5e6."""
+    from pathlib import Path
+
+    from megatron_mmprolong.training.arguments import read_recipe
+
+    recipe = read_recipe(Path(__file__).parents[1] / "examples" / "qwen3vl_8b_128k.yaml")
+    config = VLConfig.preset(recipe["model"])
+    assert recipe["rotary_base"] == config.text.rope_theta == 5e6
+    assert recipe["seq_length"] <= config.text.max_position_embeddings
+
+
+@pytest.mark.parametrize("name", ["7b", "qwen3vl-2b", "qwen3vl-8b"])
+def test_parameter_counts_equal_transformers_on_meta(name):
+    """Every family's parameters (LayerNorm biases, fc1/fc2 MLPs, patch-embedding bias, position
+    grid, deepstack mergers, q/k norms, no QKV bias, tied embeddings) counted as transformers builds them."""
+    from megatron_mmprolong.convert.transformers_model import hf_model_class, hf_model_config
+
+    config = VLConfig.preset(name)
+    with torch.device("meta"):
+        hf = hf_model_class(config)(hf_model_config(config))
+    total = sum(p.numel() for p in hf.parameters())  # a tied embedding once
+    vision = sum(p.numel() for p in hf.model.visual.parameters())
+    counted = planner.stage_parameters(config, 1, 1, 0)
+    assert (counted.total, counted.vision) == (total, vision)
+
+
+def test_deepstack_memory_scales_with_levels():
+    config = Qwen3VLConfig.preset("qwen3vl-8b")
+    workload, layout = Workload(131072, global_batch=16), Layout(2, 4, 2, 8, "full")
+    one = dataclasses.replace(config, vision=dataclasses.replace(config.vision, deepstack_visual_indexes=(8,)))
+    memory = planner._stage_memory(config, workload, layout, "te", 0.0, 0)
+    single = planner._stage_memory(one, workload, layout, "te", 0.0, 0)
+    # [tokens / CP / TP (SP), levels, hidden] bf16 per micro-batch, two in flight on stage 0 of 2
+    assert memory.deepstack == 2 * 131072 / 4 / 2 * 3 * 4096 * 2
+    assert memory.deepstack == pytest.approx(3 * single.deepstack)
+    assert memory.vision > single.vision  # two more mergers and their taps
+    assert planner._stage_memory(config, workload, layout, "te", 0.0, 1).deepstack == 0  # not on the last stage
+    assert planner.estimate_memory(Qwen25VLConfig.preset("7b"), workload, layout).deepstack == 0
+
+
+def test_qwen3vl_vision_blocks_keep_two_mlp_matrices():
+    """The fc1 -> act -> fc2 MLP keeps 2 ffn-wide tensors per patch, SwiGLU 3 (TE)."""
+    config = Qwen3VLConfig.preset("qwen3vl-8b")
+    v = config.vision
+    gated = dataclasses.replace(config, vision=dataclasses.replace(v, gated_mlp=True))
+    workload, layout = Workload(131072, global_batch=8), Layout(2, 4, 1, 8)
+    patches = float(workload.image_grids(config).prod(1).sum()) / 4
+    extra = v.depth * (planner.TE_SAVED.ffn - planner.TE_SAVED.plain_ffn) * v.intermediate_size / 2 * patches * 2
+    difference = (planner.estimate_memory(gated, workload, layout).vision
+                  - planner.estimate_memory(config, workload, layout).vision)
+    assert planner.TE_SAVED.plain_ffn == 2 and difference == pytest.approx(extra)
+
+
+def test_qwen3vl_8b_plan_on_the_command_line(capsys):
+    assert main(["plan", "--preset", "qwen3vl-8b", "--seq-length", "131072", "--nodes", "8", "--fp8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Qwen3-VL qwen3vl-8b:") and "deepst." in out and "sbatch --nodes=8" in out
+    # its pages are 32 px per token: a Letter page at 144 DPI is 1.9K tokens
+    assert planner.letter_page_grid(Qwen3VLConfig.preset("qwen3vl-8b")) == (1, 76, 100)
+    assert planner.letter_page_grid(Qwen25VLConfig.preset("7b")) == (1, 88, 114)
 
 
 def test_printed_arguments_override_the_recipe():

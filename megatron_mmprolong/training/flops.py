@@ -1,10 +1,19 @@
-"""Model FLOPs of Qwen2.5-VL, counted from the shapes of its matmuls (forward; training is 3x).
+"""Model FLOPs of a Qwen vision-language model (Qwen2.5-VL, Qwen3-VL dense), counted from the
+shapes of its matmuls (forward; training is 3x). Every term follows a config field, so both
+families share one count.
 
-Language model: per token, the QKV, output, SwiGLU and vocabulary projections; per packed
-sample of s tokens, causal attention's score and value matmuls (s^2/2 each). Vision encoder:
-per patch, the patch embedding and every block's linears; attention within each window (window
-blocks) or frame (full blocks); the merger per merged token. Recompute is not counted (model
-FLOPs, as MFU reports them).
+Language model: per token, the QKV (heads x `head_dim`, which Qwen3 sets apart from hidden /
+heads), output, SwiGLU and vocabulary projections; per packed sample of s tokens, causal
+attention's score and value matmuls (s^2/2 each). QKV biases (Qwen2.5), q/k norms (Qwen3) and
+the deepstack additions are element-wise: no matmul FLOPs.
+
+Vision encoder: per patch, the patch embedding and every block's linears, the MLP with three
+matrices when `gated_mlp` (SwiGLU) or two (fc1 -> act -> fc2); attention within each window
+(window blocks) or frame (full blocks, and every block when `window_size` is None); per merged
+token, the merger and each deepstack merger (one per `deepstack_visual_indexes` entry, the
+merger's shape). The learned position grid's bilinear resample is a gather and a weighted sum
+of four rows per patch: negligible, and not counted. Recompute is not counted (model FLOPs, as
+MFU reports them).
 """
 
 from __future__ import annotations
@@ -37,15 +46,20 @@ def vision_flops(config: VLConfig, grids) -> float:
         return 0.0
     patches = float(grids.prod(1).sum())
     hidden = v.hidden_size
-    per_block = 4 * hidden * hidden + 3 * hidden * v.intermediate_size  # qkv + proj, SwiGLU
+    mlp_matrices = 3 if v.gated_mlp else 2
+    per_block = 4 * hidden * hidden + mlp_matrices * hidden * v.intermediate_size  # qkv + proj, MLP
     linear = 2.0 * patches * (v.patch_dim * hidden + v.depth * per_block)
     merged = patches / v.spatial_merge_size**2
-    merger = 2.0 * merged * (v.merger_hidden_size**2 + v.merger_hidden_size * v.out_hidden_size)
-    full_blocks = len(v.fullatt_block_indexes)
+    mergers = 1 + config.deepstack_levels
+    merger = 2.0 * mergers * merged * (v.merger_hidden_size**2 + v.merger_hidden_size * v.out_hidden_size)
     frame = grids[:, 1] * grids[:, 2]
     full = float((grids[:, 0] * frame**2).sum())
-    windows = _window_square_sum(grids, v.window_merged_tokens, v.spatial_merge_size)
-    attention = 4.0 * hidden * (full_blocks * full + (v.depth - full_blocks) * windows)
+    if v.window_merged_tokens is None:
+        attention = 4.0 * hidden * v.depth * full
+    else:
+        full_blocks = len(v.fullatt_block_indexes)
+        windows = _window_square_sum(grids, v.window_merged_tokens, v.spatial_merge_size)
+        attention = 4.0 * hidden * (full_blocks * full + (v.depth - full_blocks) * windows)
     return linear + merger + attention
 
 

@@ -11,7 +11,11 @@ Memory is estimated for the busiest pipeline stage, per GPU:
   stage under 1F1B (the first stage holds PP of them). Full recompute keeps only each layer's input
   and rebuilds one layer at a time; selective recompute drops core attention's saved tensors.
 - the vision encoder's blocks and merger on the first stage (each CP rank encodes its own images),
-  and on the last stage the fp32 logits [tokens, vocab / TP] that the cross entropy keeps.
+  and on the last stage the fp32 logits [tokens, vocab / TP] that the cross entropy keeps. Windows
+  or none (Qwen3-VL) change no saved tensor: attention keeps no scores.
+- deepstack (Qwen3-VL), on the first stage: per micro-batch in flight, the features of every level
+  [tokens / CP (/ TP with SP), levels, hidden] that ride to the first language layers, and on the
+  vision side each deepstack merger's activations and the tapped block outputs.
 - in backward, the largest gradient (the MLP's gate/up output) and, with full recompute, the
   layer being rebuilt (the logits are gone by then); and a fixed reserve for the CUDA context, NCCL buffers and fragmentation.
 
@@ -55,9 +59,12 @@ class GpuSpec:
 @dataclass(frozen=True)
 class SavedTensors:
     """Elements one transformer layer keeps for backward, per token, in units of a dimension:
-    `norm` x hidden (sharded by SP), `heads` x hidden and `kv` x (KV heads x head dim) and `ffn` x
-    ffn size (sharded by TP), `rotary` x head dim (not sharded). With CP, `gathered` x hidden per
-    token of the whole CP group and a `mask` of bytes per (local token, group token) pair."""
+    `norm` x hidden (sharded by SP; `layernorm` instead for LayerNorm blocks), `heads` x (heads x
+    head dim) and `kv` x (KV heads x head dim) and `ffn` x ffn size (sharded by TP; `plain_ffn`
+    instead for an fc1 -> act -> fc2 MLP), `qk_norm` x (heads + KV heads) x head dim where queries
+    and keys are normed (sharded by TP), `rotary` x head dim (not sharded). With CP, `gathered` x
+    (heads x head dim) per token of the whole CP group and a `mask` of bytes per (local token,
+    group token) pair."""
 
     norm: float
     heads: float
@@ -66,21 +73,26 @@ class SavedTensors:
     rotary: float
     gathered: float = 0.0
     mask: float = 0.0
+    plain_ffn: float = 2.0  # the activation's input (fc1 output) and the fc2 input
+    layernorm: float = 4.0  # per norm its input and normalised output
+    qk_norm: float = 1.0
 
 
 # Transformer Engine (GPU): LayerNormLinear keeps its input and normalised output (2 per norm);
 # flash attention keeps q, k, v and its output, which is also the projection's input; the fused
 # SwiGLU keeps the gate/up output (2 ffn) and the down projection its input (1 ffn); fused RoPE
-# keeps only the shared angles.
+# keeps only the shared angles; a q/k norm (TENorm) keeps its input, the fused RoPE takes its output.
 TE_SAVED = SavedTensors(norm=4, heads=2, kv=2, ffn=3, rotary=0)
 # The plain-torch backend (CPU), as measured by tests/test_planner.py: the RMSNorm keeps its input,
 # normalised and scaled outputs (3 per norm); attention keeps q and k, v repeated to every query head,
 # its output and the re-ordered output the projection takes; SwiGLU keeps gate/up, silu(gate) and
 # up (4 ffn) and the down projection its input; cos and sin for q and k. With CP it gathers k and v
-# of the whole group and keeps a boolean mask of the local queries against them.
-LOCAL_SAVED = SavedTensors(norm=6, heads=3, kv=0, ffn=5, rotary=4, gathered=2, mask=1)
+# of the whole group and keeps a boolean mask of the local queries against them. Its q/k RMSNorm
+# keeps 3 per element as the other RMSNorms do; LayerNorm keeps its input and output (2 per norm).
+LOCAL_SAVED = SavedTensors(norm=6, heads=3, kv=0, ffn=5, rotary=4, gathered=2, mask=1, qk_norm=3)
 # Selective recompute (core attention): only attention's inputs stay (q, k, v) with the output.
-SELECTIVE_SAVED = {"te": TE_SAVED, "local": SavedTensors(norm=6, heads=2, kv=2, ffn=5, rotary=4)}
+SELECTIVE_SAVED = {"te": TE_SAVED,
+                   "local": SavedTensors(norm=6, heads=2, kv=2, ffn=5, rotary=4, qk_norm=3)}
 SAVED = {"te": TE_SAVED, "local": LOCAL_SAVED}
 RECOMPUTE = ("none", "selective", "full")
 
@@ -88,7 +100,8 @@ RECOMPUTE = ("none", "selective", "full")
 @dataclass(frozen=True)
 class Workload:
     """What one step trains: packed sequences of `seq_length` tokens, `image_fraction` of them
-    image tokens from pages of `page_grid` patches (T, H, W); samples of `sample_length` tokens
+    image tokens from pages of `page_grid` patches (T, H, W; default: a Letter page at 144 DPI as
+    the family's processor sizes it, `letter_page_grid`); samples of `sample_length` tokens
     (default: one per sequence, the costliest attention)."""
 
     seq_length: int
@@ -96,7 +109,7 @@ class Workload:
     micro_batch: int = 1
     sample_length: int | None = None
     image_fraction: float = 0.9
-    page_grid: tuple[int, int, int] = (1, 88, 114)  # a Letter page at 144 DPI: ~2.5K tokens
+    page_grid: tuple[int, int, int] | None = None
     params_bytes: int = 2  # 2: bf16 with fp32 main weights; 4: fp32
     fp8: bool = False
 
@@ -107,10 +120,19 @@ class Workload:
 
     def image_grids(self, config: VLConfig) -> np.ndarray:
         """Pages of one sequence, as many as its image tokens need."""
-        grid = np.array(self.page_grid, dtype=np.int64)
+        grid = np.array(self.page_grid or letter_page_grid(config), dtype=np.int64)
         tokens = int(grid.prod()) // config.vision.spatial_merge_size**2
         pages = math.floor(self.image_fraction * self.seq_length / tokens + 1e-9)
         return np.tile(grid, (pages, 1))
+
+
+def letter_page_grid(config: VLConfig) -> tuple[int, int, int]:
+    """Patches (T, H, W) of a Letter page rendered at 144 DPI (1224 x 1584 px) with each side rounded
+    to the family's merged-token size: (1, 88, 114), ~2.5K tokens, with Qwen2.5-VL's 28 px;
+    (1, 76, 100), 1.9K tokens, with Qwen3-VL's 32 px."""
+    v = config.vision
+    side = v.merged_token_px
+    return (1, round(1224 / side) * v.spatial_merge_size, round(1584 / side) * v.spatial_merge_size)
 
 
 @dataclass(frozen=True)
@@ -164,6 +186,7 @@ class Memory:
     optimizer: float
     activations: float  # language model layers, all micro-batches in flight
     vision: float
+    deepstack: float  # the deepstack features riding to the first language layers
     logits: float  # kept until the loss's backward, which frees them before any layer is rebuilt
     rebuilt: float  # full recompute: the one layer being rebuilt in backward
     workspace: float  # the largest gradient in flight
@@ -171,7 +194,7 @@ class Memory:
 
     @property
     def total(self) -> float:
-        return (self.weights + self.gradients + self.optimizer + self.activations + self.vision
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.vision + self.deepstack
                 + max(self.logits, self.rebuilt) + self.workspace + self.reserved)
 
 
@@ -201,22 +224,32 @@ class StageParameters:
 def language_layer_parameters(config: VLConfig, tp: int) -> float:
     t = config.text
     qkv = (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
-    sharded = qkv * (t.hidden_size + 1) + t.num_attention_heads * t.head_dim * t.hidden_size \
+    sharded = qkv * (t.hidden_size + int(t.qkv_bias)) + t.num_attention_heads * t.head_dim * t.hidden_size \
         + 3 * t.hidden_size * t.intermediate_size
-    return sharded / tp + 2 * t.hidden_size  # the two norms are replicated
+    replicated = 2 * t.hidden_size + (2 * t.head_dim if t.qk_norm else 0)  # the two norms, q/k norms per head
+    return sharded / tp + replicated
+
+
+def _norm_parameters(normalization: str, width: int) -> int:
+    return 2 * width if normalization == "LayerNorm" else width  # LayerNorm has a bias
 
 
 def vision_parameters(config: VLConfig, tp: int) -> float:
-    """Patch embedding, blocks and merger; the norms, the patch embedding and row-parallel
-    biases are replicated over the vision TP group."""
+    """Patch embedding (and its bias), position grid, blocks, merger and deepstack mergers; the
+    norms, the patch embedding, the position grid and row-parallel biases are replicated over the
+    vision TP group."""
     v = config.vision
     h, f, m = v.hidden_size, v.intermediate_size, v.merger_hidden_size
-    block_sharded = 3 * h * (h + 1) + h * h + 2 * f * (h + 1) + f * h
-    block_replicated = 2 * h + h + h  # norms, projection and down-projection biases
+    fc1 = (2 if v.gated_mlp else 1) * f  # gate and up, or fc1
+    block_sharded = 3 * h * (h + 1) + h * h + fc1 * (h + 1) + f * h
+    block_replicated = 2 * _norm_parameters(v.normalization, h) + h + h  # norms, proj and fc2 biases
     merger_sharded = m * (m + 1) + m * v.out_hidden_size
-    merger_replicated = h + v.out_hidden_size
-    return (v.patch_dim * h + v.depth * (block_sharded / tp + block_replicated)
-            + merger_sharded / tp + merger_replicated)
+    levels = config.deepstack_levels
+    # the merger norms each patch; a deepstack merger norms each group of merge x merge patches
+    merger_norms = _norm_parameters(v.normalization, h) + levels * _norm_parameters(v.normalization, m)
+    embedding = v.patch_dim * h + (h if v.patch_embed_bias else 0) + v.num_position_embeddings * h
+    return (embedding + v.depth * (block_sharded / tp + block_replicated)
+            + (1 + levels) * (merger_sharded / tp + v.out_hidden_size) + merger_norms)
 
 
 def stage_parameters(config: VLConfig, tp: int, pp: int, stage: int) -> StageParameters:
@@ -236,13 +269,26 @@ def stage_parameters(config: VLConfig, tp: int, pp: int, stage: int) -> StagePar
 
 # ---- memory ---------------------------------------------------------------------------------
 
-def _layer_bytes(saved: SavedTensors, hidden: int, kv: int, ffn: int, head_dim: int, tp: int, sp: bool,
-                 element: int, tokens: float, cp: int = 1) -> float:
-    """Bytes one layer keeps for `tokens` tokens on one rank (tokens / CP of a sequence)."""
-    per_token = (saved.norm * hidden / (tp if sp else 1) + (saved.heads * hidden + saved.kv * kv
-                 + saved.ffn * ffn + saved.gathered * hidden * cp) / tp + saved.rotary * head_dim)
+def _layer_bytes(saved: SavedTensors, hidden: int, heads_width: int, kv: int, ffn: int, head_dim: int, tp: int,
+                 sp: bool, element: int, tokens: float, cp: int = 1, gated: bool = True, layernorm: bool = False,
+                 qk_norm: bool = False) -> float:
+    """Bytes one layer keeps for `tokens` tokens on one rank (tokens / CP of a sequence);
+    `heads_width` is heads x head dim (the hidden size unless the head dim is explicit)."""
+    norm = saved.layernorm if layernorm else saved.norm
+    mlp = saved.ffn if gated else saved.plain_ffn
+    qk = saved.qk_norm * (heads_width + kv) if qk_norm else 0.0
+    per_token = (norm * hidden / (tp if sp else 1) + (saved.heads * heads_width + saved.kv * kv + mlp * ffn + qk
+                 + saved.gathered * heads_width * cp) / tp + saved.rotary * head_dim)
     mask = saved.mask * tokens * tokens * cp if cp > 1 else 0.0
     return per_token * tokens * element + mask
+
+
+def deepstack_bytes(config: VLConfig, workload: Workload, layout: Layout) -> float:
+    """The deepstack features of one micro-batch on the first stage: [tokens / CP (/ TP with SP),
+    micro batch, levels, hidden] in the activation dtype, kept from the embedding until the
+    backward of language layer `levels - 1` (zeros at text rows, so dense)."""
+    rows = workload.seq_length / layout.cp / (layout.tp if layout.sequence_parallel else 1)
+    return rows * workload.micro_batch * config.deepstack_levels * config.text.hidden_size * workload.params_bytes
 
 
 def estimate_memory(config: VLConfig, workload: Workload, layout: Layout, backend: str = "te",
@@ -268,17 +314,18 @@ def _stage_memory(config, workload, layout, backend, reserved_gib, stage) -> Mem
     layers = t.num_layers // pp
     kv = t.num_key_value_heads * t.head_dim
     saved = (SELECTIVE_SAVED if layout.recompute == "selective" else SAVED)[backend]
-    dims = (t.hidden_size, kv, t.intermediate_size, t.head_dim, tp, sp, act_bytes, tokens, cp)
+    dims = (t.hidden_size, t.num_attention_heads * t.head_dim, kv, t.intermediate_size, t.head_dim, tp, sp,
+            act_bytes, tokens, cp)
     if layout.recompute == "full":
         kept = t.hidden_size / (tp if sp else 1) * tokens * act_bytes  # each layer's input
-        rebuilt = _layer_bytes(SAVED[backend], *dims)
+        rebuilt = _layer_bytes(SAVED[backend], *dims, qk_norm=t.qk_norm)
     else:
-        kept = _layer_bytes(saved, *dims)
+        kept = _layer_bytes(saved, *dims, qk_norm=t.qk_norm)
         rebuilt = 0.0
     activations = in_flight * layers * kept
     workspace = 2 * t.intermediate_size / tp * tokens * act_bytes  # gradient of the gate/up output
 
-    vision = 0.0
+    vision = deepstack = 0.0
     if stage == 0:
         grids = workload.image_grids(config)
         patches = float(grids.prod(1).sum()) / cp * workload.micro_batch if len(grids) else 0.0
@@ -286,17 +333,26 @@ def _stage_memory(config, workload, layout, backend, reserved_gib, stage) -> Mem
             # windows and frames are local to the rank: k and v count as local heads, no mask
             local = SAVED[backend]
             local = dataclasses.replace(local, heads=local.heads + local.gathered, gathered=0, mask=0)
-            block = _layer_bytes(local, v.hidden_size,
-                                 v.hidden_size, v.intermediate_size, v.head_dim, tp, False, act_bytes, patches)
+            block = _layer_bytes(local, v.hidden_size, v.hidden_size, v.hidden_size, v.intermediate_size, v.head_dim,
+                                 tp, False, act_bytes, patches, gated=v.gated_mlp,
+                                 layernorm=v.normalization == "LayerNorm")
             kept_block = v.hidden_size * patches * act_bytes if layout.recompute == "full" else block
-            merger = 5 * v.hidden_size  # norm input and output per patch, 3 x merged width per merged token
-            vision = in_flight * (v.depth * kept_block + (merger + v.patch_dim) * patches * act_bytes)
+            levels = config.deepstack_levels
+            # per merger: norm input and output per patch (a deepstack merger's per group, as
+            # wide), 3 x merged width per merged token; the block output holds the tapped
+            # outputs beside the last one until the mergers' backward
+            mergers = (1 + levels) * 5 * v.hidden_size + levels * v.hidden_size
+            if layout.recompute == "full":
+                # each block's checkpoint also keeps the taps so far (1, 2, ... levels outputs)
+                mergers += levels * (levels + 1) / 2 * v.hidden_size
+            vision = in_flight * (v.depth * kept_block + (mergers + v.patch_dim) * patches * act_bytes)
+            deepstack = in_flight * deepstack_bytes(config, workload, layout)
             if layout.recompute == "full":
                 rebuilt = max(rebuilt, block)
     logits = 0.0
     if stage == pp - 1:
         logits = 4.0 * tokens * t.vocab_size / tp  # fp32 softmax kept by the cross entropy
-    return Memory(stage, weights, gradients, optimizer, activations, vision, logits, rebuilt, workspace,
+    return Memory(stage, weights, gradients, optimizer, activations, vision, deepstack, logits, rebuilt, workspace,
                   reserved_gib * GIB)
 
 
@@ -419,7 +475,7 @@ def format_report(name: str, estimates: list[Estimate], workload: Workload, clus
              f"{precision}",
              f"{len(estimates)} layouts considered, {len(fitting)} fit in memory"]
     header = (f"{'TP':>3} {'CP':>3} {'PP':>3} {'DP':>4} {'recompute':>9} | {'states':>7} {'activ.':>7} "
-              f"{'vision':>7} {'logits':>7} {'total':>7} GiB | {'step s':>8} {'TFLOP/s':>8}")
+              f"{'vision':>7} {'deepst.':>7} {'logits':>7} {'total':>7} GiB | {'step s':>8} {'TFLOP/s':>8}")
     shown = (fitting or estimates)[:top]
     if not fitting:
         lines.append("no layout fits; the smallest ones:")
@@ -429,7 +485,8 @@ def format_report(name: str, estimates: list[Estimate], workload: Workload, clus
         m, lay = e.memory, e.layout
         states = (m.weights + m.gradients + m.optimizer) / GIB
         lines.append(f"{lay.tp:>3} {lay.cp:>3} {lay.pp:>3} {lay.dp:>4} {lay.recompute:>9} | {states:7.1f} "
-                     f"{m.activations / GIB:7.1f} {m.vision / GIB:7.1f} {m.logits / GIB:7.1f} {m.total / GIB:7.1f}     | "
+                     f"{m.activations / GIB:7.1f} {m.vision / GIB:7.1f} {m.deepstack / GIB:7.1f} {m.logits / GIB:7.1f} "
+                     f"{m.total / GIB:7.1f}     | "
                      f"{e.step_seconds:8.2f} {e.tflops_per_gpu:8.0f}")
     if fitting:
         best = fitting[0]
