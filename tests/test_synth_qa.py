@@ -377,7 +377,7 @@ def test_the_transformers_backend_sees_pages_as_build_data_stores_them(preset, t
 
     tiny_generator = _tiny_chat_checkpoint(tmp_path / "model", preset)
     vision = VLConfig.preset(preset).vision
-    image = ImageParams.for_model(vision, max_pixels=vision.merged_token_px**2 * 64)
+    image = ImageParams.for_model(vision, min_pixels=vision.merged_token_px**2 * 4, max_pixels=vision.merged_token_px**2 * 64)
     pdf, question = CORPUS / "pdflatex-4-pages.pdf", "On page 3, what?"
     pages = render_pages(str(pdf), [2, 3], 72, image, "auto")
     content = [text_part("Page 2:"), image_part(pages[0]), text_part("Page 3:"), image_part(pages[1]), text_part(question)]
