@@ -1,4 +1,5 @@
-"""Rotary angles of Qwen2.5-VL, computed per token on the device of the positions.
+"""Rotary angles of Qwen2.5-VL and Qwen3-VL (M-RoPE, contiguous or interleaved sections, and the
+vision encoder's 2D rotary), computed per token on the device of the positions.
 
 Both modules return angles shaped [tokens, batch, 1, head_dim] in float32 (Megatron's rotary
 layout, rotate-half convention), one value per token: a packed or context-parallel sequence

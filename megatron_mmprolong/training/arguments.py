@@ -95,8 +95,9 @@ class Arg:
 
 
 ARGUMENTS: tuple[Arg, ...] = (
-    Arg("model", "model preset (3b, 7b, 32b, 72b, tiny, tiny-tied); ignored when --load or --hf-config gives one"),
-    Arg("hf_config", "directory with a Qwen2.5-VL config.json to take the model from"),
+    Arg("model", "model preset (3b, 7b, 32b, 72b, qwen3vl-2b/4b/8b/32b, tiny, tiny-1k, qwen3vl-tiny-1k, ...); "
+                 "ignored when --load or --hf-config gives one"),
+    Arg("hf_config", "directory with a Qwen2.5-VL or Qwen3-VL config.json to take the model from"),
     Arg("rotary_base", "M-RoPE base (the recipe raises 1e6 to 4e6 for 128K)", "model.rope_theta"),
     Arg("freeze_vision", "do not train the vision blocks and patch embedding"),
     Arg("freeze_merger", "do not train the vision merger"),
