@@ -440,6 +440,7 @@ def test_position_loss_on_a_megatron_checkpoint_equals_transformers(dataset, tmp
 def test_eval_qa_continues_after_a_kill(dataset, tmp_path, monkeypatch, capsys):
     """A killed `eval qa` keeps what it answered; the rerun asks only the rest."""
     from megatron_mmprolong import cli
+    from megatron_mmprolong.config import VLConfig
 
     store, tokenizer = dataset
     asked = []
@@ -457,6 +458,7 @@ def test_eval_qa_continues_after_a_kill(dataset, tmp_path, monkeypatch, capsys):
 
     out = tmp_path / "qa.json"
     args = ["eval", "qa", "--hf-dir", str(tmp_path), "--data", store.prefix, "--out", str(out)]
+    monkeypatch.setattr(cli, "_evaluated_config", lambda _: VLConfig.preset("tiny-1k"))  # the scripted model's
     monkeypatch.setattr(cli, "_eval_model", lambda _: (scripted(3), True, lambda: None))
     with pytest.raises(Killed):
         main(args)
