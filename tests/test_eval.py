@@ -509,6 +509,10 @@ def test_extension_pads_to_each_length_and_keeps_the_evidence(tiny_train_data, t
         tokens = report["by_length"][str(length)]["context_tokens"]
         assert length - 150 < tokens < length + 150  # within about a page
     assert json.loads((out / "extension.json").read_text())["by_length"] == report["by_length"]
-    assert main(["eval", "extend", "--hf-dir", str(tmp_path), "--records", str(records), "--tokenizer",
+    from megatron_mmprolong.config import VLConfig
+
+    (tmp_path / "hf").mkdir()
+    VLConfig.preset("tiny-1k").save_hf(tmp_path / "hf")  # a config only: the settings are refused before weights load
+    assert main(["eval", "extend", "--hf-dir", str(tmp_path / "hf"), "--records", str(records), "--tokenizer",
                  str(tokenizer_path), "--out", str(out), "--lengths", "1024"]) == 2
     assert "other settings (lengths)" in capsys.readouterr().err
