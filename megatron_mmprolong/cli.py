@@ -257,16 +257,6 @@ def _evaluated_config(args):
     return VLConfig.from_hf_dir(args.hf_dir) if args.hf_dir else checkpoint_config(resolve_checkpoint(args.mcore_dir))
 
 
-def _check_store_fits(store, config) -> None:
-    """A dataset's pages must follow the evaluated model's image processor."""
-    from megatron_mmprolong.eval.dataset_qa import EvalError
-
-    mismatch = store.image_params.processor_mismatch(config.vision)
-    if mismatch:
-        raise EvalError(f"{store.prefix} was built for {store.model_family} ({'; '.join(mismatch)}), the model is "
-                        f"{config.display_name}: rebuild it with mmprolong build-data --model")
-
-
 def _eval_model(args):
     """(model, writes output, barrier): transformers for --hf-dir; this project's model at TP x CP
     x PP for --mcore-dir, on every rank of a torchrun world of that many ranks, rank 0 writing."""
@@ -297,7 +287,7 @@ def _eval_qa(args) -> int:
     from megatron_mmprolong.eval.dataset_qa import answer_resumably, write_results
 
     store = MultimodalStore(args.data)
-    _check_store_fits(store, _evaluated_config(args))
+    store.check_fits(_evaluated_config(args))
     tokenizer = ChatTokenizer(args.tokenizer or store.manifest["tokenizer"]["path"])
     indices = [i for i in range(len(store)) if not args.tasks or store.task(i) in args.tasks][:args.limit]
     if not indices:
@@ -346,7 +336,7 @@ def _eval_position_loss(args) -> int:
 
         raise EvalError(f"--bucket-size {args.bucket_size}: must be at least 1 position")
     store = MultimodalStore(args.data)
-    _check_store_fits(store, _evaluated_config(args))
+    store.check_fits(_evaluated_config(args))
     indices = [i for i in range(len(store)) if int(store.samples[i]["tokens"]) >= args.min_tokens][:args.limit]
     if not indices:
         print(f"mmprolong eval: error: {args.data} has no samples of {args.min_tokens} tokens or more", file=sys.stderr)

@@ -210,10 +210,15 @@ def test_array_parts_then_merge_give_identical_bytes(small_synth, tmp_path):
         build_dataset([small_synth], tmp_path / "bad", config, part=(3, 3), progress=False)
 
 
-def test_cli_synth_build_inspect(tmp_path, capsys):
+def _one_synthetic_document(tmp_path, capsys) -> str:
+    """`synth-docs` of one 4-page document of 336x448 px pages; its records file."""
     assert main(["synth-docs", "--out", str(tmp_path / "docs"), "--docs", "1", "--min-pages", "4", "--max-pages", "4",
                  "--page-width", "336", "--page-height", "448", "--font-size", "12"]) == 0
-    records = json.loads(capsys.readouterr().out)["records"]
+    return json.loads(capsys.readouterr().out)["records"]
+
+
+def test_cli_synth_build_inspect(tmp_path, capsys):
+    records = _one_synthetic_document(tmp_path, capsys)
     prefix = tmp_path / "ds"
     assert main(["build-data", "--input", records, "--output-prefix", str(prefix), "--tokenizer", str(QWEN_TOKENIZER),
                  "--seq-length", "4096"]) == 0
@@ -229,9 +234,7 @@ def test_cli_synth_build_inspect(tmp_path, capsys):
 
 def test_cli_build_data_for_qwen3vl(tmp_path, capsys):
     """--model qwen3vl-8b: pages at 32 px per token, the family in the manifest and in inspect-data."""
-    assert main(["synth-docs", "--out", str(tmp_path / "docs"), "--docs", "1", "--min-pages", "4", "--max-pages", "4",
-                 "--page-width", "336", "--page-height", "448", "--font-size", "12"]) == 0
-    records = json.loads(capsys.readouterr().out)["records"]
+    records = _one_synthetic_document(tmp_path, capsys)
     prefix = tmp_path / "ds"
     assert main(["build-data", "--input", records, "--output-prefix", str(prefix), "--tokenizer", str(QWEN_TOKENIZER),
                  "--seq-length", "4096", "--model", "qwen3vl-8b"]) == 0

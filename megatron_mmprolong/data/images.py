@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from megatron_mmprolong.config import VisionConfig
+from megatron_mmprolong.config import VisionConfig, VLConfig
 
 _QWEN25 = VisionConfig()
 
@@ -52,8 +52,6 @@ class ImageParams:
     @classmethod
     def for_family(cls, family: str, **kwargs) -> "ImageParams":
         """The processor of a model family (transformers' model_type: qwen2_5_vl, qwen3_vl)."""
-        from megatron_mmprolong.config import VLConfig
-
         families = VLConfig.families()
         if family not in families:
             raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(families)}")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_mmprolong.config import VLConfig
 from megatron_mmprolong.data.images import ImageParams
 
 FORMAT = "megatron-mmprolong/multimodal-store"
@@ -229,6 +230,14 @@ class MultimodalStore:
     @property
     def image_params(self) -> ImageParams:
         return ImageParams.from_manifest(self.manifest["image"])
+
+    def check_fits(self, config: VLConfig) -> None:
+        """Pages cut and normalised for another family's image processor would feed the model wrong pixels."""
+        mismatch = self.image_params.processor_mismatch(config.vision)
+        if mismatch:
+            raise StoreError(f"dataset {self.prefix} was built for {self.model_family} ({'; '.join(mismatch)}), the "
+                             f"model is {config.display_name} ({config.family}): rebuild it with mmprolong build-data "
+                             "--model set to this model")
 
     def task(self, index: int) -> str:
         return self.manifest["tasks"][int(self.samples[index]["task"])]

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mmprolong import errors, runtime
-from megatron_mmprolong.config import ConfigError, VLConfig
+from megatron_mmprolong.config import ConfigError
 from megatron_mmprolong.convert.checkpoint_info import checkpoint_config, iteration_dir, latest_iteration, resolve_checkpoint
 from megatron_mmprolong.convert.mcore_checkpoint import load_mcore_checkpoint
 from megatron_mmprolong.data.loader import LoaderState, PackedSequences, loader_batches, make_dataloader
@@ -72,17 +72,6 @@ def check_plan_alignment(planned: Alignment, needed: Alignment) -> None:
                           f"{needed.pack_multiple} (re-plan with its CP/TP/SP/FP8)")
 
 
-def check_data_fits_model(plan: Plan, config: VLConfig) -> None:
-    """Pages cut and normalised for another family's image processor would train on wrong pixels."""
-    for prefix in plan.datasets:
-        store = MultimodalStore(prefix)
-        mismatch = store.image_params.processor_mismatch(config.vision)
-        if mismatch:
-            raise ConfigError(f"dataset {prefix} was built for {store.model_family} ({'; '.join(mismatch)}), this run "
-                              f"trains {config.display_name} ({config.family}): rebuild it with mmprolong build-data "
-                              "--model set to this run's model")
-
-
 def _plan(args: A.TrainArgs, alignment: Alignment) -> Plan:
     if args.data_plan:
         plan = Plan.load(args.data_plan)
@@ -105,7 +94,9 @@ def _read_inputs(args: A.TrainArgs, alignment: Alignment, rank: int):
         try:
             loaded = checkpoint_config(resolve_checkpoint(args.load)) if args.load else None
             plan = _plan(args, alignment)
-            check_data_fits_model(plan, A.model_config(args, loaded))
+            config = A.model_config(args, loaded)
+            for prefix in plan.datasets:
+                MultimodalStore(prefix).check_fits(config)
             inputs = (loaded, plan)
         except Exception as err:  # re-raised below on rank 0, as it is
             failure = err
