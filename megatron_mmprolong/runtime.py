@@ -78,6 +78,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device of a local rank. Where Slurm binds one GPU per task (--gpus-per-task=1) every
+    task sees only device 0 whatever its SLURM_LOCALID; with all GPUs visible this is the local rank."""
+    if device_count < 1:
+        raise RuntimeError("CUDA is available but no device is visible (CUDA_VISIBLE_DEVICES?)")
+    return local_rank % device_count
+
+
+def select_device(env: LaunchEnv) -> torch.device:
+    """Bind this process to its GPU, or to the CPU (plus the CPU shims) without CUDA."""
+    if torch.cuda.is_available():
+        index = cuda_device_index(env.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    cpu_shims.apply()
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
@@ -101,13 +119,8 @@ def initialize(
     from megatron.core import parallel_state
 
     env = launch_env(environ)
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(env.local_rank)
-        device = torch.device("cuda", env.local_rank)
-    else:
-        cpu_shims.apply()
-        device = torch.device("cpu")
+    device = select_device(env)
+    use_cuda = device.type == "cuda"
 
     if not dist.is_initialized():
         dist.init_process_group(

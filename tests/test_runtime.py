@@ -46,3 +46,36 @@ def test_first_host(nodelist, host):
 def test_slurm_without_node_list_is_an_error():
     with pytest.raises(RuntimeError, match="SLURM_JOB_NODELIST"):
         launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"})
+
+
+# One GPU per task (srun --gpus-per-task=1): every task sees only device 0, whatever its local rank.
+@pytest.mark.parametrize("local_rank, count, index", [(0, 8, 0), (5, 8, 5), (3, 1, 0), (7, 4, 3)])
+def test_cuda_device_index_wraps_local_rank_to_the_visible_devices(local_rank, count, index):
+    from megatron_mmprolong.runtime import cuda_device_index
+
+    assert cuda_device_index(local_rank, count) == index
+
+
+def test_select_device_binds_a_one_gpu_task_to_its_only_device(monkeypatch):
+    import torch
+
+    from megatron_mmprolong import runtime
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: chosen.append(index))
+    env = launch_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "3",
+                      "SLURM_JOB_NODELIST": "gpu001"})
+    device = runtime.select_device(env)
+    assert chosen == [0] and device == torch.device("cuda", 0)
+
+
+def test_select_device_without_cuda_is_the_cpu(monkeypatch):
+    import torch
+
+    from megatron_mmprolong import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime.cpu_shims, "apply", lambda: None)
+    assert runtime.select_device(launch_env({})) == torch.device("cpu")
