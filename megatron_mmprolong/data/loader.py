@@ -11,7 +11,8 @@ device (megatron_mmprolong/patchify.py).
 
 The loader's prefetch is bounded in bytes as well as items: from the plan's grids, before any
 decoding, `item_bytes_bound` bounds what one item of this rank can hold, and `make_dataloader`
-keeps (workers x prefetch) items within the budget.
+keeps (workers x prefetch) items within the budget. Where CUDA is, items arrive pinned
+(page-locked), so that the step's device copies do not block the host.
 
 Items are a pure function of (plan, rank, index), so resuming is starting the sampler at the
 number of micro-batches consumed; `LoaderState` is what a checkpoint stores.
@@ -195,10 +196,21 @@ class PackedSequences(Dataset):
 
 
 def make_dataloader(dataset: PackedSequences, state: LoaderState | None = None, num_workers: int = 2,
-                    prefetch_factor: int = 2, prefetch_bytes: int | None = None) -> DataLoader:
+                    prefetch_factor: int = 2, prefetch_bytes: int | None = None,
+                    pin_memory: bool | None = None) -> DataLoader:
     """Micro-batches from `state.consumed` on, in order, `num_workers` processes decoding ahead,
     each at most `prefetch_factor` items and, with `prefetch_bytes`, all of them together at
-    most that many bytes (fewer items per worker, then fewer workers; at least one item)."""
+    most that many bytes (fewer items per worker, then fewer workers; at least one item).
+
+    `pin_memory` (default: where CUDA is) gives the batches in page-locked memory, so that the
+    step's `non_blocking` copies (training/step.py) are asynchronous: from pageable memory a copy
+    blocks the host until the device has taken it. Workers cannot pin (pinned memory does not
+    cross processes): the loader's pin thread in the training process copies each item out of
+    the workers' shared memory as it arrives, on the device current when iteration starts
+    (runtime.initialize sets it). While it copies it holds that item twice, which the byte
+    budget counts as one more item."""
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
     start = 0
     if state is not None:
         expected = (dataset.plan.digest(), dataset.rank, dataset.data_parallel)
@@ -207,13 +219,14 @@ def make_dataloader(dataset: PackedSequences, state: LoaderState | None = None, 
                              f"not plan {expected[0]} rank {expected[1]}/{expected[2]}")
         start = state.consumed
     if num_workers and prefetch_bytes is not None:
-        items = max(1, prefetch_bytes // max(1, dataset.item_bytes_bound()))
+        items = max(1, prefetch_bytes // max(1, dataset.item_bytes_bound()) - int(pin_memory))
         num_workers = min(num_workers, items)
         prefetch_factor = max(1, min(prefetch_factor, items // num_workers))
     return DataLoader(
         dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=num_workers,
         prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=num_workers > 0,
         multiprocessing_context="spawn" if num_workers else None, worker_init_fn=_ignore_stop_signals,
+        pin_memory=pin_memory,
     )
 
 
