@@ -5,6 +5,7 @@ that turns each 2x2 patch group into one language-model token, and Qwen3-VL's de
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -116,6 +117,24 @@ class MergerList(nn.ModuleList):
         for index, merger in enumerate(self):
             state.update(merger.sharded_state_dict(f"{prefix}{index}.", sharded_offsets, metadata))
         return state
+
+
+def mark_vision_copies(encoder: nn.Module, language_tp, vision_tp) -> None:
+    """With a vision TP group smaller than the language model's, each TP group holds TP /
+    vision-TP copies of the encoder, one per vision-TP subgroup; they encode the same images, so
+    their gradients are equal. Megatron's gradient norm (and zero count) counts a
+    tensor-parallel parameter on every TP rank and any other one on TP rank 0, which would count
+    the vision shards once per copy. So every copy but the one holding TP rank 0 marks its
+    parameters `shared`: the attribute Megatron gives a tied embedding's second copy, read only
+    by the norm and zero count (`param_is_not_shared`) and carried to the optimizers' main
+    parameters; DDP, finalize_model_grads and checkpoints do not read it, and
+    `tensor_model_parallel` stays true of the shards."""
+    if vision_tp is language_tp or vision_tp.size() == language_tp.size():
+        return
+    if dist.get_global_rank(language_tp, 0) in dist.get_process_group_ranks(vision_tp):
+        return
+    for param in encoder.parameters():
+        param.shared = True
 
 
 class VisionEncoder(MegatronModule):

@@ -29,7 +29,7 @@ from megatron_mmprolong.config import VLConfig
 from megatron_mmprolong.model.language import LanguageModel
 from megatron_mmprolong.model.packed import host_cu_seqlens
 from megatron_mmprolong.model.specs import Backend
-from megatron_mmprolong.model.vision import VisionEncoder
+from megatron_mmprolong.model.vision import VisionEncoder, mark_vision_copies
 from megatron_mmprolong.model.vision_layout import build_vision_layout
 from megatron_mmprolong.parallel.context_parallel import assign_images, gather_padded, gathered_rows, local_token_index
 from megatron_mmprolong.patchify import patchify
@@ -64,6 +64,8 @@ class VisionLanguageModel(MegatronModule):
             if pre_process
             else None
         )
+        if self.vision_model is not None:  # counted once in the gradient norm at vision TP < TP
+            mark_vision_copies(self.vision_model, pg_collection.tp, vision_pg_collection.tp)
         self.language_model = LanguageModel(
             language_config, config.text, backend, pg_collection, pre_process, post_process, vp_stage,
             deepstack=config.deepstack_levels > 0,
