@@ -25,7 +25,7 @@ class KVCache:
 
     def store_prompt(self, layer: int, key: Tensor, value: Tensor) -> None:
         """Keys and values [tokens, KV heads, head dim] of this rank's prompt tokens."""
-        self._keys[layer], self._values[layer] = key.detach(), value.detach()
+        self._keys[layer], self._values[layer] = _own_storage(key.detach()), _own_storage(value.detach())
 
     def keep_prompt_tokens(self, keep: Tensor, room: int) -> None:
         """Drop the cached padding after the prompt (`keep`: bool per local token) and make room
@@ -47,7 +47,9 @@ class KVCache:
         keys, values = self._keys[layer][:filled], self._values[layer][:filled]
         groups = keys.shape[1]
         grouped = query.reshape(groups, -1, query.shape[-1])  # query heads by the KV head they share
-        scores = torch.einsum("gqd,ngd->gqn", grouped, keys).float() * scale
+        # fp32 scores, as the prompt's fused attention keeps them: bf16 scores of tens round by
+        # a tenth and greedy decoding drifts from the prompt's forward (and from transformers)
+        scores = torch.einsum("gqd,ngd->gqn", grouped.float(), keys.float()) * scale
         lse = torch.logsumexp(scores, dim=-1)  # -inf on a rank with nothing cached
         probs = torch.softmax(scores, dim=-1).nan_to_num().to(values.dtype)
         out = torch.einsum("gqn,ngd->gqd", probs, values).float().reshape(query.shape)
@@ -60,3 +62,10 @@ class KVCache:
             dist.all_reduce(parts, group=self.cp_group)
             out = parts[:, :-1] / parts[:, -1:]
         return out.to(query.dtype)
+
+
+def _own_storage(tensor: Tensor) -> Tensor:
+    """`tensor`, copied where it is a view into a larger tensor: megatron-core and TE split the
+    fused QKV projection with views, and a cached view of the values would keep the whole
+    projection of every layer alive (at a 128K prompt, tens of GB)."""
+    return tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()

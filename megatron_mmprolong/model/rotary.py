@@ -19,7 +19,21 @@ def _inverse_frequencies(dim: int, base: float) -> Tensor:
     return 1.0 / (base**exponents)
 
 
-class MRopeEmbedding(nn.Module):
+class _Float32Frequencies(nn.Module):
+    """Keeps the buffer `inv_freq` in float32 whatever dtype the module is cast to, while it
+    still follows the module across devices. Megatron's Float16Module (`train --bf16`) calls
+    `module.bfloat16()`, which casts every floating-point buffer: bf16 frequencies move the
+    angles at 128K-256K by tens of radians, so a bf16 run would train under another RoPE than
+    the fp32 one it is exported and evaluated with."""
+
+    def _apply(self, fn, recurse=True):
+        frequencies = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = frequencies.to(self.inv_freq.device)
+        return self
+
+
+class MRopeEmbedding(_Float32Frequencies):
     """Language-model M-RoPE: frequency j reads the temporal, height or width position
     according to `mrope_section`: in contiguous chunks (Qwen2.5-VL: 16 / 24 / 24 of the 64
     frequencies of a 128-dim head) or `interleaved` T,H,W,T,H,W,... while each axis has
@@ -45,7 +59,7 @@ class MRopeEmbedding(nn.Module):
         return torch.cat([angles, angles], dim=-1).unsqueeze(2)
 
 
-class VisionRotaryEmbedding(nn.Module):
+class VisionRotaryEmbedding(_Float32Frequencies):
     """2D rotary of the vision blocks: half of the head's frequencies read the patch row,
     the other half the patch column."""
 

@@ -120,19 +120,31 @@ def _step_metrics(plan: Plan, stores, config, step: int) -> tuple[int, float]:
     return int(lengths.sum()), training_flops(config, lengths, grids)
 
 
+def build_training_model(args: A.TrainArgs, config) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(model, the module DDP wraps) as this run trains it: built at the run's layout and
+    precision for this pipeline stage, frozen as asked and, for --bf16, wrapped in Megatron's
+    Float16Module. Both are the same object without --bf16. Needs `runtime.initialize`."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.module import Float16Module
+
+    model = build_model(config, A.parallel_config(args), precision=A.precision_config(args),
+                        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                        **A.transformer_overrides(args))
+    model.freeze(vision_encoder=args.freeze_vision, merger=args.freeze_merger)
+    return model, (Float16Module(model.config, model) if args.bf16 else model)
+
+
 def train(args: A.TrainArgs) -> TrainResult:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.module import Float16Module
 
     if args.use_distributed_optimizer and not torch.cuda.is_available():
         raise ConfigError("--use-distributed-optimizer needs CUDA: Megatron-Core's DistributedOptimizer accepts "
                           "only CUDA tensors; train without it on CPU")
-    parallel, precision = A.parallel_config(args), A.precision_config(args)
-    rt = runtime.initialize(parallel, seed=args.seed)
+    rt = runtime.initialize(A.parallel_config(args), seed=args.seed)
     resume = bool(args.load) and latest_iteration(args.load) is not None
     alignment = Alignment(args.context_parallel_size, args.tensor_model_parallel_size, args.sequence_parallel,
                           args.fp8_format is not None)
@@ -148,12 +160,9 @@ def train(args: A.TrainArgs) -> TrainResult:
         raise ConfigError(f"--train-iters {train_iters} exceeds the {plan.steps} steps of the data plan "
                           "(raise the mixture's token_budget or allow replacement)")
 
-    model = build_model(config, parallel, precision=precision, pre_process=ps.is_pipeline_first_stage(),
-                        post_process=ps.is_pipeline_last_stage(), **A.transformer_overrides(args))
-    model.freeze(vision_encoder=args.freeze_vision, merger=args.freeze_merger)
+    model, wrapped = build_training_model(args, config)
     if args.load and not resume:
         load_mcore_checkpoint(model, args.load)  # a converted checkpoint: weights only
-    wrapped = Float16Module(model.config, model) if args.bf16 else model
     ddp = DistributedDataParallel(config=model.config, ddp_config=A.ddp_config(args), module=wrapped)
     model.config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(A.optimizer_config(args), [ddp])
