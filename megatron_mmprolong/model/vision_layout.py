@@ -8,13 +8,25 @@ attention blocks attend within each frame. Without windows (Qwen3-VL) each frame
 window and the order stays the processor's. All of it is a function of the grids alone, computed
 with vectorised tensor ops (no loop over images or windows) on the CPU, where the loader keeps
 `grid_thw`, and moved to the device once.
+
+Transformer Engine's fused attention builds one cuDNN graph (forward and backward) per bucket
+of the THD segment count: 32, then powers of two up to 512, and above 512, before TE 2.13,
+one per exact count (`get_max_batch_size` in common/fused_attn/utils.cu; TE PR #2653 buckets
+by 512s from 2.13). Qwen2.5-VL at 128K has about 1,900 windows per CP rank, so on older TE
+nearly every micro-batch would build new graphs. There the segment lists are padded with empty
+segments to the next multiple of 512, as TE 2.13 rounds itself. cuDNN (>= 9.6) gets zero-length
+segments past the real ones either way: TE runs the graph at the bucketed count and
+`cu_seqlens_to_actual_seqlens` gives the slots past the real segments length 0. The local
+backend skips them, and `max_seqlen` stays the longest real segment.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+from packaging.version import Version
 from torch import Tensor
 
 from megatron_mmprolong.config import VisionConfig
@@ -26,8 +38,8 @@ class VisionLayout:
     window_index: Tensor  # [groups] merge groups in window order (gather index)
     restore_index: Tensor  # [groups] inverse permutation, applied to merged tokens
     patch_positions: Tensor  # [patches, 2] (row, col) of each patch, in window order
-    window_segments: PackedSegments  # one segment per window
-    frame_segments: PackedSegments  # one segment per frame (full-attention blocks)
+    window_segments: PackedSegments  # one segment per window (then empty ones, see padded_segment_count)
+    frame_segments: PackedSegments  # one segment per frame (full-attention blocks), likewise
     # Bilinear resampling of the learned position grid, per patch in processor order: the four
     # grid points (flat indices) and their weights; None without a position grid.
     position_taps: Tensor | None = None  # [patches, 4] int64
@@ -38,10 +50,38 @@ class VisionLayout:
         return self.patch_positions.shape[0]
 
 
+TE_SEGMENT_BUCKET = 512
+TE_BUCKETS_MANY_SEGMENTS = Version("2.13")  # TE PR #2653
+
+
+def padded_segment_count(count: int, te_version: Version | str | None) -> int:
+    """How many segments (the real `count`, then empty ones) to hand Transformer Engine
+    `te_version` (None: no TE) so that its cuDNN graph cache hits: above 512, before TE 2.13,
+    the next multiple of 512; otherwise `count`, which TE buckets itself. A 2.13 pre-release
+    counts as older: some lack the fix."""
+    if te_version is None or count <= TE_SEGMENT_BUCKET or Version(str(te_version)) >= TE_BUCKETS_MANY_SEGMENTS:
+        return count
+    return -(-count // TE_SEGMENT_BUCKET) * TE_SEGMENT_BUCKET
+
+
+@functools.cache
+def installed_te_version() -> Version | None:
+    """The installed Transformer Engine's version, None without it (looked up once)."""
+    from megatron.core.utils import get_te_version
+
+    return get_te_version()
+
+
 def build_vision_layout(
-    grid_thw: Tensor, vision: VisionConfig, device: torch.device | str = "cpu"
+    grid_thw: Tensor,
+    vision: VisionConfig,
+    device: torch.device | str = "cpu",
+    te_version: Version | str | None = "installed",
 ) -> VisionLayout:
-    """Layout for the patches of `grid_thw` [items, 3] (patch units), images and videos alike."""
+    """Layout for the patches of `grid_thw` [items, 3] (patch units), images and videos alike.
+    The segment lists are padded for `te_version` ("installed": the one installed, if any)."""
+    if te_version == "installed":
+        te_version = installed_te_version()
     grids = grid_thw.detach().to("cpu", torch.long)
     if grids.dim() != 2 or grids.shape[1] != 3 or len(grids) == 0:
         raise ValueError(f"grid_thw must be a non-empty [n, 3] tensor, got {tuple(grids.shape)}")
@@ -94,8 +134,8 @@ def build_vision_layout(
         window_index=on_device(window_index),
         restore_index=on_device(restore_index),
         patch_positions=on_device(patch_positions),
-        window_segments=_segments(window_lengths, device),
-        frame_segments=_segments(frame_lengths, device),
+        window_segments=_segments(window_lengths, device, te_version),
+        frame_segments=_segments(frame_lengths, device, te_version),
         position_taps=on_device(taps),
         position_weights=on_device(weights),
     )
@@ -117,7 +157,10 @@ def _bilinear_taps(positions: Tensor, sizes: Tensor, side: int) -> tuple[Tensor,
     return taps.reshape(-1, 4), weights.reshape(-1, 4)
 
 
-def _segments(lengths: Tensor, device) -> PackedSegments:
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0)
+def _segments(lengths: Tensor, device, te_version: Version | str | None) -> PackedSegments:
+    """Segments of `lengths`, then empty ones up to `padded_segment_count`."""
+    cu = torch.empty(padded_segment_count(len(lengths), te_version) + 1, dtype=torch.int32)
+    cu[0] = 0
+    cu[1 : len(lengths) + 1] = torch.cumsum(lengths, 0)
+    cu[len(lengths) + 1 :] = cu[len(lengths)]
     return packed_segments(cu, device, int(lengths.max()))
