@@ -103,3 +103,41 @@ def test_vision_output_unchanged_by_empty_segments(runtime, monkeypatch):
     (plain, plain_grads), (padded, padded_grads) = outputs.values()
     assert torch.equal(padded, plain)
     assert all(torch.equal(a, b) for a, b in zip(padded_grads, plain_grads, strict=True))
+
+
+@pytest.mark.gpu
+def test_transformer_engine_takes_empty_segments(runtime, monkeypatch):
+    """On a GPU: Transformer Engine's fused (cuDNN) THD attention in bf16 gives the vision
+    encoder the same features and gradients with the segment lists padded as for TE < 2.13
+    (forced here, whatever TE is installed) as without."""
+    from megatron_mmprolong.config import PrecisionConfig
+    from megatron_mmprolong.model.builder import build_model
+    from megatron_mmprolong.model.specs import transformer_engine_available
+
+    from conftest import tiny_config
+
+    if not transformer_engine_available():
+        pytest.skip("Transformer Engine is not installed")
+    monkeypatch.setenv("NVTE_FLASH_ATTN", "0")  # the cuDNN graphs, not flash-attn
+    config = tiny_config(layers=1, vision_heads=2)  # vision head dim 32
+    encoder = build_model(config, backend="te", precision=PrecisionConfig(params_dtype="bf16")).vision_model
+    grids = torch.tensor(MANY)
+    pixels = torch.randn(int(grids.prod(-1).sum()), config.vision.patch_dim, generator=torch.Generator().manual_seed(0))
+    pixels = pixels.cuda()
+    outputs = []
+    for version in (None, "2.12"):
+        layout = build_vision_layout(grids, config.vision, "cuda", te_version=version)
+        encoder.zero_grad()
+        features = encoder(pixels, layout)
+        features.float().square().mean().backward()
+        outputs.append((features.detach().float(), encoder.patch_embed.weight.grad.float().clone()))
+        try:
+            from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention as te_dpa
+        except ImportError:
+            continue
+        backends = getattr(te_dpa, "_attention_backends", {})
+        assert backends.get("use_fused_attention") in (True, None), backends
+    (plain, plain_grad), (padded, padded_grad) = outputs
+    assert torch.isfinite(padded).all() and torch.isfinite(padded_grad).all()
+    assert (padded - plain).abs().max().item() <= 1e-2 * max(plain.abs().max().item(), 1.0)
+    assert (padded_grad - plain_grad).abs().max().item() <= 1e-2 * max(plain_grad.abs().max().item(), 1e-6)
