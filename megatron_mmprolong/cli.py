@@ -772,9 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-samples", type=int, help="samples per file (default: the harness's 100 document-QA "
                                                        "and 50 MM-NIAH, shuffled with --seed)")
     bench.add_argument("--seed", type=int, default=42, help="the harness's sampling seed (and the padding order)")
-    bench.add_argument("--page-labels", choices=["v1.0", "v1.1"], default="v1.0",
-                       help='v1.0: "Document ID (page N): <image>" (the harness\'s released code, the default); '
-                            'v1.1: "Document ID: <image>" (its later doc-QA label)')
+    bench.add_argument("--page-labels", choices=["v1.0", "v1.1"], default="v1.1",
+                       help='document-QA page labels, v1.1: "Document ID: <image>" (the default: the paper\'s '
+                            'version and the harness\'s current code); v1.0: "Document ID (page N): <image>" (the '
+                            'harness\'s first release)')
     bench.add_argument("--max-new-tokens", type=int, default=128, help="per reply (the harness's 128)")
     bench.add_argument("--tokenizer", help="the model's tokenizer: for --mcore-dir, and for counting 256K/512K "
                                            "contexts (default: the --hf-dir checkpoint's)")

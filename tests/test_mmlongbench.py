@@ -51,12 +51,23 @@ def _fixture_samples():
 def test_prompts_match_the_harness_character_for_character():
     expected = json.loads(FIXTURE.read_text())
     doc, mc, count = _fixture_samples()
-    assert build_prompt(doc).text == expected["docqa_v1.0"]  # the default: the harness's released code
-    assert build_prompt(doc, "v1.1").text == expected["docqa_v1.1"]
+    assert build_prompt(doc).text == expected["docqa_v1.1"]  # the default: the paper's and the harness's current
+    assert build_prompt(doc, "v1.0").text == expected["docqa_v1.0"]
     assert build_prompt(mc).text == expected["retrieval-image"]
     assert build_prompt(mc).images == ["h.png", "a.png", "b.png", "c.png"]
     assert build_prompt(count).text == expected["counting-text"]
     assert build_prompt(doc).question.startswith("Based on Document aguidetoindones, answer the following question. ")
+
+
+def test_page_labels_default_to_v1_1_on_the_command_line_and_in_the_config():
+    from megatron_mmprolong.cli import build_parser
+    from megatron_mmprolong.eval.mmlongbench.run import MMLongBenchConfig
+
+    args = build_parser().parse_args(["eval", "mmlongbench", "--endpoint", "http://x/v1", "--model", "m",
+                                      "--data-root", "d", "--out", "o"])
+    assert args.page_labels == MMLongBenchConfig("m").page_labels == "v1.1"
+    assert build_parser().parse_args(["eval", "mmlongbench", "--endpoint", "http://x/v1", "--model", "m",
+                                      "--data-root", "d", "--out", "o", "--page-labels", "v1.0"]).page_labels == "v1.0"
 
 
 def test_the_request_is_the_chat_template_with_the_answer_prefilled(data_root, qwen_tokenizer):
@@ -125,6 +136,10 @@ def test_document_qa_rules(reply, answer, answer_format, score):
     ("retrieval-text", "a grey dog", ["blue cat", "bluecat"], 0.0),
     ("counting-text", "[2, 1]", [1, 2], 1.0),  # the sums agree
     ("counting-image", "1 and 3", [1, 2], 0.0),
+    # the harness's extract_cnt_list: json.loads reads 1e400 as inf, and turn_int_list's bare except
+    # drops the OverflowError of int(inf): the counts are [2], whose sum is the answer's
+    ("counting-text", "[2, 1e400]", [1, 1], 1.0),
+    ("counting-image", "[2, 1e400]", [1, 2], 0.0),
     ("retrieval-image", "B", 1, 1.0),
     ("reasoning-image", "The answer is (C).", 1, 0.0),
 ])
@@ -337,8 +352,7 @@ def test_contexts_beyond_128k_pad_with_other_documents_to_the_target(tmp_path, q
         right = len(set(map(page_document, pages[start + len(own):])))
         assert left - right in (0, 1) and right >= 1  # documents alternate, the first on the left
         labels = [label for label in build_prompt(sample).text.split("Document ")[1:-1]]
-        own_labels = [f"{page_document(p)} (page {p.rsplit('page', 1)[1].split('.')[0]})" for p in pages]
-        assert [label.split(":")[0] for label in labels] == own_labels  # each page: its document id and page
+        assert [label.split(":")[0] for label in labels] == [page_document(p) for p in pages]  # its own document
         assert sample.record["ans_page_list"] == base[sample.id].record["ans_page_list"]
     again = plan(root, work, config, tmp_path / "out", False)  # other ranks and reruns read the contexts
     assert [s.record for s in again] == [s.record for s in samples]

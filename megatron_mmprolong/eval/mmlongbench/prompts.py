@@ -2,13 +2,14 @@
 `load_doc_qa`, `load_mm_niah_text`, `load_mm_niah_image_count`, `load_mm_niah_image_mc`), and the
 chat request they become.
 
-Document QA: the instruction, then every page as "Document {doc_id:.15} (page {page_id}): <image>"
-(v1.0, the harness's released code and this project's protocol; its later v1.1 commits dropped
-"(page N)" from the doc-QA label, which `--page-labels v1.1` follows) joined by blank lines, then the question after "Based on Document {doc_id:.15}, answer the
-following question. ". MM-NIAH: the interleaved paragraphs joined by blank lines, choices as
-"\\nA. <image>" lines after the question of the image retrieval and reasoning tasks. The user
-message is the text cut at every <image>; the assistant turn is prefilled with "Answer:" and the
-reply continues it, as the harness's transformers runner does (`continue_final_message`).
+Document QA: the instruction, then every page as "Document {doc_id:.15}: <image>" (v1.1, the
+default: the version the paper used and the harness's current code) or, with `--page-labels v1.0`,
+"Document {doc_id:.15} (page {page_id}): <image>" (its first release), joined by blank lines, then
+the question after "Based on Document {doc_id:.15}, answer the following question. ". MM-NIAH:
+the interleaved paragraphs joined by blank lines, choices as "\\nA. <image>" lines after the
+question of the image retrieval and reasoning tasks. The user message is the text cut at every
+<image>; the assistant turn is prefilled with "Answer:" and the reply continues it, as the
+harness's transformers runner does (`continue_final_message`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ NIAH_TEMPLATE = ("You are given interleaved text and images. Please answer the q
                  "images. " + _ANSWER_FORMAT)
 NIAH_CHOICE_TEMPLATE = ("You are given interleaved text and images. Please answer the question with the option's "
                         "letter (A, B, etc.) based on the given text and images. " + _ANSWER_FORMAT)
+# the harness's data.py, load_doc_qa's item_template: v1.1 at HEAD (22b9f27; "(page N)" removed in
+# ceedb4c), v1.0 at its first commit 26197d2
 PAGE_LABELS = {"v1.0": "Document {doc_id:.15} (page {page_id}): <image>", "v1.1": "Document {doc_id:.15}: <image>"}
-DEFAULT_PAGE_LABELS = "v1.0"
+DEFAULT_PAGE_LABELS = "v1.1"
 QUESTION_PREFIX = "Based on Document {doc_id:.15}, answer the following question. "
 PREFILL = "Answer:"  # the harness's system_template: the assistant turn starts with it
 IMAGE = "<image>"
