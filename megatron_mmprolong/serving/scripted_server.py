@@ -1,9 +1,16 @@
 """A chat-completions server on loopback that answers from a Python function: not a model
 server, but the real protocol over real HTTP (aiohttp's server), for tests (faults included),
 benchmarks and the CPU demo. `GET /v1/models` lists its model; `POST /v1/chat/completions` calls
-`answer(body)` in a worker thread; it returns the reply text or a `Fault` (an HTTP error status,
-a delay before answering, or a reply cut at the length limit). An exception in `answer` is
-answered with HTTP 500, as a broken server would.
+`answer(body)` in a worker thread; it returns the reply text or a `Fault` (an HTTP error status
+with the error body a real server sends, a delay before answering, or a reply cut at the length
+limit). An exception in `answer` is answered with HTTP 500, as a broken server would.
+
+Strict servers wrap an answer: `fastapi_strict` validates the body's fields as `transformers serve`
+does (FastAPI: an unknown field is a 422 whose body is {"detail": ...}; known fields it does not
+implement, response_format among them, are accepted and ignored), `hosted_reasoning_model` as
+OpenAI's reasoning models do (an unknown field or `max_tokens` is a 400 `invalid_request_error`),
+and `INTERNAL_SERVER_ERROR` is the plain-text 500 of a FastAPI handler that raised (an image it
+cannot decode).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ class Fault:
     delay: float = 0.0  # seconds before answering (longer than the client's timeout: a timeout)
     text: str = ""  # the reply text when status is 200
     finish_reason: str = "stop"  # "length": a reply cut at max_tokens
+    body: str | dict | None = None  # the error body: JSON (a dict), plain text (a str), or {"error": {"message": ...}}
 
 
 Answer = Callable[[dict[str, Any]], "str | Fault"]
@@ -99,6 +107,10 @@ class ScriptedChatServer:
         if fault.delay:
             await asyncio.sleep(fault.delay)
         if fault.status != 200:
+            if isinstance(fault.body, str):
+                return web.Response(text=fault.body, status=fault.status, content_type="text/plain")
+            if fault.body is not None:
+                return web.json_response(fault.body, status=fault.status)
             return _error(fault.status, f"scripted HTTP {fault.status}")
         prompt = sum(len(str(m.get("content", ""))) for m in body.get("messages", [])) // 4
         completion = max(1, len(fault.text) // 4)
@@ -113,3 +125,50 @@ class ScriptedChatServer:
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status)
+
+
+# The request fields of OpenAI's chat-completions API (openai-python's CompletionCreateParams), which
+# `transformers serve` validates a request against, with its own generation_config.
+OPENAI_CHAT_FIELDS = frozenset({
+    "messages", "model", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+    "max_completion_tokens", "max_tokens", "metadata", "modalities", "n", "parallel_tool_calls", "prediction",
+    "presence_penalty", "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier", "seed",
+    "service_tier", "stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools",
+    "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
+})
+
+# What a FastAPI (starlette) server answers when its handler raises: HTTP 500, text/plain.
+INTERNAL_SERVER_ERROR = Fault(status=500, body="Internal Server Error")
+
+
+def fastapi_strict(answer: Answer, allowed: frozenset[str] = OPENAI_CHAT_FIELDS | {"generation_config"}) -> Answer:
+    """`answer` behind `transformers serve`'s check of the body: a field outside `allowed` is
+    refused with HTTP 422 and FastAPI's HTTPException body, the unexpected fields as a Python set."""
+
+    def strict(body: dict[str, Any]) -> "str | Fault":
+        unexpected = set(body) - allowed
+        if unexpected:
+            return Fault(status=422, body={"detail": f"Unexpected fields in the request: {unexpected}"})
+        return answer(body)
+
+    return strict
+
+
+def hosted_reasoning_model(answer: Answer) -> Answer:
+    """`answer` behind a hosted reasoning model's checks (OpenAI): an unknown field, or
+    `max_tokens` (it wants `max_completion_tokens`), is refused with HTTP 400."""
+
+    def hosted(body: dict[str, Any]) -> "str | Fault":
+        unknown = sorted(set(body) - OPENAI_CHAT_FIELDS)
+        if unknown:
+            return Fault(status=400, body={"error": {
+                "message": f"Unrecognized request argument supplied: {', '.join(unknown)}",
+                "type": "invalid_request_error", "param": None, "code": None}})
+        if "max_tokens" in body:
+            return Fault(status=400, body={"error": {
+                "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                           "Use 'max_completion_tokens' instead.",
+                "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}})
+        return answer(body)
+
+    return hosted
