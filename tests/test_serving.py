@@ -194,3 +194,138 @@ def test_requests_are_in_flight_together():
 def test_duplicate_keys_are_refused():
     with pytest.raises(ValueError, match="share the key"):
         run_jobs(ChatEndpoint(EndpointConfig(url="http://127.0.0.1:9", model="m")), [_job(0), _job(0)])
+
+
+# ---- strict servers: what is refused, what fails, what adapts ------------------------------------
+
+def test_a_fastapi_422_and_a_plain_text_500_are_quoted_as_the_server_wrote_them():
+    from megatron_mmprolong.serving.endpoint import RequestFailed, RequestRefused
+    from megatron_mmprolong.serving.scripted_server import INTERNAL_SERVER_ERROR, fastapi_strict
+
+    with ScriptedChatServer(fastapi_strict(_echo)) as server:
+        endpoint = ChatEndpoint(_config(server))
+        with pytest.raises(RequestRefused, match=r"HTTP 422: Unexpected fields in the request: \{'best_of'\}"):
+            run_jobs(endpoint, [Job("a", lambda: ChatRequest([{"role": "user", "content": "q"}], extra={"best_of": 2}))])
+    detail = [{"type": "extra_forbidden", "loc": ["body", "best_of"], "msg": "Extra inputs are not permitted"}]
+    with ScriptedChatServer(lambda body: Fault(status=422, body={"detail": detail})) as server:
+        with pytest.raises(RequestRefused, match=r"HTTP 422: body.best_of: Extra inputs are not permitted"):
+            run_jobs(ChatEndpoint(_config(server)), [_job(0)])
+    with ScriptedChatServer(lambda body: INTERNAL_SERVER_ERROR) as server:
+        with pytest.raises(RequestFailed, match=r"failed 2 times; last: HTTP 500: Internal Server Error"):
+            run_jobs(ChatEndpoint(_config(server, max_retries=1)), [_job(0)])
+
+
+def test_the_same_refusal_for_every_request_stops_the_run_and_is_never_journaled(tmp_path):
+    from megatron_mmprolong.serving.endpoint import RequestRefused
+
+    path = tmp_path / "answers.jsonl"
+    refusal = Fault(status=400, body={"error": {"message": "this model does not take image input"}})
+    with ScriptedChatServer(lambda body: refusal) as server:
+        with Journal(path) as journal, pytest.raises(RequestRefused) as err:
+            run_jobs(ChatEndpoint(_config(server)), [_job(i) for i in range(40)], journal, concurrency=4)
+    assert "HTTP 400: this model does not take image input" in str(err.value) and "\n" not in str(err.value)
+    assert len(server.bodies) <= 3 + 4 and len(Journal(path)) == 0
+    with ScriptedChatServer(_echo) as server, Journal(path) as journal:  # the server fixed: every request is sent
+        assert run_jobs(ChatEndpoint(_config(server)), [_job(i) for i in range(40)], journal).sent == 40
+
+
+def test_a_refusal_of_one_request_among_answers_is_final_as_before(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    script = lambda body: Fault(status=400, body={"error": {"message": "prompt too long"}}) \
+        if "q0" in json.dumps(body) else "fine"  # noqa: E731
+    with ScriptedChatServer(script) as server, Journal(path) as journal:
+        stats = run_jobs(ChatEndpoint(_config(server)), [_job(i) for i in range(3)], journal, concurrency=1)
+    assert (stats.refused, stats.sent) == (1, 3) and journal.reply(_job(0).key).error == "HTTP 400: prompt too long"
+    with ScriptedChatServer(script) as server, Journal(path) as journal:  # a rerun: the one answer left is refused
+        stats = run_jobs(ChatEndpoint(_config(server)), [_job(i) for i in range(4)], journal)
+    assert (stats.journaled, stats.sent, len(server.bodies)) == (3, 1, 1)  # a per-sample refusal, journaled
+
+
+def test_shape_refusals_journaled_by_an_earlier_version_are_sent_again(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    with Journal(path) as journal:
+        journal.put(_job(0).key, ChatReply("", error="HTTP 422: Unexpected fields in the request: "
+                                                     "{'add_generation_prompt', 'continue_final_message'}"))
+        journal.put(_job(1).key, ChatReply("", error="HTTP 400: prompt too long"))
+    with ScriptedChatServer(_echo) as server, Journal(path) as journal:
+        stats = run_jobs(ChatEndpoint(_config(server)), [_job(0), _job(1)], journal)
+        assert journal.reply(_job(0).key).text == "echo: q0"
+    assert (stats.sent, stats.journaled) == (1, 1)
+
+
+def test_a_request_that_keeps_failing_is_recorded_as_failed_not_journaled_and_the_run_goes_on(tmp_path):
+    from megatron_mmprolong.serving.runner import TooManyFailures
+
+    path = tmp_path / "answers.jsonl"
+    broken = lambda body: Fault(status=500, body="Internal Server Error") if "q1" in json.dumps(body) else "ok"  # noqa
+    failed = []
+    with ScriptedChatServer(broken) as server, Journal(path) as journal:
+        stats = run_jobs(ChatEndpoint(_config(server, max_retries=1)), [_job(i) for i in range(4)], journal,
+                         max_failed=1, on_failed=lambda job, error: failed.append((job.key, error)))
+        assert _job(1).key not in journal and len(journal) == 3
+    assert list(stats.failed) == [_job(1).key] and failed[0][0] == _job(1).key and stats.sent == 3
+    assert "HTTP 500: Internal Server Error" in failed[0][1] and len(server.bodies) == 2 + 3
+    with ScriptedChatServer(broken) as server, Journal(path) as journal:  # at most 0 failures: the run stops
+        with pytest.raises(TooManyFailures, match=r"1 request failed after retries, more than 0 allowed.*HTTP 500") as err:
+            run_jobs(ChatEndpoint(_config(server, max_retries=1)), [_job(i) for i in range(4)], journal)
+    assert list(err.value.failed) == [_job(1).key]
+    with ScriptedChatServer(_echo) as server, Journal(path) as journal:  # a rerun retries the failed request only
+        stats = run_jobs(ChatEndpoint(_config(server)), [_job(i) for i in range(4)], journal)
+    assert (stats.sent, stats.journaled, len(server.bodies)) == (1, 3, 1)
+
+
+def test_max_tokens_field_auto_switches_once_on_the_hosted_models_400(capsys):
+    from megatron_mmprolong.serving.endpoint import RequestRefused
+    from megatron_mmprolong.serving.scripted_server import hosted_reasoning_model
+
+    with ScriptedChatServer(hosted_reasoning_model(_echo)) as server:
+        endpoint = ChatEndpoint(_config(server))
+        got = {}
+        stats = run_jobs(endpoint, [_job(i) for i in range(6)], concurrency=3, on_reply=lambda j, r: got.setdefault(j.key, r))
+    assert stats.sent == 6 and all(r.text.startswith("echo: q") for r in got.values())
+    assert endpoint.max_tokens_field == "max_completion_tokens"
+    answered = [b for b in server.bodies if "max_completion_tokens" in b]
+    assert len(answered) == 6 and all("max_tokens" not in b and b["max_completion_tokens"] == 512 for b in answered)
+    assert len(server.bodies) <= 6 + 3  # only requests in flight before the switch were refused
+    notes = capsys.readouterr().err
+    assert notes.count("max_completion_tokens") >= 1 and notes.count("\n") == 1  # said once
+    assert "Unsupported parameter: 'max_tokens'" in notes
+    with ScriptedChatServer(hosted_reasoning_model(_echo)) as server:
+        endpoint = ChatEndpoint(_config(server, max_tokens_field="max_completion_tokens"))
+        run_jobs(endpoint, [_job(0)])
+        assert len(server.bodies) == 1 and "max_tokens" not in server.bodies[0]
+        with pytest.raises(RequestRefused, match=r"HTTP 400: Unsupported parameter: 'max_tokens'"):
+            run_jobs(ChatEndpoint(_config(server, max_tokens_field="max_tokens")), [_job(0)])
+    with pytest.raises(EndpointError, match="max_tokens_field"):
+        ChatEndpoint(EndpointConfig(url="http://127.0.0.1:9/v1", model="m", max_tokens_field="tokens"))
+
+
+def test_a_per_sample_context_length_400_naming_max_tokens_does_not_switch_the_field():
+    vllm = ("'max_tokens' or 'max_completion_tokens' is too large: 128. This model's maximum context length is "
+            "32768 tokens and your request has 32700 input tokens (128 > 32768 - 32700).")
+    with ScriptedChatServer(lambda body: Fault(status=400, body={"error": {"message": vllm}})
+                            if "q0" in json.dumps(body) else "ok") as server:
+        endpoint = ChatEndpoint(_config(server))
+        got = {}
+        run_jobs(endpoint, [_job(i) for i in range(3)], concurrency=1, on_reply=lambda j, r: got.setdefault(j.key, r))
+    assert endpoint.max_tokens_field == "max_tokens" and got[_job(0).key].error.startswith("HTTP 400: 'max_tokens'")
+
+
+def _json_job(i: int) -> Job:
+    return Job(request_key("json", i), lambda: ChatRequest([{"role": "user", "content": f"q{i}"}],
+                                                           extra={"response_format": {"type": "json_object"}}))
+
+
+def test_json_mode_warns_once_when_most_replies_are_not_json(capsys):
+    from megatron_mmprolong.serving.scripted_server import fastapi_strict
+
+    with ScriptedChatServer(fastapi_strict(lambda body: "Sure! Here it is: {\"answer\": 1}")) as server:
+        endpoint = ChatEndpoint(_config(server))
+        run_jobs(endpoint, [_json_job(i) for i in range(5)])
+        run_jobs(endpoint, [_json_job(i) for i in range(5, 7)])
+    err = capsys.readouterr().err
+    assert err.count("response_format") == 1 and "5 of 5 replies" in err and server.url in err
+    with ScriptedChatServer(lambda body: '{"answer": 1}') as server:
+        run_jobs(ChatEndpoint(_config(server)), [_json_job(i) for i in range(5)])
+        run_jobs(ChatEndpoint(_config(server)), [_job(i) for i in range(5)])  # prose without json mode: fine
+    assert capsys.readouterr().err == ""

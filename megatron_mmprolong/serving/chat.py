@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# vLLM's and transformers' fields for a reply that continues the final assistant message
+# ("Answer:") instead of opening a new assistant turn; strict servers refuse them.
+PREFILL_FIELDS = ("continue_final_message", "add_generation_prompt")
 
 
 @dataclass(frozen=True)
@@ -26,14 +31,15 @@ class ChatRequest:
 @dataclass(frozen=True)
 class ChatReply:
     """The first choice of a completion. `error` is set (and `text` empty) when the server
-    refused the request for good (a 4xx other than 408/429: an image it cannot read, a prompt
-    over its length limit); callers count those instead of failing."""
+    refused this request for good (a 4xx other than 408/429: an image it cannot read, a prompt
+    over its length limit; `status` is the HTTP status); callers count those instead of failing."""
 
     text: str
     finish_reason: str | None = None  # "stop", or "length" when cut at max_tokens
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    status: int | None = None  # of a refusal
 
     @property
     def truncated(self) -> bool:
@@ -44,7 +50,14 @@ class ChatReply:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ChatReply":
-        return cls(**{k: data.get(k) for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens", "error")})
+        return cls(**{k: data.get(k) for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens", "error",
+                                               "status")})
+
+
+def closed_prefill(request: ChatRequest) -> ChatRequest:
+    """The request without PREFILL_FIELDS: its final assistant message becomes a closed turn and
+    the server's chat template opens a new one after it (MMLongBench's vLLM requests)."""
+    return dataclasses.replace(request, extra={k: v for k, v in request.extra.items() if k not in PREFILL_FIELDS})
 
 
 def text_part(text: str) -> dict[str, Any]:
