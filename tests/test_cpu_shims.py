@@ -2,6 +2,9 @@
 call site fails here, loudly, instead of silently running a stale shim."""
 
 import importlib
+import json
+import os
+from pathlib import Path
 
 import megatron.core
 import pytest
@@ -9,6 +12,8 @@ import torch
 from packaging.version import Version
 
 from megatron_mmprolong import cpu_shims
+
+from multiprocess import run_ranks
 
 
 def test_megatron_core_version_is_in_the_supported_range():
@@ -20,12 +25,14 @@ def test_megatron_core_version_is_in_the_supported_range():
 
 
 def test_every_patched_call_site_is_still_there(runtime):  # after the shims are applied
-    assert cpu_shims.check_call_sites() == []
+    moved = cpu_shims.check_call_sites()
+    assert not moved, "\n".join(moved)
 
 
 def test_a_moved_call_site_is_reported(monkeypatch):
     moved = cpu_shims.CallSite("megatron.core.tensor_parallel.mappings", "torch.cuda.no_such_call()")
     monkeypatch.setattr(cpu_shims, "CALL_SITES", (moved,))
+    monkeypatch.setattr(cpu_shims, "NOT_REACHED", ())
     (problem,) = cpu_shims.check_call_sites()
     assert "no longer contains" in problem and "mappings" in problem
 
@@ -47,3 +54,95 @@ def test_rng_state_functions_use_the_cpu_generator(runtime):
     first = torch.rand(3)
     mrandom._set_cuda_rng_state(state)
     assert torch.equal(torch.rand(3), first)
+
+
+# ---- the guard: no CUDA call that the shims do not know, in what training runs ----------------
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def _guard_layouts(mix, out: Path) -> list[list[str]]:
+    """Two-rank runs of `mmprolong train` that between them take every megatron-core path the
+    plugin uses on CPUs: TP+SP, PP (1F1B), CP and DP; DDP with and without overlapped gradient
+    reduction, both recompute kinds, clipping, checkpoint save and resume (bf16 training needs CUDA:
+    Megatron-Core's mixed-precision optimizer takes only CUDA tensors)."""
+    base = ["--config", str(EXAMPLES / "cpu_tiny.yaml"), "--data-mix", str(mix), "--seq-length", "2048",
+            "--num-workers", "0", "--log-interval", "1", "--train-iters", "2"]
+    tp = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--overlap-grad-reduce",
+          "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    return [
+        [*base, *tp, "--save", str(out / "tp")],
+        [*base, *tp, "--load", str(out / "tp"), "--train-iters", "3"],
+        [*base, "--pipeline-model-parallel-size", "2", "--recompute-granularity", "selective"],
+        [*base, "--context-parallel-size", "2"],
+        [*base],  # DP2
+    ]
+
+
+def _traced_rank(layouts: list[list[str]], trace_files: list[str]) -> None:
+    """Run each layout on this rank, recording every megatron-core function called (module,
+    qualified name), also when a run fails: the guard names the CUDA call that failed it."""
+    import sys
+    import threading
+
+    import megatron.core
+
+    from megatron_mmprolong.training.arguments import parse_args
+    from megatron_mmprolong.training.loop import train
+
+    root = Path(megatron.core.__file__).parent
+    called: set[tuple[str, str]] = set()
+
+    def record(frame, event, arg):
+        code = frame.f_code
+        if code.co_filename.startswith(str(root)):
+            called.add((code.co_filename, code.co_qualname))
+
+    sys.settrace(record)
+    threading.settrace(record)
+    try:
+        for argv in layouts:
+            train(parse_args(argv))
+    finally:
+        sys.settrace(None)
+        threading.settrace(None)
+        functions = set()
+        for filename, qualname in called:
+            module = ".".join(Path(filename).relative_to(root.parent.parent).with_suffix("").parts)
+            functions.add((module.removesuffix(".__init__"), qualname))
+        Path(trace_files[int(os.environ["RANK"])]).write_text(json.dumps(sorted(functions)))
+
+
+def test_training_runs_no_cuda_call_the_shims_do_not_know(tiny_train_data, tmp_path):
+    """Every CUDA call (torch.cuda.*, device="cuda", .cuda(), CUDA type strings) in the megatron-core
+    functions that CPU training runs is a known call site (shimmed, or on a branch CPUs never
+    take). A new megatron-core that adds one fails here, by name, instead of crashing a rank."""
+    *_, mix = tiny_train_data
+    traces = [tmp_path / f"trace{rank}.json" for rank in range(2)]
+    failure = None
+    try:
+        run_ranks(_traced_rank, 2, _guard_layouts(mix, tmp_path), [str(t) for t in traces])
+    except Exception as err:  # a rank that hit the unknown call; the trace says which
+        failure = err
+    functions = {tuple(f) for t in traces if t.exists() for f in json.loads(t.read_text())}
+    assert len(functions) > 100, "the trace recorded (almost) nothing"
+    unknown = cpu_shims.unaccounted_cuda_calls(functions)
+    assert not unknown, "CUDA calls that cpu_shims does not know (shim them, or list them in NOT_REACHED):\n" + \
+        "\n".join(unknown)
+    if failure is not None:
+        raise failure
+
+
+def test_the_scan_finds_each_kind_of_cuda_call():
+    source = '''
+def f(x):
+    torch.cuda.current_stream().wait_stream(s)
+    y = torch.empty(3, device="cuda")
+    if torch.cuda.is_available():
+        x = x.cuda()
+    assert x.type() == 'torch.cuda.FloatTensor'
+    def inner():
+        return torch.cuda.Event()
+'''
+    calls = cpu_shims.cuda_calls_in_source(source)
+    assert [(c.function, c.line) for c in calls] == [("f", 3), ("f", 4), ("f", 6), ("f", 7), ("f.<locals>.inner", 9)]
