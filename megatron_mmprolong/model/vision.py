@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedBase
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
@@ -119,19 +121,31 @@ class MergerList(nn.ModuleList):
         return state
 
 
-def mark_vision_copies(encoder: nn.Module, language_tp, vision_tp) -> None:
+def holds_tp_rank_0(language_tp, vision_tp) -> bool:
+    """Whether this rank's vision-TP subgroup is the first copy of the vision encoder: the one
+    holding TP rank 0 (always, when vision TP equals TP)."""
+    if vision_tp is language_tp or vision_tp.size() == language_tp.size():
+        return True
+    return dist.get_global_rank(language_tp, 0) in dist.get_process_group_ranks(vision_tp)
+
+
+def mark_vision_copies(encoder: VisionEncoder, language_tp, vision_tp) -> None:
     """With a vision TP group smaller than the language model's, each TP group holds TP /
     vision-TP copies of the encoder, one per vision-TP subgroup; they encode the same images, so
-    their gradients are equal. Megatron's gradient norm (and zero count) counts a
-    tensor-parallel parameter on every TP rank and any other one on TP rank 0, which would count
-    the vision shards once per copy. So every copy but the one holding TP rank 0 marks its
-    parameters `shared`: the attribute Megatron gives a tied embedding's second copy, read only
-    by the norm and zero count (`param_is_not_shared`) and carried to the optimizers' main
-    parameters; DDP, finalize_model_grads and checkpoints do not read it, and
-    `tensor_model_parallel` stays true of the shards."""
-    if vision_tp is language_tp or vision_tp.size() == language_tp.size():
-        return
-    if dist.get_global_rank(language_tp, 0) in dist.get_process_group_ranks(vision_tp):
+    their gradients are equal, and they hold the same weights. Every copy but the first (the one
+    holding TP rank 0) is marked twice:
+
+    - its parameters are `shared`. Megatron's gradient norm (and zero count) counts a
+      tensor-parallel parameter on every TP rank and any other one on TP rank 0, which would
+      count the vision shards once per copy. `shared` is the attribute Megatron gives a tied
+      embedding's second copy, read only by the norm and zero count (`param_is_not_shared`) and
+      carried to the optimizers' main parameters; DDP, finalize_model_grads and checkpoints do
+      not read it, and `tensor_model_parallel` stays true of the shards.
+    - the encoder is no `first_copy`, so that its checkpoint shards are no main replicas
+      (`VisionEncoder.sharded_state_dict`): a distributed checkpoint takes each shard from
+      exactly one rank."""
+    encoder.first_copy = holds_tp_rank_0(language_tp, vision_tp)
+    if encoder.first_copy:
         return
     for param in encoder.parameters():
         param.shared = True
@@ -166,6 +180,20 @@ class VisionEncoder(MegatronModule):
             for _ in vision.deepstack_visual_indexes
         )
         self.full_attention_layers = frozenset(i + 1 for i in vision.fullatt_block_indexes)
+        self.first_copy = True  # see mark_vision_copies
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Megatron's sharded state dict: the vision layers' shards have the offsets and replica
+        ids of their vision-TP group. Each copy but the first (`mark_vision_copies`) adds 1 to
+        the TP coordinate of its replica ids (Megatron's (PP, TP, DP); a main replica has all
+        zeros), so that no shard of it is a main replica. The optimizer's state takes the
+        model's replica ids (the distributed optimizer keeps the first two coordinates)."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if not self.first_copy:
+            for shard in nested_values(state):
+                if isinstance(shard, ShardedBase):
+                    shard.replica_id = _not_main(shard.replica_id)
+        return state
 
     @property
     def out_width(self) -> int:
@@ -198,3 +226,11 @@ class VisionEncoder(MegatronModule):
         outputs = hidden.split(self.vision.hidden_size, dim=-1)
         features = [merger(h) for merger, h in zip([self.merger, *self.deepstack_mergers], outputs, strict=True)]
         return torch.cat(features, dim=-1)[layout.restore_index]
+
+
+def _not_main(replica_id):
+    """The replica id one higher in the TP coordinate of (PP, TP, DP): never a main replica's."""
+    if isinstance(replica_id, int):
+        return replica_id + 1
+    axis = 1 if len(replica_id) > 1 else 0
+    return tuple(r + (i == axis) for i, r in enumerate(replica_id))
