@@ -91,8 +91,10 @@ def _figure(value: float | None) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The paper's layout: datasets by length, AVG, overall; "judge / rule" where a judge scored."""
     blocks = []
-    for cat in report["categories"].values():
-        judged = any(c["judge"] is not None for ds in cat["datasets"].values() for c in ds.values())
+    judge = report.get("judge")
+    for name, cat in report["categories"].items():
+        # a judge grades document QA; named even where it gave no verdict (those are counted below)
+        judged = name == "docqa" and judge is not None
         metrics = METRICS if judged else ("rule",)
         width = 15 if judged else 7
         heading = ("LLM judge / rule-based" if judged else "rule-based" +
@@ -113,6 +115,13 @@ def format_table(report: dict[str, Any]) -> str:
     counts = report["replies"]
     blocks.append(f"{counts['samples']} replies: {counts['scored']} scored, {counts['refused']} refused by the backend, "
                   f"{counts['empty']} empty, {counts['truncated']} cut at the length limit")
+    doc = report["categories"].get("docqa")
+    if judge is not None and doc is not None:
+        cells = [c for ds in doc["datasets"].values() for c in ds.values()]
+        missing, scored = sum(c["judge_missing"] for c in cells), sum(c["scored"] for c in cells)
+        if missing:
+            blocks[-1] += (f"\njudge {judge['model']}: {missing} of {scored} replies without a verdict (refused by the "
+                           "judge, or failed after retries: a rerun asks again)")
     return "\n\n".join(blocks)
 
 
