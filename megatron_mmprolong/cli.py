@@ -204,7 +204,8 @@ def _synth_qa(args) -> int:
         generator = JournalOnly(args.model)
     else:
         generator = ChatEndpoint(EndpointConfig(args.endpoint, args.model, args.api_key_env, args.request_timeout,
-                                                max_retries=args.max_retries), max_connections=args.concurrency)
+                                                max_retries=args.max_retries, max_tokens_field=args.max_tokens_field),
+                                 max_connections=args.concurrency)
         generator.check()  # unreachable, a wrong model or a refused key fail now, naming the URL
     summary = run_synth_qa(args.input, args.out, config, generator)
     print(json.dumps({k: summary[k] for k in ("documents", "requests", "accepted", "rejects", "tokens", "seconds")}))
@@ -386,10 +387,11 @@ def _mmlongbench_judge(args):
         raise EvalError("--judge-endpoint needs --judge-model, the name the judge's server serves")
     prompts = load_judge_prompts(args.judge_prompt_file)
     backend = ChatEndpoint(EndpointConfig(args.judge_endpoint, args.judge_model, args.judge_api_key_env,
-                                          args.request_timeout, max_retries=args.max_retries),
+                                          args.request_timeout, max_retries=args.max_retries,
+                                          max_tokens_field=args.max_tokens_field),
                            max_connections=args.judge_concurrency)
     backend.check()
-    return Judge(backend, prompts, args.judge_concurrency)
+    return Judge(backend, prompts, args.judge_concurrency, args.max_failed)
 
 
 def _eval_mmlongbench(args) -> int:
@@ -397,7 +399,7 @@ def _eval_mmlongbench(args) -> int:
     from megatron_mmprolong.data.images import ImageParams
     from megatron_mmprolong.eval.mmlongbench.data import DOC_DATASETS, NIAH_DATASETS, DataRoot
     from megatron_mmprolong.eval.mmlongbench.run import (
-        SETTINGS, MMLongBenchConfig, pairs, released, run_mmlongbench,
+        SETTINGS, FailedSamples, MMLongBenchConfig, pairs, recorded_form, released, run_mmlongbench,
     )
     from megatron_mmprolong.eval.output_dir import check_same_settings
 
@@ -418,6 +420,7 @@ def _eval_mmlongbench(args) -> int:
                                image.min_pixels, image.max_pixels, family)
     root = DataRoot.open(args.data_root)
     work = pairs(datasets, args.lengths, tokenizer)
+    config = recorded_form(args.out, config)  # the assistant turn's form an endpoint run recorded
     check_same_settings(Path(args.out) / SETTINGS, config, write=False)
     released(root, work, config)  # bad data fails before a model loads
     judge = _mmlongbench_judge(args)
@@ -426,7 +429,8 @@ def _eval_mmlongbench(args) -> int:
         from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig
 
         backend = ChatEndpoint(EndpointConfig(args.endpoint, args.model, args.api_key_env, args.request_timeout,
-                                              max_retries=args.max_retries), max_connections=args.concurrency)
+                                              max_retries=args.max_retries, max_tokens_field=args.max_tokens_field),
+                               max_connections=args.concurrency)
         backend.check()
         concurrency = args.concurrency
     elif args.hf_dir:
@@ -441,18 +445,27 @@ def _eval_mmlongbench(args) -> int:
 
         model, writer, barrier = _eval_model(args)
         backend = LocalChatBackend(model, ChatTokenizer(tokenizer), image, source, in_thread=False)
-    run_mmlongbench(backend, root, work, config, args.out, tokenizer, judge, concurrency, writer, barrier,
-                    args.train_length, args.compare)
+    status = 0
+    try:
+        run_mmlongbench(backend, root, work, config, args.out, tokenizer, judge, concurrency, writer, barrier,
+                        args.train_length, args.compare, args.max_failed)
+    except FailedSamples as err:  # the rest is scored; a rerun sends the failed ones again
+        print(f"mmprolong eval: error: {err}", file=sys.stderr)
+        status = 1
     if args.mcore_dir:
         runtime.shutdown()
-    return 0
+    return status
 
 
 def _eval_score(args) -> int:
-    from megatron_mmprolong.eval.mmlongbench.run import rescore
+    from megatron_mmprolong.eval.mmlongbench.run import FailedSamples, rescore
 
-    rescore(args.predictions, args.out or Path(args.predictions).parent, _mmlongbench_judge(args), args.train_length,
-            args.compare)
+    try:
+        rescore(args.predictions, args.out or Path(args.predictions).parent, _mmlongbench_judge(args),
+                args.train_length, args.compare)
+    except FailedSamples as err:
+        print(f"mmprolong eval: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -646,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth_qa.add_argument("--workers", type=int, default=4, help="processes rendering pages (0: this one)")
     synth_qa.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     synth_qa.add_argument("--max-retries", type=int, default=5, help="retries on timeouts, 429 and 5xx")
+    _add_max_tokens_field(synth_qa)
     synth_qa.add_argument("--part", type=int, nargs=2, metavar=("INDEX", "COUNT"),
                           help="only every COUNT-th PDF from the INDEX-th, into OUT/parts/ (one Slurm array task); "
                                "a last run without --part adopts the parts' answers and writes the whole outputs")
@@ -807,8 +821,18 @@ def _add_score_options(parser) -> None:
     parser.add_argument("--judge-concurrency", type=int, default=8, help="judge requests in flight")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--max-retries", type=int, default=5, help="retries on timeouts, 429 and 5xx")
+    parser.add_argument("--max-failed", type=int, default=10,
+                        help="samples (and judge requests) that may fail after their retries before the run stops; "
+                             "they are named, the exit status is 1, and a rerun sends them again")
+    _add_max_tokens_field(parser)
     parser.add_argument("--train-length", type=int, help="the training window in tokens, dashed on scores.png")
     parser.add_argument("--compare", metavar="OTHER_DIR", help="overlay another run's scores on scores.png")
+
+
+def _add_max_tokens_field(parser) -> None:
+    parser.add_argument("--max-tokens-field", choices=["auto", "max_tokens", "max_completion_tokens"], default="auto",
+                        help="how requests to the endpoints name the reply's token limit; auto: max_tokens, and "
+                             "max_completion_tokens once a server refuses max_tokens (hosted reasoning models)")
 
 
 def _add_eval_model(parser, endpoint: bool = False) -> None:

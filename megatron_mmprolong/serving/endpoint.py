@@ -32,6 +32,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 import aiohttp
+from tqdm import tqdm
 
 from megatron_mmprolong.serving.chat import PREFILL_FIELDS, ChatReply, ChatRequest
 
@@ -192,8 +193,10 @@ class ChatEndpoint:
             if self._adapted(body, status, message, param, code, problem):
                 continue
             if refuses_the_form(status, message):
+                hint = ("; --max-tokens-field auto switches to max_completion_tokens"
+                        if _refuses_max_tokens(message, param, code) else "")
                 raise RequestRefused(f"{self.base_url}/chat/completions refused the request's form ({problem}); "
-                                     "stopped with nothing journaled for it")
+                                     f"stopped with nothing journaled for it{hint}")
             self.stats.refused += 1
             return ChatReply(text="", error=problem, status=status)
         self.stats.refused += 1
@@ -247,7 +250,8 @@ class ChatEndpoint:
                 problem = f"HTTP {status}: {_refusal(text)[0]}"
             if attempt == self.config.max_retries:
                 self.stats.failed += 1
-                raise RequestFailed(f"{self.base_url}/chat/completions failed {attempt + 1} times; last: {problem}")
+                times = f"{attempt + 1} time{'s' if attempt else ''}"
+                raise RequestFailed(f"{self.base_url}/chat/completions failed {times}; last: {problem}")
             self.stats.retries += 1
             delay = retry_after if retry_after is not None else wait * (1 + 0.25 * random.random())
             await asyncio.sleep(min(delay, self.config.max_backoff))
@@ -343,7 +347,7 @@ def _is_json(text: str) -> bool:
 
 
 def _to_stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    tqdm.write(line, file=sys.stderr)  # above the progress bars
 
 
 def _retry_after(headers) -> float | None:

@@ -7,7 +7,8 @@ The verdict is read as the harness reads it: the "[Score]: N point(s)" line, els
 "answer_score" value, else 0; for lists F1 of precision = covered / the student's items and
 recall = covered / the reference's items, clamped to [0, 1], 0 when nothing is covered or the
 counts are missing. The harness leaves the judge's temperature to the server; here it is 0 (a
-rerun gets the same verdicts).
+rerun gets the same verdicts). A judge request that fails after the endpoint's retries leaves its
+case without a verdict and unjournaled (a rerun asks again); more than `max_failed` stop the judging.
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ class JudgeCase:
 
 
 def judge(cases: list[JudgeCase], backend, prompts: JudgePrompts, journal_path: Path, concurrency: int = 8,
-          progress: bool = True) -> dict[str, float | None]:
-    """A verdict per case key (None when the judge refused the request)."""
+          progress: bool = True, max_failed: int = 0, failed: dict[str, str] | None = None) -> dict[str, float | None]:
+    """A verdict per case key (None when the judge refused the request, or it failed: then the
+    case key and the error go into `failed`)."""
     messages = {c.key: prompts.message(c.question, c.reference, c.prediction, c.is_list) for c in cases}
     keys = {c.key: request_key("mmlongbench-judge", backend.name, messages[c.key], JUDGE_MAX_TOKENS) for c in cases}
     verdicts: dict[str, float | None] = {}
@@ -117,7 +119,13 @@ def judge(cases: list[JudgeCase], backend, prompts: JudgePrompts, journal_path: 
         request = ChatRequest([{"role": "user", "content": messages[case.key]}], max_tokens=JUDGE_MAX_TOKENS)
         return Job(key, lambda: request)
 
+    def lost(job: Job, error: str) -> None:
+        for case in sharing[job.key]:
+            verdicts[case.key] = None
+            if failed is not None:
+                failed[case.key] = error
+
     with Journal(journal_path) as journal:
         run_jobs(backend, [job(k, group[0]) for k, group in sharing.items()], journal, concurrency, record,
-                 "judge" if progress else None)
+                 "judge" if progress else None, max_failed, lost)
     return verdicts
