@@ -201,3 +201,33 @@ def test_synth_qa_and_the_judges_take_the_max_tokens_field(monkeypatch, tmp_path
     assert seen["field"] == "max_completion_tokens"
     args = build_parser().parse_args(["eval", "score", "--predictions", "p"])
     assert (args.max_tokens_field, args.max_failed) == ("auto", 10)
+
+
+def test_synth_qa_on_strict_servers_json_mode_ignored_and_max_tokens_refused(tmp_path, capsys):
+    """transformers serve accepts response_format and ignores it: synth-qa still reads the fenced
+    objects, and says once that JSON mode had no effect; a hosted reasoning model gets
+    max_completion_tokens."""
+    from megatron_mmprolong.data.synth import SynthConfig, synth_docs
+    from megatron_mmprolong.data.synth_qa.oracle import TextLayerOracle
+
+    pdfs = tmp_path / "pdfs"
+    synth_docs(pdfs, SynthConfig(docs=1, min_pages=6, max_pages=6, page_width=308, page_height=336, font_size=9,
+                                 format="pdf", seed=3))
+    oracle = TextLayerOracle(sorted(str(p) for p in pdfs.glob("*.pdf")))
+    command = ["synth-qa", "--input", str(pdfs), "--min-pages", "4", "--document-pages", "5", "8", "--segment-pages",
+               "3", "4", "--questions-per-document", "3", "--tasks", "extract-single=1", "--workers", "0",
+               "--model", "scripted"]
+    with ScriptedChatServer(fastapi_strict(lambda body: "Here is the pair:\n```json\n" + oracle(body) + "\n```")) \
+            as server:
+        assert main([*command, "--out", str(tmp_path / "qa"), "--endpoint", server.url, "--json-mode"]) == 0
+    assert len(server.bodies) == 3 and all(b["response_format"] == {"type": "json_object"} for b in server.bodies)
+    logged = capsys.readouterr()
+    accepted = json.loads(logged.out)["accepted"]
+    assert accepted["extract-single"] >= 1  # read from the fenced objects
+    assert logged.err.count("seems to ignore response_format") == 1 and "3 of 3 replies" in logged.err
+    with ScriptedChatServer(hosted_reasoning_model(oracle)) as server:
+        assert main([*command, "--out", str(tmp_path / "qa2"), "--endpoint", server.url, "--json-mode"]) == 0
+    answered = [b for b in server.bodies if "max_completion_tokens" in b]
+    assert len(answered) == 3 and all(b["max_completion_tokens"] == 1024 for b in answered)
+    logged = capsys.readouterr()
+    assert json.loads(logged.out)["accepted"] == accepted and "response_format" not in logged.err
