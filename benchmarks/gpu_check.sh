@@ -3,6 +3,9 @@
 # (megatron-core; the GPU image has torch and transformers), then runs the check and writes its
 # JSON. On a GPU node:   benchmarks/gpu_check.sh --out gpu_check.json
 # Reduced, on the CPU:   benchmarks/gpu_check.sh --cpu --out /tmp/gpu_check.json   (CI runs this)
+# The exit status is the check's: non-zero when any part failed, `pytest -m gpu` included, which
+# runs under a timeout (--pytest-timeout for the whole run, --pytest-test-timeout per test); every
+# part writes its section of the JSON as it ends, so a failure or a kill keeps the others' figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
