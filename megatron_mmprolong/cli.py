@@ -285,15 +285,12 @@ def _eval_qa(args) -> int:
     from megatron_mmprolong import runtime
     from megatron_mmprolong.data.chat import ChatTokenizer
     from megatron_mmprolong.data.store import MultimodalStore
-    from megatron_mmprolong.eval.dataset_qa import answer_resumably, write_results
+    from megatron_mmprolong.eval.dataset_qa import answer_resumably, select_samples, write_results
 
     store = MultimodalStore(args.data)
     store.check_fits(_evaluated_config(args))
     tokenizer = ChatTokenizer(args.tokenizer or store.manifest["tokenizer"]["path"])
-    indices = [i for i in range(len(store)) if not args.tasks or store.task(i) in args.tasks][:args.limit]
-    if not indices:
-        print(f"mmprolong eval: error: {args.data} has no samples of tasks {args.tasks}", file=sys.stderr)
-        return 2
+    indices = select_samples(store, args.tasks, args.limit)
     model, writer, barrier = _eval_model(args)
     out = Path(args.out or Path(args.hf_dir or args.mcore_dir) / "eval_qa.json")
     log = out.with_name(out.name + ".answers.jsonl")  # a rerun after a kill continues from it

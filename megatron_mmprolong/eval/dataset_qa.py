@@ -77,6 +77,18 @@ def answer_f1(answer: str, expected: str) -> float:
     return float(answer_n == expected_n)
 
 
+def select_samples(store: MultimodalStore, tasks: list[str] | None, limit: int | None) -> list[int]:
+    """The sample indices `eval qa` answers: of `tasks` (all when None), at most `limit`."""
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit {limit}: give the number of samples to answer, at least 1 (leave it out for all)")
+    indices = [i for i in range(len(store)) if not tasks or store.task(i) in tasks]
+    if not indices:
+        present = sorted({store.task(i) for i in range(len(store))})
+        raise EvalError(f"{store.prefix} has no samples of --tasks {' '.join(tasks or [])}; its tasks are "
+                        f"{', '.join(present) or 'none (the dataset is empty)'}")
+    return indices[:limit]
+
+
 def prompt_and_answer(store: MultimodalStore, index: int) -> tuple[np.ndarray, np.ndarray]:
     """Tokens before the first loss span, and the tokens of that span (the reply and its end token)."""
     tokens = np.asarray(store.tokens[index], dtype=np.int64)
