@@ -225,6 +225,9 @@ def test_the_same_refusal_for_every_request_stops_the_run_and_is_never_journaled
             run_jobs(ChatEndpoint(_config(server)), [_job(i) for i in range(40)], journal, concurrency=4)
     assert "HTTP 400: this model does not take image input" in str(err.value) and "\n" not in str(err.value)
     assert len(server.bodies) <= 3 + 4 and len(Journal(path)) == 0
+    with ScriptedChatServer(lambda body: refusal) as server, Journal(path) as journal:
+        with pytest.raises(RequestRefused, match="refused the only request of this run"):  # and nothing answered ever
+            run_jobs(ChatEndpoint(_config(server)), [_job(0)], journal)
     with ScriptedChatServer(_echo) as server, Journal(path) as journal:  # the server fixed: every request is sent
         assert run_jobs(ChatEndpoint(_config(server)), [_job(i) for i in range(40)], journal).sent == 40
 

@@ -208,6 +208,6 @@ def _refused(backend, held: list[tuple[Job, ChatReply]]) -> RequestRefused:
     where = getattr(backend, "base_url", None)
     where = f"{where}/chat/completions" if where else backend.name
     count = len(held)
-    every = f"all {count} requests" if count > 1 else "the only request"
-    return RequestRefused(f"{where} refused {every} of this run alike ({held[0][1].error}), none answered; "
-                          "stopped with nothing journaled for them")
+    every = f"all {count} requests of this run alike" if count > 1 else "the only request of this run"
+    return RequestRefused(f"{where} refused {every} ({held[0][1].error}), none answered; stopped with nothing "
+                          "journaled for them")
