@@ -9,6 +9,10 @@ The final files are written under temporary names and the manifest comes last.
 A build can be split over independent jobs (a Slurm array): `part=(i, n)` builds only the shards
 whose index is i modulo n and stops before merging; a last run without `part` reuses every
 finished shard and merges them into the same bytes a single run writes.
+
+A finished shard's `done.json` records the fingerprint of its settings and records and the CRC-32
+of each of its files: a kept shard is reused only when both still match, so a damaged one is built
+again (and said so), never merged.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -38,6 +44,7 @@ from megatron_mmprolong.data.records import (
     Source,
     read_jsonl,
 )
+from megatron_mmprolong.data import checksums
 from megatron_mmprolong.data.sampling import default_bin_edges
 from megatron_mmprolong.data.store import (
     FORMAT, FORMAT_VERSION, EncodedSample, StoreWriter, file_names, file_sha256, merge_stores,
@@ -133,14 +140,15 @@ def build_dataset(
     jobs = []
     reused = 0
     mine = [i for i in range(len(shards)) if part is None or i % part[1] == part[0]]
+    fingerprints = {index: _fingerprint(config, shards[index]) for index in mine}
+    kept = _kept_shards({index: work_dir / f"shard-{index:05d}" for index in mine}, fingerprints, workers)
     for index in mine:
         shard = shards[index]
         directory = work_dir / f"shard-{index:05d}"
-        fingerprint = _fingerprint(config, shard)
-        if _shard_done(directory, fingerprint):
+        if index in kept:
             reused += 1
         else:
-            jobs.append((index, directory, fingerprint, [(str(s), r, i) for s, r, i in shard]))
+            jobs.append((index, directory, fingerprints[index], [(str(s), r, i) for s, r, i in shard]))
 
     bar = tqdm(total=sum(len(shards[i]) for i in mine), unit="doc", desc="build-data", disable=not progress)
     bar.update(bar.total - sum(len(j[3]) for j in jobs))
@@ -218,8 +226,41 @@ def _fingerprint(config: BuildConfig, shard) -> str:
 
 
 def _shard_done(directory: Path, fingerprint: str) -> bool:
+    """A finished shard of these settings and records whose files are as its build wrote them;
+    a damaged one (or one kept by a build that recorded no content checksums) is said so."""
     done = directory / "done.json"
-    return done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint
+    try:
+        entry = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(entry, dict) or entry.get("fingerprint") != fingerprint:
+        return False
+    files = entry.get("files")
+    if not isinstance(files, dict) or set(files) != set(_shard_files()):
+        print(f"mmprolong build-data: {directory} was kept by a build that recorded no checksums of its files; "
+              "building it again", file=sys.stderr, flush=True)
+        return False
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file() or checksums.file_crc32(path) != expected:
+            print(f"mmprolong build-data: {path} differs from the checksum recorded when the shard was built (the file "
+                  "changed since); building it again", file=sys.stderr, flush=True)
+            return False
+    return True
+
+
+def _shard_files() -> list[str]:
+    return [path.name for path in file_names("part")]
+
+
+def _kept_shards(directories: dict[int, Path], fingerprints: dict[int, str], workers: int) -> set[int]:
+    """The shards to reuse; their files are read in `workers` threads (zlib's CRC releases the GIL)."""
+    candidates = [i for i, d in directories.items() if (d / "done.json").is_file()]
+    if not candidates:
+        return set()
+    with ThreadPoolExecutor(max(1, min(workers, len(candidates)))) as pool:
+        done = pool.map(lambda i: _shard_done(directories[i], fingerprints[i]), candidates)
+        return {i for i, ok in zip(candidates, done) if ok}
 
 
 # ---- shards ------------------------------------------------------------------------------------
@@ -257,7 +298,8 @@ def _build_shard(config: BuildConfig, index: int, directory: Path, fingerprint: 
         stats["pages"] += len(sample.images)
         stats["tokens"] += len(sample.tokens)
     writer.close()
-    (partial / "done.json").write_text(json.dumps({"fingerprint": fingerprint, "index": index}))
+    files = {name: checksums.file_crc32(partial / name) for name in _shard_files()}
+    (partial / "done.json").write_text(json.dumps({"fingerprint": fingerprint, "index": index, "files": files}))
     shutil.rmtree(directory, ignore_errors=True)
     partial.rename(directory)
     return stats
@@ -435,7 +477,7 @@ def _manifest(staged: Path, config: BuildConfig, inputs, ocr_task) -> dict:
     for reject in rejects:
         kinds[reject["kind"]] = kinds.get(reject["kind"], 0) + 1
     build_config = asdict(config)
-    return {
+    manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "name": Path(str(staged)).name,
@@ -457,4 +499,9 @@ def _manifest(staged: Path, config: BuildConfig, inputs, ocr_task) -> dict:
         "build_args": {"inputs": [str(Path(p).resolve()) for p in inputs], "ocr_task": ocr_task, **build_config},
         "sizes": {path.name[len(staged.name) + 1:]: path.stat().st_size for path in file_names(staged)},
         "checksums": {path.name[len(staged.name) + 1:]: file_sha256(path) for path in file_names(staged)},
+        # checked by every reader: these files whole on opening, each sequence as it is read
+        "integrity": {"algorithm": checksums.ALGORITHM, "sequences": checksums.SEQUENCES_FILE,
+                      "files": {name: checksums.file_crc32(f"{staged}.{name}") for name in checksums.OPEN_FILES}},
     }
+    manifest[checksums.MANIFEST_KEY] = checksums.manifest_digest(manifest)  # last: of everything above
+    return manifest
