@@ -5,7 +5,11 @@ escaping is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 BAD_INPUT, RUN_FAILED = 2, 1
 
@@ -17,6 +21,106 @@ class ReportedElsewhere(Exception):
     def __init__(self, status: int):
         super().__init__(f"rank 0 reported the error (exit status {status})")
         self.status = status
+
+
+class OutputError(RuntimeError):
+    """Writing an output failed (a full disk, a quota, an I/O error): one line naming the path and
+    the free space there. A run failure (exit status 1), not bad input."""
+
+
+# errno values that mean the storage refused a write, not that the path was wrong
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+# what torch's zip writer (torch.save) raises when its file's write failed; the OSError is lost
+# when it wrote through a C++ stream (a path), kept as __context__ when through a Python file
+_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+def _chain(err: BaseException):
+    """`err`, its causes and contexts, and the per-rank failures a torch CheckpointException holds."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values() if isinstance(f, (tuple, BaseException))]
+
+
+def write_failure(err: BaseException) -> tuple[OSError | None, str] | None:
+    """(the OSError, or None where torch lost it; its text) if `err` is a refused write, else None."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return e, e.strerror or os.strerror(e.errno)
+    for e in _chain(err):
+        text = str(e)
+        if "No space left on device" in text or "[Errno 28]" in text:
+            return None, os.strerror(errno.ENOSPC)
+        for marker in _TORCH_WRITE_FAILURES:
+            if marker in text:
+                return None, f"the write failed (torch: {text[text.index(marker):].splitlines()[0].strip()})"
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def free_space(path: str | Path) -> str:
+    """'N free of M' on the file system that holds `path` (its nearest existing folder)."""
+    try:
+        stat = os.statvfs(_existing(path))
+    except OSError:
+        return "free space unknown"
+    return f"{_size(stat.f_bavail * stat.f_frsize)} free of {_size(stat.f_blocks * stat.f_frsize)}"
+
+
+def output_error(err: BaseException, path: str | Path, what: str, after: str = "") -> OutputError | None:
+    """The one-line OutputError for `err` if it is a refused write of `what` at `path`, else None.
+    `after` says what became of the output (for example that nothing partial was kept)."""
+    found = write_failure(err)
+    if found is None:
+        return None
+    oserror, reason = found
+    named = oserror.filename if oserror is not None and oserror.filename else path
+    if oserror is None and "No space" not in reason:  # torch's writer lost the errno: the disk says why
+        try:
+            stat = os.statvfs(_existing(named))
+            if stat.f_bavail * stat.f_frsize < 1 << 20:
+                reason = os.strerror(errno.ENOSPC)
+        except OSError:
+            pass
+    text = f"cannot write {what} {named}: {reason} ({free_space(named)} there)"
+    return OutputError(f"{text}; {after}" if after else text)
+
+
+def _existing(path: str | Path) -> Path:
+    """`path`, or its nearest folder that exists."""
+    where = Path(os.path.abspath(path))
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return where
+
+
+@contextmanager
+def writing(path: str | Path, what: str, after: str = ""):
+    """Turn a refused write inside the block into an OutputError naming `path` and the free space."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except Exception as err:
+        translated = output_error(err, path, what, after)
+        if translated is None:
+            raise
+        raise translated from err
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
@@ -36,24 +140,27 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from megatron_mmprolong.data.synth import SynthError
     from megatron_mmprolong.data.synth_qa.documents import SynthQAError
     from megatron_mmprolong.eval.dataset_qa import EvalError
+    from megatron_mmprolong.output_lock import OutputLocked
     from megatron_mmprolong.serving.endpoint import EndpointError
 
     # OSError last: a file that is missing, unreadable or in the way, named by the error itself
     return (ConfigError, CheckpointError, BuildError, TokenizerError, StoreError, PlanError, RecordError,
-            EvalError, SynthError, SynthQAError, EndpointError, OSError)
+            EvalError, SynthError, SynthQAError, EndpointError, OutputLocked, OSError)
 
 
 def _run_failures() -> tuple[type[BaseException], ...]:
     from megatron_mmprolong.data.build import NoSamplesError
     from megatron_mmprolong.training.loop import TrainingError
 
-    return (NoSamplesError, TrainingError)
+    return (NoSamplesError, TrainingError, OutputError)
 
 
 def one_line(err: BaseException) -> str:
     """The error's message on one line; an OSError as 'PATH: reason'."""
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         text = f"{err.filename}: {err.strerror}"
+        if err.errno in WRITE_ERRNOS:
+            text += f" ({free_space(err.filename)} there)"
     else:
         text = str(err) or type(err).__name__
     if "Original Traceback" in text:  # raised in a DataLoader worker: torch appends the worker's traceback
@@ -65,7 +172,7 @@ def status(err: BaseException) -> int:
     """The exit status an error calls for (an unexpected one, a bug, is a run failure)."""
     if isinstance(err, ReportedElsewhere):
         return err.status
-    if isinstance(err, _run_failures()):
+    if isinstance(err, _run_failures()) or isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
         return RUN_FAILED
     return BAD_INPUT if isinstance(err, _bad_input_errors()) else RUN_FAILED
 
@@ -73,5 +180,16 @@ def status(err: BaseException) -> int:
 def report(prog: str, err: BaseException) -> int:
     """Print `err` for the user and return the exit status it calls for."""
     if not isinstance(err, ReportedElsewhere):
+        _close_progress_bars()
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
     return status(err)
+
+
+def _close_progress_bars() -> None:
+    """End the line of a progress bar the error interrupted, so that the error starts its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:
+            pass

@@ -111,7 +111,29 @@ class BuildReport:
     merged: bool = True  # False for a `part` run: shards only, no dataset yet
 
 
-def build_dataset(
+def build_dataset(inputs: list[str | Path], output_prefix: str | Path, config: BuildConfig, *,
+                  part: tuple[int, int] | None = None, **options) -> BuildReport:
+    """Build under the prefix's lock (one writer per output; `output_lock.py`). A write the disk
+    refuses is said in one line naming the path and the free space; the merge's staging copy is
+    removed, the finished shards are kept for the rerun, and no manifest means no dataset."""
+    from megatron_mmprolong.errors import output_error
+    from megatron_mmprolong.output_lock import lock_prefix
+
+    prefix = Path(output_prefix).resolve()
+    with lock_prefix(prefix, part):
+        try:
+            return _build_dataset(inputs, output_prefix, config, part=part, **options)
+        except Exception as err:
+            refused = output_error(err, prefix, "dataset",
+                                   f"no dataset was written; finished shards are kept in {prefix}.build/ "
+                                   "for the same build-data to reuse once there is room")
+            if refused is None:
+                raise
+            shutil.rmtree(Path(f"{prefix}.build") / "final", ignore_errors=True)
+            raise refused from err
+
+
+def _build_dataset(
     inputs: list[str | Path],
     output_prefix: str | Path,
     config: BuildConfig,
