@@ -215,7 +215,8 @@ def test_other_damage_read_at_opening_names_the_file(file, built, tmp_path):
 def test_verify_still_reads_every_file(built, tmp_path, capsys):
     prefix = _copy(built[0], tmp_path / "ds")
     assert main(["inspect-data", str(prefix), "--verify"]) == 0
-    assert "checksums of 11 files match" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "checksums of 11 files match" in out and "crc32 of every sample and image, checked as they are read" in out
     _damage(prefix, "rejects.jsonl")  # no reader uses it: opening does not read it, --verify does
     MultimodalStore(prefix)
     assert main(["inspect-data", str(prefix), "--verify"]) == 2
@@ -315,6 +316,7 @@ def test_a_dataset_built_before_checksums_opens_with_one_warning(built, tmp_path
     assert str(prefix) in warnings[0] and "not verified" in warnings[0] and "rebuild" in warnings[0]
     assert len(store) == len(MultimodalStore(built[0]))
     assert main(["inspect-data", str(prefix), "--verify"]) == 0
+    assert "none as read (format 1, built before per-sample checksums)" in capsys.readouterr().out
 
 
 # ---- build shards -----------------------------------------------------------------------------

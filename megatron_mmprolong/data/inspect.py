@@ -25,6 +25,7 @@ def summary(store: MultimodalStore) -> str:
         f"tokens       {counts['tokens']:,} (vision {counts['vision_tokens']:,}, text {counts['text_tokens']:,}, "
         f"loss {counts['loss_tokens']:,})",
         f"images       {counts['images']:,}   pages dropped {counts['pages_dropped']:,}",
+        f"checks       {_checks(m)}",
     ]
     if len(lengths):
         lines.append(f"length       min {lengths.min():,}  median {int(np.median(lengths)):,}  "
@@ -34,6 +35,15 @@ def summary(store: MultimodalStore) -> str:
     lines += ["", f"{'length bin':<18}{'samples':>10}{'tokens':>16}"]
     lines += [f"{b['lo']:>7,}-{b['hi']:<10,}{b['samples']:>10,}{b['tokens']:>16,}" for b in m["per_length_bin"]]
     return "\n".join(lines)
+
+
+def _checks(manifest: dict) -> str:
+    integrity = manifest.get("integrity")
+    if integrity is None:
+        return (f"none as read (format {manifest['format_version']}, built before per-sample checksums): rebuild "
+                "to have every sample checked; --verify checks the files whole")
+    return (f"{integrity['algorithm']} of every sample and image, checked as they are read; the index files "
+            f"on opening (format {manifest['format_version']}); --verify checks the files whole")
 
 
 def packing_summary(store: MultimodalStore, seq_length: int, alignment=None) -> str:
