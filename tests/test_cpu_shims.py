@@ -1,5 +1,6 @@
-"""The CPU workarounds still have their reasons: an upgraded megatron-core that moves a patched
-call site fails here, loudly, instead of silently running a stale shim."""
+"""The CPU workarounds still have their reasons, per megatron-core line: an upgrade that moves a
+patched call site, or that adds a CUDA call on a path CPU training takes, fails here, loudly and
+by name, instead of silently running a stale shim or crashing a rank."""
 
 import importlib
 import json
@@ -9,19 +10,32 @@ from pathlib import Path
 import megatron.core
 import pytest
 import torch
-from packaging.version import Version
 
 from megatron_mmprolong import cpu_shims
+from megatron_mmprolong.cpu_shims import scan
 
 from multiprocess import run_ranks
 
 
-def test_megatron_core_version_is_in_the_supported_range():
-    low, high = cpu_shims.SUPPORTED_MEGATRON_CORE
-    assert Version(low) <= Version(megatron.core.__version__) < Version(high), (
-        f"megatron-core {megatron.core.__version__} is outside the tested range [{low}, {high}); "
-        "re-check every call site in cpu_shims.CALL_SITES"
-    )
+@pytest.mark.parametrize("version, module", [("0.16.1", "mcore_0_16"), ("0.17.1", "mcore_0_17"),
+                                             ("0.18.2", "mcore_0_18"), ("0.19.0", "mcore_0_19"),
+                                             ("0.19.2", "mcore_0_19")])
+def test_each_supported_line_has_its_module(version, module):
+    shims = cpu_shims.line(version)
+    assert shims.__name__ == f"megatron_mmprolong.cpu_shims.{module}"
+    assert isinstance(shims.CUDA_ON_CPU, dict) and isinstance(shims.CALL_SITES, tuple)
+    assert isinstance(shims.CPU_SAFE, tuple)
+
+
+@pytest.mark.parametrize("version", ["0.15.3", "0.16.0", "0.20.0"])
+def test_a_line_without_shims_is_refused_by_name(version):
+    with pytest.raises(RuntimeError, match=rf"megatron-core {version} is outside \[0.16.1, 0.20\)"):
+        cpu_shims.line(version)
+
+
+def test_the_installed_megatron_core_has_its_line():
+    cpu_shims.line()  # raises outside the supported range
+    assert cpu_shims.line(megatron.core.__version__) is cpu_shims.line()
 
 
 def test_every_patched_call_site_is_still_there(runtime):  # after the shims are applied
@@ -29,21 +43,24 @@ def test_every_patched_call_site_is_still_there(runtime):  # after the shims are
     assert not moved, "\n".join(moved)
 
 
-def test_a_moved_call_site_is_reported(monkeypatch):
-    moved = cpu_shims.CallSite("megatron.core.tensor_parallel.mappings", "torch.cuda.no_such_call()")
-    monkeypatch.setattr(cpu_shims, "CALL_SITES", (moved,))
-    monkeypatch.setattr(cpu_shims, "NOT_REACHED", ())
-    (problem,) = cpu_shims.check_call_sites()
-    assert "no longer contains" in problem and "mappings" in problem
+def test_a_moved_call_site_is_reported():
+    moved = scan.CallSite("megatron.core.tensor_parallel.mappings", "torch.cuda.no_such_call()")
+    gone = scan.CallSite("megatron.core.tensor_parallel.mappings", "torch", "no_such_function")
+    assert scan.moved([moved, gone]) == [
+        "megatron.core.tensor_parallel.mappings no longer contains 'torch.cuda.no_such_call()'",
+        "megatron.core.tensor_parallel.mappings.no_such_function no longer exists"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="shims are for machines without CUDA")
 def test_apply_rebinds_torch_in_the_listed_modules_only(runtime):
-    for name in cpu_shims._TORCH_PROXY_MODULES:
+    replaced = cpu_shims.line().CUDA_ON_CPU
+    for name in cpu_shims.PROXY_MODULES:
         module = importlib.import_module(name)
         assert module.torch.cuda.current_device() == torch.device("cpu")
         assert module.torch.zeros(1).device.type == "cpu"  # everything else is real torch
-    assert torch.cuda.current_device is not cpu_shims._CudaOnCpu.current_device
+        assert all(getattr(module.torch.cuda, f) is replacement for f, replacement in replaced.items())
+    with pytest.raises((AssertionError, RuntimeError)):  # the real torch.cuda is left alone
+        torch.cuda.current_device()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="shims are for machines without CUDA")
@@ -127,7 +144,7 @@ def test_training_runs_no_cuda_call_the_shims_do_not_know(tiny_train_data, tmp_p
     functions = {tuple(f) for t in traces if t.exists() for f in json.loads(t.read_text())}
     assert len(functions) > 100, "the trace recorded (almost) nothing"
     unknown = cpu_shims.unaccounted_cuda_calls(functions)
-    assert not unknown, "CUDA calls that cpu_shims does not know (shim them, or list them in NOT_REACHED):\n" + \
+    assert not unknown, "CUDA calls that cpu_shims does not know (shim them, or list them in CPU_SAFE):\n" + \
         "\n".join(unknown)
     if failure is not None:
         raise failure
@@ -144,5 +161,5 @@ def f(x):
     def inner():
         return torch.cuda.Event()
 '''
-    calls = cpu_shims.cuda_calls_in_source(source)
+    calls = scan.cuda_calls_in_source(source)
     assert [(c.function, c.line) for c in calls] == [("f", 3), ("f", 4), ("f", 6), ("f", 7), ("f.<locals>.inner", 9)]

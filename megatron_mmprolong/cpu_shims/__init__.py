@@ -1,35 +1,46 @@
-"""Every workaround that lets Megatron-Core 0.16 run on a machine without CUDA, in one place.
+"""Every workaround that lets Megatron-Core run on a machine without CUDA, in one place.
 
 Applied by `runtime.initialize` only when `torch.cuda.is_available()` is false; on GPUs nothing
-here runs. Each shim names the call sites it exists for (`CALL_SITES`); tests/test_cpu_shims.py
-fails when an upgraded megatron-core moves one, so a shim never silently outlives its reason.
-The model code itself has no CPU branches: it owns its rotary embeddings and attention.
+here runs. The workarounds every supported megatron-core line needs are in this file; each line's
+own are in its module (mcore_0_16.py ... mcore_0_19.py), picked by the installed version. Each
+shim names the call sites it exists for (`CALL_SITES`), and `CPU_SAFE` names the CUDA uses in
+functions CPU runs call that cannot fail there. tests/test_cpu_shims.py fails when an upgrade moves
+a call site, or when CPU training calls a megatron-core function with a CUDA use that neither
+names, so a shim never silently outlives its reason and a new CUDA call is named, not met on a
+crashed rank. The model code itself has no CPU branches: it owns its rotary embeddings and attention.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib
-import importlib.util
 import types
-from dataclasses import dataclass
-from functools import cache
+from typing import Iterable
 
 import torch
+from packaging.version import Version
 
-SUPPORTED_MEGATRON_CORE = ("0.16.1", "0.17")  # [min, max)
+from megatron_mmprolong.cpu_shims import scan
+from megatron_mmprolong.cpu_shims.scan import CallSite
+
+SUPPORTED_MEGATRON_CORE = ("0.16.1", "0.20")  # [min, max): the lines with a module here
 
 
-@dataclass(frozen=True)
-class CallSite:
-    module: str
-    snippet: str
-    function: str | None = None  # None: anywhere in the module
+def line(version: str | None = None) -> types.ModuleType:
+    """The module of a megatron-core version's own workarounds (default: the installed one)."""
+    if version is None:
+        import megatron.core
 
+        version = megatron.core.__version__
+    low, high = SUPPORTED_MEGATRON_CORE
+    parsed = Version(version)
+    if not Version(low) <= parsed < Version(high):
+        raise RuntimeError(f"megatron-core {version} is outside [{low}, {high}), the lines cpu_shims knows: "
+                           f"install a supported one, or add its module (tests/test_cpu_shims.py says what it needs)")
+    return importlib.import_module(f"{__name__}.mcore_{parsed.major}_{parsed.minor}")
 
 # Modules that allocate buffers with `device=torch.cuda.current_device()` or call
 # `torch.cuda.synchronize()`; their global name `torch` is rebound to a proxy (below).
-_TORCH_PROXY_MODULES = (
+PROXY_MODULES = (
     # sequence-parallel all-gather / reduce-scatter buffers
     "megatron.core.tensor_parallel.mappings",
     # sequence-parallel backward of the linear layers
@@ -53,6 +64,7 @@ _TORCH_PROXY_MODULES = (
     "megatron.core.optimizer.clip_grads",
 )
 
+# The call sites the common shims exist for.
 CALL_SITES: tuple[CallSite, ...] = (
     CallSite("megatron.core.tensor_parallel.mappings", "device=torch.cuda.current_device()",
              "_gather_along_first_dim"),
@@ -99,10 +111,9 @@ CALL_SITES: tuple[CallSite, ...] = (
              "CudaRNGStatesTracker.add"),
 )
 
-
-# CUDA calls in megatron-core functions that CPU training runs, on branches it never takes; the
-# guard test (tests/test_cpu_shims.py) accepts these and CALL_SITES, nothing else.
-NOT_REACHED: tuple[CallSite, ...] = (
+# CUDA uses in megatron-core functions that CPU training calls, which cannot fail there: on
+# branches CPUs never take.
+CPU_SAFE: tuple[CallSite, ...] = (
     # the linears and embeddings allocate on the CPU: use_cpu_initialization (model/builder.py)
     CallSite("megatron.core.tensor_parallel.layers", "device=torch.cuda.current_device()",
              "VocabParallelEmbedding.__init__"),
@@ -116,50 +127,67 @@ NOT_REACHED: tuple[CallSite, ...] = (
     CallSite("megatron.core.parallel_state", "torch.cuda.synchronize()", "initialize_model_parallel"),
     # CUDA-graph-safe RNG (use_cudagraphable_rng)
     CallSite("megatron.core.tensor_parallel.random", "torch.cuda.CUDAGraph", "CudaRNGStatesTracker.__init__"),
-    # several distributed-optimizer instances (the distributed optimizer needs CUDA, training/loop.py)
-    CallSite("megatron.core.distributed.distributed_data_parallel", "torch.cuda.Stream(",
-             "DistributedDataParallel.__init__.<locals>._allocate_buffers_for_parameters"),
+    # several distributed-optimizer instances (the distributed optimizer needs CUDA, training/loop.py;
+    # the line modules list the rest of that branch)
     CallSite("megatron.core.distributed.param_and_grad_buffer", "torch.cuda.stream(self.communication_stream)",
              "_ParamAndGradBucketGroup.start_grad_sync"),
-    CallSite("megatron.core.distributed.param_and_grad_buffer",
-             "self.communication_stream.wait_stream(torch.cuda.default_stream())",
-             "_ParamAndGradBucketGroup.start_grad_sync"),
-    CallSite("megatron.core.distributed.param_and_grad_buffer",
-             "torch.cuda.default_stream().wait_stream(self.communication_stream)",
-             "_ParamAndGradBucketGroup.finish_grad_sync"),
     # NCCL user buffers (nccl_ub)
     CallSite("megatron.core.distributed.param_and_grad_buffer", 'torch.zeros([1], device="cuda")',
              "_ParamAndGradBuffer.__init__"),
     # autocast (enable_autocast)
     CallSite("megatron.core.pipeline_parallel.schedules", 'torch.autocast("cuda"', "forward_step"),
-    # a GPU out of memory while merging the halves of a SwiGLU weight on checkpoint load
-    CallSite("megatron.core.transformer.mlp", "torch.cuda.empty_cache()",
-             "apply_swiglu_sharded_factory.<locals>.sh_ten_merge_fn"),
     # NVTX ranges (nvtx profiling)
     CallSite("megatron.core.utils", "torch.cuda.nvtx.range_push(msg)", "nvtx_range_push"),
     CallSite("megatron.core.utils", "torch.cuda.nvtx.range_pop()", "nvtx_range_pop"),
 )
 
 
+def call_sites() -> tuple[CallSite, ...]:
+    """The call sites the installed line's shims exist for."""
+    return CALL_SITES + line().CALL_SITES
+
+
+def cpu_safe() -> tuple[CallSite, ...]:
+    """The installed line's CUDA uses that cannot fail on CPUs."""
+    return CPU_SAFE + line().CPU_SAFE
+
+
+def check_call_sites() -> list[str]:
+    """Call sites that moved (empty when every shim and every CPU_SAFE entry of the installed
+    line still has its reason)."""
+    return scan.moved(call_sites() + cpu_safe())
+
+
+def unaccounted_cuda_calls(functions: Iterable[tuple[str, str]]) -> list[str]:
+    """The CUDA uses in these megatron-core functions ((module, qualified name) pairs, as a run
+    recorded them) that neither the shims' call sites nor CPU_SAFE name."""
+    return scan.unaccounted(functions, call_sites() + cpu_safe())
+
+
 class _CudaOnCpu:
-    """`torch.cuda` as seen by the proxied modules: the current device is the CPU and
-    synchronize is a no-op; everything else is the real `torch.cuda`. (The proxy's `zeros`
-    likewise turns device="cuda" into the CPU.)"""
+    """`torch.cuda` as the proxied modules see it: the functions in `replaced`, else the real one."""
 
-    @staticmethod
-    def current_device() -> torch.device:
-        return torch.device("cpu")
-
-    @staticmethod
-    def synchronize(*args, **kwargs) -> None:
-        return None
+    def __init__(self, replaced: dict):
+        self._replaced = replaced
 
     def __getattr__(self, name):
-        return getattr(torch.cuda, name)
+        return self._replaced[name] if name in self._replaced else getattr(torch.cuda, name)
+
+
+# torch.cuda functions the proxied modules call, as every line needs them on the CPU
+_CUDA_ON_CPU = {
+    "current_device": lambda: torch.device("cpu"),
+    "synchronize": lambda *args, **kwargs: None,
+}
 
 
 class _TorchOnCpu(types.ModuleType):
-    cuda = _CudaOnCpu()
+    """`torch` as the proxied modules see it: their `torch.cuda` is a _CudaOnCpu, and
+    zeros/tensor turn device="cuda" into the CPU."""
+
+    def __init__(self, cuda: _CudaOnCpu):
+        super().__init__("torch")
+        self.cuda = cuda
 
     @staticmethod
     def zeros(*args, device=None, **kwargs):
@@ -181,14 +209,15 @@ _applied = False
 
 
 def apply() -> None:
-    """Install the shims (idempotent). Call only on machines without CUDA."""
+    """Install the shims of the installed megatron-core line (idempotent). Call only on machines
+    without CUDA."""
     global _applied
     if _applied:
         return
     if torch.cuda.is_available():
         raise RuntimeError("cpu_shims.apply() must not run on a machine with CUDA")
-    proxy = _TorchOnCpu("torch")
-    for name in _TORCH_PROXY_MODULES:
+    proxy = _TorchOnCpu(_CudaOnCpu({**_CUDA_ON_CPU, **line().CUDA_ON_CPU}))
+    for name in PROXY_MODULES:
         importlib.import_module(name).torch = proxy
 
     from megatron.core.tensor_parallel import random as mrandom
@@ -240,98 +269,3 @@ def seed_rng_tracker(seed: int) -> None:
 
     mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     torch.manual_seed(seed)
-
-
-def check_call_sites() -> list[str]:
-    """Call sites that moved (empty when every shim and every NOT_REACHED entry still has its
-    reason). Read from megatron-core's files, so a function a shim replaced is checked too."""
-    problems = []
-    for site in CALL_SITES + NOT_REACHED:
-        source, functions, _ = _parsed(site.module)
-        where = f"{site.module}.{site.function}" if site.function else site.module
-        text = source if site.function is None else functions.get(site.function)
-        if text is None:
-            problems.append(f"{where} no longer exists")
-        elif site.snippet not in text:
-            problems.append(f"{where} no longer contains {site.snippet!r}")
-    return problems
-
-
-@dataclass(frozen=True)
-class CudaCall:
-    module: str
-    function: str  # qualified as in code.co_qualname
-    line: int
-    text: str
-
-
-# torch.cuda attributes that are safe on a machine without CUDA
-_CUDA_QUERIES = frozenset({"is_available", "device_count", "is_initialized", "OutOfMemoryError"})
-
-
-def cuda_calls_in_source(source: str, module: str = "") -> list[CudaCall]:
-    """Every use of CUDA inside a function of `source`: torch.cuda.* (its queries aside),
-    `.cuda()`, and the strings "cuda", "cuda:N" and "torch.cuda.*" (devices, type checks)."""
-    return _walk(source, module)[1]
-
-
-def _walk(source: str, module: str) -> tuple[dict[str, str], list[CudaCall]]:
-    """(source of each function and class by qualified name, the CUDA calls in functions)."""
-    lines = source.splitlines()
-    functions, calls = {}, []
-
-    def visit(node, scope: str, in_function: bool):
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                # named as code.co_qualname names it: Class.method, outer.<locals>.inner
-                name = f"{scope}.<locals>.{child.name}" if in_function else \
-                    f"{scope}.{child.name}" if scope else child.name
-                functions[name] = ast.get_source_segment(source, child)
-                visit(child, name, not isinstance(child, ast.ClassDef))
-                continue
-            if in_function and _uses_cuda(child):
-                calls.append(CudaCall(module, scope, child.lineno, lines[child.lineno - 1].strip()))
-            visit(child, scope, in_function)
-
-    visit(ast.parse(source), "", False)
-    return functions, calls
-
-
-def _uses_cuda(node) -> bool:
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "cuda":
-        return not _is_torch(node.func.value)  # tensor.cuda(), module.cuda()
-    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "cuda":
-        return _is_torch(node.value.value) and node.attr not in _CUDA_QUERIES
-    if isinstance(node, ast.Constant) and isinstance(node.value, str):
-        return node.value == "cuda" or node.value.startswith(("cuda:", "torch.cuda."))
-    return False
-
-
-def _is_torch(node) -> bool:
-    return isinstance(node, ast.Name) and node.id == "torch"
-
-
-@cache
-def _parsed(module: str) -> tuple[str, dict[str, str], dict[str, list[CudaCall]]]:
-    """A megatron-core module's source, its functions' sources and its CUDA calls by function,
-    from its file (not imported)."""
-    with open(importlib.util.find_spec(module).origin) as file:
-        source = file.read()
-    functions, calls = _walk(source, module)
-    by_function: dict[str, list[CudaCall]] = {}
-    for call in calls:
-        by_function.setdefault(call.function, []).append(call)
-    return source, functions, by_function
-
-
-def unaccounted_cuda_calls(functions) -> list[str]:
-    """The CUDA calls in these megatron-core functions ((module, qualified name) pairs, as a run
-    recorded them) that neither CALL_SITES nor NOT_REACHED names, as "module:line function: code"."""
-    known = CALL_SITES + NOT_REACHED
-    found = set()
-    for module, function in functions:
-        for call in _parsed(module)[2].get(function, []):
-            if not any(site.module == module and site.function in (None, function) and site.snippet in call.text
-                       for site in known):
-                found.add(f"{module}:{call.line} {function}: {call.text}")
-    return sorted(found)
