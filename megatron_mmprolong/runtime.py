@@ -145,6 +145,8 @@ def initialize(
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
         context_parallel_size=parallel.context_parallel,
+        # cp_comm_type a2a+p2p: Transformer Engine takes its a2a and p2p groups from these
+        hierarchical_context_parallel_sizes=list(parallel.hierarchical_context_parallel_sizes or ()) or None,
         distributed_timeout_minutes=timeout_minutes,
     )
     _create_vision_tensor_parallel_group(parallel)

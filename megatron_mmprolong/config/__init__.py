@@ -3,9 +3,8 @@
 presets. `VLConfig.from_hf_dir` and `VLConfig.preset` pick the family."""
 
 from megatron_mmprolong.config.base import (
-    A2A_THD_MIN_TE,
+    CP_COMM_THD_MIN_TE,
     CP_COMM_TYPES,
-    UNPACKED_CP_COMM_TYPES,
     ConfigError,
     ParallelConfig,
     PrecisionConfig,
@@ -13,6 +12,7 @@ from megatron_mmprolong.config.base import (
     TokenIds,
     VisionConfig,
     VLConfig,
+    check_cp_comm_type_for_te,
     language_transformer_config,
     merger_transformer_config,
     torch_dtype,
@@ -22,7 +22,7 @@ from megatron_mmprolong.config.qwen25vl import Qwen25VLConfig
 from megatron_mmprolong.config.qwen3vl import Qwen3VLConfig
 
 __all__ = [
-    "A2A_THD_MIN_TE", "CP_COMM_TYPES", "UNPACKED_CP_COMM_TYPES", "ConfigError", "ParallelConfig",
-    "PrecisionConfig", "Qwen25VLConfig", "Qwen3VLConfig", "TextConfig", "TokenIds", "VLConfig", "VisionConfig",
+    "CP_COMM_THD_MIN_TE", "CP_COMM_TYPES", "ConfigError", "ParallelConfig", "PrecisionConfig", "Qwen25VLConfig",
+    "Qwen3VLConfig", "TextConfig", "TokenIds", "VLConfig", "VisionConfig", "check_cp_comm_type_for_te",
     "language_transformer_config", "merger_transformer_config", "torch_dtype", "vision_transformer_config",
 ]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 
 if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -120,16 +121,14 @@ class TokenIds:
 
 
 # Transformer Engine's context-parallel attention for packed (THD) sequences, the only kind this
-# project trains on, at the TE range Megatron-Core 0.16 accepts (2.9-2.11): the ring (p2p) always,
-# all-to-all over heads (a2a) from TE 2.10.
-CP_COMM_TYPES = ("p2p", "a2a")
-A2A_THD_MIN_TE = (2, 10)
-UNPACKED_CP_COMM_TYPES = {
-    "allgather": "Transformer Engine calls it all_gather, and that does not take packed (THD) sequences",
-    "all_gather": "Transformer Engine's all-gather CP asserts qkv_format != 'thd' (no packed sequences)",
-    "a2a+p2p": "hierarchical CP asserts qkv_format != 'thd' in Transformer Engine <= 2.11 (no packed "
-               "sequences) and needs hierarchical_context_parallel_sizes",
-}
+# project trains on: the ring (p2p), all-to-all over heads (a2a), all-gather of K/V (all_gather)
+# and hierarchical a2a within groups of hierarchical_context_parallel_sizes[0] ranks, p2p across
+# them (a2a+p2p).
+CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
+# The TE release from which each trains on THD, forward and backward, read in TE's
+# attention/dot_product_attention/context_parallel.py: until then it asserts qkv_format != 'thd'
+# (a2a: 2.10; all_gather: 2.18, TE PR 2829; a2a+p2p: 2.19, TE PR 3290). The ring always has.
+CP_COMM_THD_MIN_TE = {"a2a": "2.10", "all_gather": "2.18", "a2a+p2p": "2.19"}
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     virtual_pipeline_parallel: int | None = None
     decoder_first_pipeline_num_layers: int | None = None
-    cp_comm_type: str = "p2p"  # Transformer Engine CP: p2p (ring) or a2a (see CP_COMM_TYPES)
+    cp_comm_type: str = "p2p"  # Transformer Engine CP, one of CP_COMM_TYPES
+    # a2a+p2p only: (a2a group size, p2p group size), their product the CP size (Megatron's name)
+    hierarchical_context_parallel_sizes: tuple[int, int] | None = None
 
     @property
     def vision_tp(self) -> int:
@@ -405,16 +406,7 @@ class VLConfig:
         )
         if tp % vtp:
             raise ConfigError(f"vision tensor parallel size {vtp} must divide tensor_model_parallel_size {tp}")
-        comm, cp = parallel.cp_comm_type, parallel.context_parallel
-        if comm in UNPACKED_CP_COMM_TYPES:
-            raise ConfigError(f"cp_comm_type {comm}: {UNPACKED_CP_COMM_TYPES[comm]}; use p2p or a2a")
-        if comm not in CP_COMM_TYPES:
-            raise ConfigError(f"cp_comm_type must be p2p or a2a, got {comm!r}")
-        if comm == "a2a" and (t.num_key_value_heads // tp) % cp:
-            raise ConfigError(
-                f"cp_comm_type a2a splits attention heads over CP: {t.num_key_value_heads} KV heads / TP {tp} "
-                f"do not divide over CP {cp}; use p2p"
-            )
+        _validate_cp_comm_type(parallel, t.num_key_value_heads)
         if parallel.sequence_parallel and tp == 1:
             raise ConfigError("sequence parallelism needs tensor_model_parallel_size > 1")
         pp = parallel.pipeline_parallel
@@ -447,6 +439,38 @@ class VLConfig:
                     f"the first {levels}: they must run with the vision encoder on stage 0; use "
                     f"--decoder-first-pipeline-num-layers >= {levels * chunks} or fewer pipeline stages"
                 )
+
+
+def _validate_cp_comm_type(parallel: ParallelConfig, kv_heads: int) -> None:
+    """What any Transformer Engine refuses or cannot shard; the TE version's own limits are
+    checked where TE is (model/builder.py, check_cp_comm_type_for_te)."""
+    comm, cp, tp = parallel.cp_comm_type, parallel.context_parallel, parallel.tensor_parallel
+    sizes = parallel.hierarchical_context_parallel_sizes
+    if comm == "allgather":
+        raise ConfigError("cp_comm_type allgather: Transformer Engine calls it all_gather")
+    if comm not in CP_COMM_TYPES:
+        raise ConfigError(f"cp_comm_type must be one of {', '.join(CP_COMM_TYPES)}, got {comm!r}")
+    if comm != "a2a+p2p" and sizes is not None:
+        raise ConfigError(f"hierarchical_context_parallel_sizes {list(sizes)} is for cp_comm_type a2a+p2p, "
+                          f"not {comm}")
+    if comm == "a2a+p2p":
+        if sizes is None or len(sizes) != 2 or sizes[0] * sizes[1] != cp:
+            raise ConfigError(f"cp_comm_type a2a+p2p needs hierarchical_context_parallel_sizes (a2a size, p2p size) "
+                              f"whose product is the CP size {cp}, got {None if sizes is None else list(sizes)}")
+    a2a_ranks = cp if comm == "a2a" else sizes[0] if comm == "a2a+p2p" else 1
+    if (kv_heads // tp) % a2a_ranks:
+        raise ConfigError(f"cp_comm_type {comm} splits attention heads over {a2a_ranks} CP ranks: {kv_heads} KV "
+                          f"heads / TP {tp} do not divide over {a2a_ranks}; use p2p")
+
+
+def check_cp_comm_type_for_te(parallel: ParallelConfig, te_version: str) -> None:
+    """Refuse a CP communication type that this Transformer Engine does not train on packed
+    sequences, naming the version it needs."""
+    needed = CP_COMM_THD_MIN_TE.get(parallel.cp_comm_type)
+    if parallel.context_parallel > 1 and needed and Version(te_version) < Version(needed):
+        usable = [c for c in CP_COMM_TYPES if Version(te_version) >= Version(CP_COMM_THD_MIN_TE.get(c, "0"))]
+        raise ConfigError(f"cp_comm_type {parallel.cp_comm_type} on packed sequences needs Transformer Engine >= "
+                          f"{needed}, this is {te_version}; use {' or '.join(usable)}, or upgrade Transformer Engine")
 
 
 def _require_divides(size: int, dims: dict[str, int], what: str) -> None:
@@ -514,6 +538,7 @@ def language_transformer_config(
         sequence_parallel=parallel.sequence_parallel,
         num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
         cp_comm_type=parallel.cp_comm_type,
+        hierarchical_context_parallel_sizes=list(parallel.hierarchical_context_parallel_sizes or ()) or None,
     )
     values.update(overrides)
     return TransformerConfig(**values)

@@ -11,11 +11,11 @@ import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_mmprolong.config import (
-    A2A_THD_MIN_TE,
     ConfigError,
     ParallelConfig,
     PrecisionConfig,
     VLConfig,
+    check_cp_comm_type_for_te,
     language_transformer_config,
     merger_transformer_config,
     vision_transformer_config,
@@ -84,12 +84,9 @@ def build_model(
 
 
 def _check_transformer_engine(parallel: ParallelConfig) -> None:
-    from megatron.core.utils import get_te_version, is_te_min_version
+    from megatron.core.utils import get_te_version
 
-    needed = ".".join(map(str, A2A_THD_MIN_TE))
-    if parallel.context_parallel > 1 and parallel.cp_comm_type == "a2a" and not is_te_min_version(needed):
-        raise ConfigError(f"cp_comm_type a2a on packed sequences needs Transformer Engine >= {needed}, "
-                          f"this is {get_te_version()}; use p2p or upgrade (pip install 'megatron-mmprolong[gpu]')")
+    check_cp_comm_type_for_te(parallel, str(get_te_version()))
 
 
 def count_parameters(model: VisionLanguageModel) -> dict[str, int]:

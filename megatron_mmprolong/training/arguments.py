@@ -108,8 +108,9 @@ ARGUMENTS: tuple[Arg, ...] = (
     Arg("vision_tensor_parallel_size", "vision encoder TP (divides TP; default TP)", "vision.tensor_model_parallel_size"),
     Arg("decoder_first_pipeline_num_layers", "decoder layers on the first (vision) pipeline stage",
         "transformer.num_layers_in_first_pipeline_stage"),
-    Arg("cp_comm_type", "Transformer Engine CP communication for packed sequences: p2p (ring) or a2a "
-        "(heads; TE >= 2.10)", "transformer.cp_comm_type"),
+    Arg("cp_comm_type", "Transformer Engine CP communication for packed sequences: p2p (ring), a2a (heads; "
+        "TE >= 2.10), all_gather (K/V; TE >= 2.18) or a2a+p2p (a2a within groups, p2p across them; TE >= 2.19)",
+        "transformer.cp_comm_type"),
     Arg("data_mix", "mixture YAML (see `mmprolong plan-data`)"),
     Arg("data_plan", "precomputed plan prefix (instead of --data-mix)"),
     Arg("seq_length", "longest packed sequence in tokens", "plan.seq_length"),
