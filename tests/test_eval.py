@@ -439,7 +439,7 @@ def test_position_loss_on_a_megatron_checkpoint_equals_transformers(dataset, tmp
 
 def test_eval_qa_continues_after_a_kill(dataset, tmp_path, monkeypatch, capsys):
     """A killed `eval qa` keeps what it answered; the rerun asks only the rest."""
-    from megatron_mmprolong import cli
+    from megatron_mmprolong.cli import evaluate
     from megatron_mmprolong.config import VLConfig
 
     store, tokenizer = dataset
@@ -458,12 +458,12 @@ def test_eval_qa_continues_after_a_kill(dataset, tmp_path, monkeypatch, capsys):
 
     out = tmp_path / "qa.json"
     args = ["eval", "qa", "--hf-dir", str(tmp_path), "--data", store.prefix, "--out", str(out)]
-    monkeypatch.setattr(cli, "_evaluated_config", lambda _: VLConfig.preset("tiny-1k"))  # the scripted model's
-    monkeypatch.setattr(cli, "_eval_model", lambda _: (scripted(3), True, lambda: None))
+    monkeypatch.setattr(evaluate, "evaluated_config", lambda _: VLConfig.preset("tiny-1k"))  # the scripted model's
+    monkeypatch.setattr(evaluate, "eval_model", lambda _: (scripted(3), True, lambda: None))
     with pytest.raises(Killed):
         main(args)
     assert not out.exists() and len((tmp_path / "qa.json.answers.jsonl").read_text().splitlines()) == 3
-    monkeypatch.setattr(cli, "_eval_model", lambda _: (scripted(len(store)), True, lambda: None))
+    monkeypatch.setattr(evaluate, "eval_model", lambda _: (scripted(len(store)), True, lambda: None))
     assert main(args) == 0
     assert len(asked) == len(set(asked)) == len(store)  # nothing asked twice
     assert [r["sample"] for r in json.loads(out.read_text())["results"]] == list(range(len(store)))
