@@ -1,4 +1,5 @@
 # Two entry points: `make test` and `make demo`. Both create .venv when it is missing.
+# `make test312` is CI's second leg (.ci/run runs both): Python 3.12 with megatron-core 0.19.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,21 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+# Python 3.12: pyenv's (`pyenv versions`), else python3.12 on PATH. Its venv (~5 GB: PyPI's torch
+# is the CUDA build, which runs on the CPU) lives outside the checkout so that every clone, CI's
+# included, reuses it; the stamp names the pyproject.toml and constraints.txt it was built from.
+PYTHON312 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12) \
+                         $(shell command -v python3.12 2>/dev/null))
+VENV312 ?= $(or $(MMPROLONG_VENV312),$(HOME)/.cache/megatron-mmprolong/venv312)
+PY312 := $(VENV312)/bin/python
+DEPS312 := $(VENV312)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+# What megatron-core runs under: the model, every parallel layout, training (the demo's recipe,
+# examples/cpu_tiny.yaml, at TP2 from a converted checkpoint, and the recorded TP2 x CP2
+# losses), conversion, the CPU shims and their guard, the TE rules, gpu_check --cpu.
+TESTS312 ?= tests/test_cpu_shims.py tests/test_te_versions.py tests/test_model.py tests/test_parallel.py \
+            tests/test_training.py tests/test_convert.py tests/test_gpu_check.py
+
+.PHONY: install test test312 demo clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +33,21 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+$(DEPS312):
+	@test -n "$(PYTHON312)" || { echo "make test312: no Python 3.12 found: pyenv versions lists none and" \
+	    "python3.12 is not on PATH (pyenv install 3.12, or PYTHON312=/path/to/python3.12)" >&2; exit 1; }
+	test -x $(PY312) || $(PYTHON312) -m venv $(VENV312)
+	$(PY312) -m pip install -q "$(TORCH_SPEC)"
+	$(PY312) -m pip install -q -c constraints.txt -e ".[test]"
+	rm -f $(VENV312)/.installed-*
+	touch $@
+
+# The shared venv's editable install points at whichever checkout ran last: this one, without
+# touching its dependencies (megatron-core stays what constraints.txt pinned).
+test312: $(DEPS312)
+	$(PY312) -m pip install -q --no-deps -e .
+	$(PY312) -m pytest $(TESTS312) $(PYTEST_ARGS)
 
 demo: install
 	$(PY) -m megatron_mmprolong.demo
