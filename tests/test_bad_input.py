@@ -294,7 +294,7 @@ def test_bad_input_is_one_line_and_an_exit_status(case, inputs, tmp_path, capsys
                                                                        for p in case.leaves}
 
 
-# the command that meets each error of the README's Troubleshooting table, in its order
+# the command that meets each error of the first table of docs/troubleshooting.md, in its order
 TROUBLESHOOTING = [
     "inspect-data {missing}",
     "inspect-data {short_bin}",
@@ -305,8 +305,8 @@ TROUBLESHOOTING = [
 
 
 def test_the_readme_troubleshooting_table_quotes_real_errors(inputs, tmp_path, capsys, keeps_runtime):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("\n## Troubleshooting\n")[1].split("\n## ")[0]
+    page = (Path(__file__).parents[1] / "docs" / "troubleshooting.md").read_text()
+    section = page.split("\n# Troubleshooting\n")[1].split("\n## ")[0]
     quoted = [row.split("`")[1] for row in section.splitlines() if row.startswith("| `")]
     assert len(quoted) == len(TROUBLESHOOTING) == 5
     for text, command in zip(quoted, TROUBLESHOOTING):

@@ -473,7 +473,7 @@ def test_cli_plan_data_and_packing_report(datasets, tmp_path, capsys):
     assert "ours (variable-length packs" in out and "first-fit in stored order" in out
 
 
-# The README's planned best layout and the 7B recipe's, both with FP8 GEMMs.
+# docs/planner.md's planned best layout and the 7B recipe's, both with FP8 GEMMs.
 FP8_LAYOUTS = {"readme-tp4-cp16": Alignment(16, 4, True, True), "recipe-tp2-cp4": Alignment(4, 2, True, True)}
 
 

@@ -172,7 +172,7 @@ def test_7b_at_128k_on_8_nodes_has_a_feasible_layout(capsys):
 
 def test_nemo_llama2_7b_128k_reference():
     """NeMo's published long-context figure: Llama2-7B shapes, 128K tokens, TP4 x CP4, 128 H100s,
-    FP8: 555 TFLOP/s per GPU. The planner's rate model lands within 15% of it (README)."""
+    FP8: 555 TFLOP/s per GPU. The planner's rate model lands within 15% of it (docs/planner.md)."""
     llama = Qwen25VLConfig(text=TextConfig(vocab_size=32000, hidden_size=4096, num_layers=32, num_attention_heads=32,
                                            num_key_value_heads=32, intermediate_size=11008, mrope_section=(16, 24, 24)))
     workload = Workload(131072, global_batch=64, image_fraction=0.0, fp8=True)
