@@ -147,8 +147,8 @@ class PackedSequences(Dataset):
 
     def _pages(self, rows: list[tuple[MultimodalStore, int, int]], grids: np.ndarray) -> np.ndarray:
         """The pages of (store, sample, image row)s, decoded in one batch; a bad one is named."""
+        encoded = [store.images[row].tobytes() for store, _, row in rows]  # a damaged one names itself
         try:
-            encoded = [store.images[row].tobytes() for store, _, row in rows]
             return decode_pages(encoded, grids, self._decode, self.patch)
         except Exception:  # PIL and DALI raise many kinds; find the image and say which it is
             for (store, sample, row), grid in zip(rows, grids):
