@@ -116,11 +116,17 @@ def writing(path: str | Path, what: str, after: str = ""):
         yield
     except OutputError:
         raise
-    except Exception as err:
+    except (Exception, _checkpoint_exception()) as err:
         translated = output_error(err, path, what, after)
         if translated is None:
             raise
         raise translated from err
+
+
+def _checkpoint_exception() -> type[BaseException]:
+    """torch.distributed.checkpoint's CheckpointException (a BaseException), if torch is loaded."""
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    return getattr(api, "CheckpointException", Exception)
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

@@ -30,6 +30,13 @@ def _command(ranks, mix, save, *extra):
             "--master-port", str(port), "-m", "megatron_mmprolong.train", *args]
 
 
+def _launch_command(ranks, mix, save, *extra):
+    """`python -m megatron_mmprolong.launch` (torchrun that exits 0 when a stop signal's save worked)."""
+    command = _command(ranks, mix, save, *extra)
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    return [command[0], "-m", "megatron_mmprolong.launch", *command[3:]]
+
+
 def _losses(save) -> dict[int, float]:
     lines = (Path(save) / "train_metrics.jsonl").read_text().splitlines()
     return {r["iteration"]: r["loss"] for r in map(json.loads, lines)}
@@ -101,6 +108,59 @@ def test_sigterm_then_resume_is_bit_exact(tiny_train_data, tmp_path):
     subprocess.run(_command(ranks, mix, save, *iterations, *layout, "--load", str(save)), check=True, env=_env(),
                    stdout=subprocess.DEVNULL)
     assert _losses(save) == expected  # every step, bit for bit
+
+
+def test_a_resume_says_so_logs_each_step_once_and_a_finished_run_says_it_is_finished(tiny_train_data, tmp_path):
+    """A run killed after its last checkpoint logged steps past it: the resumed run says where it
+    starts, takes those steps again and keeps one metrics record per step; started once more, the
+    finished run says so and exits 0 without touching anything."""
+    import shutil
+
+    *_, mix = tiny_train_data
+    save = tmp_path / "run"
+    four = ["--train-iters", "4", "--save-interval", "2"]
+    subprocess.run(_command(1, mix, save, *four), check=True, env=_env(), stdout=subprocess.DEVNULL)
+    expected = _losses(save)
+    shutil.rmtree(save / "iter_0000004")  # as if killed after step 4 was logged, before its save completed
+    (save / "latest_checkpointed_iteration.txt").write_text("2\n")
+
+    resumed = subprocess.run(_command(1, mix, save, *four, "--load", str(save)), env=_env(), capture_output=True,
+                             text=True, check=True)
+    assert f"resuming from iteration 2 of 4 ({save / 'iter_0000002'})" in resumed.stdout
+    records = [json.loads(line)["iteration"] for line in (save / "train_metrics.jsonl").read_text().splitlines()]
+    assert records == [1, 2, 3, 4]
+    assert _losses(save) == expected
+
+    before = {p: p.stat().st_mtime_ns for p in save.rglob("*")}
+    again = subprocess.run(_command(1, mix, save, *four, "--load", str(save)), env=_env(), capture_output=True,
+                           text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"training is finished: {save / 'iter_0000004'} is iteration 4 of 4; nothing to do" in again.stdout
+    assert "Traceback" not in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in save.rglob("*")} == before
+
+
+def test_sigterm_to_the_launcher_saves_and_exits_0_without_a_traceback(tiny_train_data, tmp_path):
+    """SIGTERM to the launcher (not to the ranks): torchrun's agent forwards it to the ranks, which
+    save and exit 0, then re-raises it as SignalException (traceback, exit 1) and kills ranks still
+    saving after 30 s. `megatron_mmprolong.launch` waits for them and exits with their verdict."""
+    *_, mix = tiny_train_data
+    save = tmp_path / "run"
+    process = subprocess.Popen(_launch_command(2, mix, save, "--train-iters", "30"), env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = save / "train_metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err
+    assert "mmprolong launch: SIGTERM: every rank stopped and exited 0 (2 on this node)" in err
+    stopped = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= stopped < 30
+    assert f"stopping after iteration {stopped} on a termination signal" in out
 
 
 def test_training_starts_from_a_converted_hf_checkpoint(tiny_train_data, tmp_path):

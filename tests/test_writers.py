@@ -269,3 +269,93 @@ def test_convert_into_a_small_tmpfs_says_no_space(tmp_path, small_disk, capsys):
     line = _one_error_line(capsys.readouterr().err, "mmprolong convert")
     assert status == 1 and "No space left on device" in line and "free of 1.0 MiB there" in line
     assert list(small_disk.iterdir()) == []
+
+
+# ---- training: the lock of --save, and a full disk during a save ---------------------------------
+
+def _train_command(ranks, mix, save, *extra):
+    from test_training import _command
+
+    return _command(ranks, mix, save, *extra)
+
+
+def test_a_second_train_is_refused_while_the_ranks_of_a_killed_torchrun_still_write(tiny_train_data, tmp_path):
+    """kill -9 of torchrun leaves its ranks training and saving (each has a session of its own);
+    `train --load X --save X` must not write into X beside them."""
+    import psutil
+
+    *_, mix = tiny_train_data
+    save = tmp_path / "run"
+    first = subprocess.Popen(_train_command(2, mix, save, "--train-iters", "30"), env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ranks = []
+    try:
+        metrics = save / "train_metrics.jsonl"
+        deadline = time.time() + 300
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        ranks = [p for p in psutil.Process(first.pid).children() if "megatron_mmprolong.train" in " ".join(p.cmdline())]
+        rank0 = next(p for p in ranks if p.environ().get("RANK") == "0")
+        first.kill()  # the launcher only
+        first.wait()
+        assert all(p.is_running() for p in ranks)
+        second = subprocess.run(_train_command(1, mix, save, "--train-iters", "30", "--load", str(save)), env=_env(),
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2
+        line = _one_error_line(second.stderr, "mmprolong train")
+        assert line.startswith(f"mmprolong train: error: {save} is being written by another run: `mmprolong train` "
+                               f"pid {rank0.pid} on host {socket.gethostname()}, since ")
+        assert all(p.is_running() for p in ranks)  # refused, not fought over
+    finally:
+        first.kill()
+        for rank in ranks:
+            try:
+                rank.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_checkpoint(tiny_train_data, small_disk):
+    """A 1 MiB --save: the checkpoint does not fit. torch's writer used to end a 58-line traceback
+    with `unexpected pos 704 vs 598`, naming neither the folder nor the full disk."""
+    *_, mix = tiny_train_data
+    save = small_disk / "run"
+    run = subprocess.run(_train_command(1, mix, save, "--train-iters", "1"), env=_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 1
+    line = _one_error_line(run.stderr, "mmprolong train")
+    assert line.startswith(f"mmprolong train: error: cannot write checkpoint {save}/iter_0000001")
+    assert "No space left on device (" in line and "free of 1.0 MiB there)" in line
+    assert line.endswith("iteration 1 was not saved and its partial folder was removed; no checkpoint was saved")
+    assert sorted(p.name for p in save.iterdir()) == ["train_args.json", "train_metrics.jsonl"]
+
+
+def test_enospc_on_one_rank_stops_every_rank_with_one_line(tiny_train_data, tmp_path):
+    """Rank 1 alone cannot write its part (its RNG state): the ranks agree, rank 0 says it once,
+    every rank exits 1 and none waits for the others."""
+    *_, mix = tiny_train_data
+    save = tmp_path / "run"
+    inject = tmp_path / "inject.py"
+    inject.write_text(textwrap.dedent("""
+        import errno, os, sys, torch
+        real = torch.save
+        def save(obj, f, *args, **kwargs):
+            if os.environ["RANK"] == "1" and "rng" in str(getattr(f, "name", "")):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(obj, f, *args, **kwargs)
+        torch.save = save
+        if __name__ == "__main__":  # the loader's spawned workers import this file too
+            from megatron_mmprolong.train import main
+            sys.exit(main(sys.argv[1:]))
+    """))
+    command = _train_command(2, mix, save, "--train-iters", "1")
+    command[command.index("megatron_mmprolong.train") - 1:command.index("megatron_mmprolong.train") + 1] = [str(inject)]
+    run = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if "mmprolong train: error:" in line]
+    assert len(lines) == 1, run.stderr[-3000:]
+    assert lines[0].startswith(f"mmprolong train: error: cannot write checkpoint {save}/iter_0000001: No space left on "
+                               "device (")
+    assert "megatron_mmprolong/training" not in run.stderr  # no rank's traceback (torchrun adds its own summary)
+    assert not (save / "iter_0000001.partial").exists() and not (save / "latest_checkpointed_iteration.txt").exists()

@@ -3,6 +3,11 @@ distributed checkpoints, around the Qwen2.5-VL model and the packed-sequence loa
 
 SIGTERM and SIGUSR1 (Slurm's warning before the time limit or preemption) make every rank save
 a checkpoint after the current step and return normally (exit status 0).
+
+Rank 0 holds the lock of `--save` for the whole run (output_lock.py): a second run on the same
+folder is refused before it reads anything. A resume says so ("resuming from iteration N of M
+(PATH)"), drops the metrics records past N that a killed run logged after its last checkpoint,
+and a run whose checkpoint has reached --train-iters says it is finished and exits 0.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_mmprolong import errors, runtime
+from megatron_mmprolong.files import write_text_whole
+from megatron_mmprolong.output_lock import lock_save_dir
 from megatron_mmprolong.config import ConfigError
 from megatron_mmprolong.convert.checkpoint_info import checkpoint_config, iteration_dir, latest_iteration, resolve_checkpoint
 from megatron_mmprolong.convert.mcore_checkpoint import load_mcore_checkpoint
@@ -39,6 +46,9 @@ class TrainingError(RuntimeError):
     pass
 
 
+METRICS = "train_metrics.jsonl"
+
+
 @dataclass
 class TrainResult:
     iterations: int  # the step reached
@@ -47,20 +57,23 @@ class TrainResult:
 
 
 class ExitSignals:
-    """Remembers SIGTERM / SIGUSR1; ranks agree on it once per step."""
+    """Remembers SIGTERM / SIGUSR1; ranks agree on it once per step, and on whether a rank failed
+    to write its logs (then `failed` is set and every rank stops, without a save)."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.received = False
+        self.failed = False
         for sig in signals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.received = True
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1 if self.received else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a host tensor: the default group has gloo for CPU (runtime.initialize)
-        return bool(flag.item())
+    def any_rank(self, failed: bool = False) -> bool:
+        flags = torch.tensor([1 if self.received else 0, 1 if failed else 0])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # a host tensor: the default group has gloo for CPU (runtime.initialize)
+        self.failed = bool(flags[1].item())
+        return bool(flags[0].item())
 
 
 def check_plan_alignment(planned: Alignment, needed: Alignment) -> None:
@@ -85,28 +98,60 @@ def _plan(args: A.TrainArgs, alignment: Alignment) -> Plan:
     return make_plan(mixture, PlanConfig(args.seq_length, args.global_batch_size, alignment))
 
 
-def _read_inputs(args: A.TrainArgs, alignment: Alignment, rank: int):
-    """(config of the --load checkpoint or None, data plan), read by rank 0 before any model is
-    built and handed to every rank; when an input is bad, rank 0 reports it and the others exit
-    with the same status, saying nothing."""
-    inputs, failure = None, None
+def _read_inputs(args: A.TrainArgs, alignment: Alignment, rank: int, resume_from: int | None):
+    """(config of the --load checkpoint or None, data plan, lock of --save or None), read by rank 0
+    before any model is built and handed to every rank (the lock stays with rank 0); when an input
+    is bad or --save is another run's, rank 0 reports it and the others exit with the same status,
+    saying nothing. Rank 0 also readies --save: the effective arguments, and a metrics log holding
+    no step past the one this run starts from."""
+    inputs, failure, lock = None, None, None
     if rank == 0:
         try:
+            lock = lock_save_dir(args.save) if args.save else None
             loaded = checkpoint_config(resolve_checkpoint(args.load)) if args.load else None
             plan = _plan(args, alignment)
             config = A.model_config(args, loaded)
             for prefix in plan.datasets:
                 MultimodalStore(prefix).check_fits(config)
+            if args.save and not _finished(args, plan, resume_from):
+                _ready_save_dir(args, 0 if resume_from is None or args.no_load_optim else resume_from)
             inputs = (loaded, plan)
         except Exception as err:  # re-raised below on rank 0, as it is
             failure = err
+            if lock is not None:
+                lock.release()
     shared = [inputs, None if failure is None else errors.status(failure)]
     dist.broadcast_object_list(shared, src=0)
     if failure is not None:
         raise failure
     if shared[1] is not None:
         raise errors.ReportedElsewhere(shared[1])
-    return shared[0]
+    return (*shared[0], lock)
+
+
+def _finished(args: A.TrainArgs, plan: Plan, resume_from: int | None) -> bool:
+    return resume_from is not None and not args.no_load_optim and resume_from >= (args.train_iters or plan.steps)
+
+
+def _ready_save_dir(args: A.TrainArgs, start: int) -> None:
+    """SAVE/train_args.json, and SAVE/train_metrics.jsonl cut to the steps up to `start`: a run
+    killed after its last checkpoint logged steps that the resumed run takes again."""
+    save = Path(args.save)
+    with errors.writing(save, "the training folder"):
+        (save / "train_args.json").write_text(A.effective(args) + "\n")
+        metrics = save / METRICS
+        if metrics.is_file():
+            lines = metrics.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _iteration_of(line) is not None and _iteration_of(line) <= start]
+            if kept != lines:
+                write_text_whole(metrics, "".join(kept))
+
+
+def _iteration_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["iteration"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a kill
 
 
 def _step_metrics(plan: Plan, stores, config, step: int) -> tuple[int, float]:
@@ -135,20 +180,29 @@ def build_training_model(args: A.TrainArgs, config) -> tuple[torch.nn.Module, to
 
 
 def train(args: A.TrainArgs) -> TrainResult:
+    if args.use_distributed_optimizer and not torch.cuda.is_available():
+        raise ConfigError("--use-distributed-optimizer needs CUDA: Megatron-Core's DistributedOptimizer accepts "
+                          "only CUDA tensors; train without it on CPU")
+    rt = runtime.initialize(A.parallel_config(args), seed=args.seed)
+    resume_from = latest_iteration(args.load) if args.load else None
+    alignment = Alignment(args.context_parallel_size, args.tensor_model_parallel_size, args.sequence_parallel,
+                          args.fp8_format is not None)
+    loaded_config, plan, lock = _read_inputs(args, alignment, rt.rank, resume_from)
+    try:
+        return _train(args, rt, alignment, loaded_config, plan, resume_from)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args: A.TrainArgs, rt, alignment: Alignment, loaded_config, plan: Plan, resume_from: int | None) -> TrainResult:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    if args.use_distributed_optimizer and not torch.cuda.is_available():
-        raise ConfigError("--use-distributed-optimizer needs CUDA: Megatron-Core's DistributedOptimizer accepts "
-                          "only CUDA tensors; train without it on CPU")
-    rt = runtime.initialize(A.parallel_config(args), seed=args.seed)
-    resume = bool(args.load) and latest_iteration(args.load) is not None
-    alignment = Alignment(args.context_parallel_size, args.tensor_model_parallel_size, args.sequence_parallel,
-                          args.fp8_format is not None)
-    loaded_config, plan = _read_inputs(args, alignment, rt.rank)
+    resume = resume_from is not None
     config = A.model_config(args, loaded_config)
     check_plan_alignment(plan.config.alignment, alignment)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -159,6 +213,15 @@ def train(args: A.TrainArgs) -> TrainResult:
     if train_iters > plan.steps:
         raise ConfigError(f"--train-iters {train_iters} exceeds the {plan.steps} steps of the data plan "
                           "(raise the mixture's token_budget or allow replacement)")
+    if resume:
+        where = iteration_dir(args.load, resume_from)
+        if _finished(args, plan, resume_from):
+            _say(rt, f"training is finished: {where} is iteration {resume_from} of {train_iters}; nothing to do "
+                     "(raise --train-iters to train further)")
+            return TrainResult(resume_from, False, {})
+        _say(rt, f"resuming from iteration {resume_from} of {train_iters} ({where})" if not args.no_load_optim else
+                 f"starting at iteration 0 of {train_iters} from the weights of {where} (--no-load-optim: no optimizer "
+                 "state, schedule or data position)")
 
     model, wrapped = build_training_model(args, config)
     if args.load and not resume:
@@ -210,7 +273,9 @@ def train(args: A.TrainArgs) -> TrainResult:
             tokens, flops = _step_metrics(plan, stores, config, iteration - 1)
             logger.step(iteration, train_iters, loss, optimizer.param_groups[0]["lr"], grad_norm, tokens, flops,
                         time.perf_counter() - began)
-            stopped = signals.any_rank()
+            stopped = signals.any_rank(logger.failed is not None)
+            if signals.failed:
+                raise (logger.failed if logger.failed is not None else errors.ReportedElsewhere(errors.RUN_FAILED))
             periodic = args.save_interval and iteration % args.save_interval == 0
             if args.save and (periodic or stopped or iteration == train_iters):
                 save_checkpoint(args.save, iteration, model, optimizer, scheduler, args, config, plan.digest())
@@ -220,6 +285,11 @@ def train(args: A.TrainArgs) -> TrainResult:
                 break
         logger.close()
     return TrainResult(iteration, stopped, losses)
+
+
+def _say(rt, text: str) -> None:
+    if rt.rank == 0:
+        print(text, flush=True)
 
 
 def _global_loss(outputs, ps) -> float:
@@ -240,9 +310,9 @@ class _Logger:
     def __init__(self, args: A.TrainArgs, rt, plan: Plan):
         self.args, self.world = args, rt.world_size
         self.main = rt.rank == 0
-        if self.main and args.save:
-            Path(args.save).mkdir(parents=True, exist_ok=True)
-        self.metrics = open(Path(args.save) / "train_metrics.jsonl", "a") if self.main and args.save else None
+        self.failed: errors.OutputError | None = None  # a metrics write the disk refused (rank 0)
+        self.metrics_path = Path(args.save) / METRICS if args.save else None
+        self.metrics = open(self.metrics_path, "a") if self.main and args.save else None
         self.writer = None
         if self.main and args.tensorboard_dir:
             try:
@@ -258,8 +328,6 @@ class _Logger:
                       f"{p.context_parallel} x PP {p.pipeline_parallel} x DP {dp}")
             self.line(f"data plan {plan.digest()}: {plan.steps} steps, {plan.summary.get('tokens', 0):,} tokens, "
                       f"packing efficiency {plan.summary.get('packing_efficiency')}")
-            if args.save:
-                (Path(args.save) / "train_args.json").write_text(A.effective(args) + "\n")
 
     def line(self, text: str) -> None:
         if self.main:
@@ -273,9 +341,15 @@ class _Logger:
         record = {"iteration": iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens / seconds, "tflops_per_gpu": flops / seconds / self.world / 1e12,
                   "memory_gib": memory, "seconds": seconds}
-        if self.metrics:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+        if self.metrics and self.failed is None:
+            try:
+                self.metrics.write(json.dumps(record) + "\n")
+                self.metrics.flush()
+            except OSError as err:  # stop every rank at this step's agreement, in one line
+                self.failed = errors.output_error(err, self.metrics_path, "the metrics log",
+                                                  f"stopped after iteration {iteration}; no checkpoint was saved for it")
+                if self.failed is None:
+                    raise
         if self.writer:
             for key, value in record.items():
                 if key != "iteration" and value is not None:
@@ -287,6 +361,9 @@ class _Logger:
 
     def close(self) -> None:
         if self.metrics:
-            self.metrics.close()
+            try:
+                self.metrics.close()
+            except OSError:
+                pass  # a refused write was reported already
         if self.writer:
             self.writer.close()
