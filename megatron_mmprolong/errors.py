@@ -1,7 +1,11 @@
 """How the entry points (`mmprolong VERB`, `torchrun -m megatron_mmprolong.train`) answer bad
 input: one line on stderr naming the file or argument and what to do, exit status 2; a failure
-found while running (a loss gone NaN, a build that kept no sample) exits 1. Any other exception
-escaping is a bug and keeps its traceback."""
+found while running (a loss gone NaN, a build that kept no sample, a full disk) exits 1. Any other
+exception escaping is a bug and keeps its traceback.
+
+Each module's error class subclasses `BadInput` or `RunFailed` (below); the entry points report
+by these bases, so a new error type needs no registration here. This module imports nothing from
+the package, so that every module can use it."""
 
 from __future__ import annotations
 
@@ -14,7 +18,25 @@ from pathlib import Path
 BAD_INPUT, RUN_FAILED = 2, 1
 
 
-class ReportedElsewhere(Exception):
+class MMProLongError(Exception):
+    """An error the entry points report in one line; `status` is the exit status it calls for."""
+
+    status = RUN_FAILED
+
+
+class BadInput(MMProLongError):
+    """The input is wrong (a file, an argument, a dataset, a server's answer to our request)."""
+
+    status = BAD_INPUT
+
+
+class RunFailed(MMProLongError):
+    """A failure found while running: the inputs were accepted, the run could not finish."""
+
+    status = RUN_FAILED
+
+
+class ReportedElsewhere(MMProLongError):
     """On the other ranks of a distributed run: rank 0 reports the error; this rank exits with
     its status and says nothing, so the user reads the reason once."""
 
@@ -23,7 +45,7 @@ class ReportedElsewhere(Exception):
         self.status = status
 
 
-class OutputError(RuntimeError):
+class OutputError(RunFailed, RuntimeError):
     """Writing an output failed (a full disk, a quota, an I/O error): one line naming the path and
     the free space there. A run failure (exit status 1), not bad input."""
 
@@ -130,35 +152,9 @@ def _checkpoint_exception() -> type[BaseException]:
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    """The exception types an entry point reports in words: bad input and run failures."""
-    return (ReportedElsewhere, *_bad_input_errors(), *_run_failures())
-
-
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that mean the input is wrong (imported here, not at start-up)."""
-    from megatron_mmprolong.config import ConfigError
-    from megatron_mmprolong.convert.hf_checkpoint import CheckpointError
-    from megatron_mmprolong.data.build import BuildError
-    from megatron_mmprolong.data.chat import TokenizerError
-    from megatron_mmprolong.data.plan import PlanError
-    from megatron_mmprolong.data.records import RecordError
-    from megatron_mmprolong.data.store import StoreError
-    from megatron_mmprolong.data.synth import SynthError
-    from megatron_mmprolong.data.synth_qa.documents import SynthQAError
-    from megatron_mmprolong.eval.dataset_qa import EvalError
-    from megatron_mmprolong.output_lock import OutputLocked
-    from megatron_mmprolong.serving.endpoint import EndpointError
-
-    # OSError last: a file that is missing, unreadable or in the way, named by the error itself
-    return (ConfigError, CheckpointError, BuildError, TokenizerError, StoreError, PlanError, RecordError,
-            EvalError, SynthError, SynthQAError, EndpointError, OutputLocked, OSError)
-
-
-def _run_failures() -> tuple[type[BaseException], ...]:
-    from megatron_mmprolong.data.build import NoSamplesError
-    from megatron_mmprolong.training.loop import TrainingError
-
-    return (NoSamplesError, TrainingError, OutputError)
+    """The exception types an entry point reports in words: this package's errors, and OSError
+    (a file that is missing, unreadable or in the way, named by the error itself)."""
+    return (MMProLongError, OSError)
 
 
 def one_line(err: BaseException) -> str:
@@ -176,11 +172,11 @@ def one_line(err: BaseException) -> str:
 
 def status(err: BaseException) -> int:
     """The exit status an error calls for (an unexpected one, a bug, is a run failure)."""
-    if isinstance(err, ReportedElsewhere):
+    if isinstance(err, MMProLongError):
         return err.status
-    if isinstance(err, _run_failures()) or isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
-        return RUN_FAILED
-    return BAD_INPUT if isinstance(err, _bad_input_errors()) else RUN_FAILED
+    if isinstance(err, OSError):
+        return RUN_FAILED if err.errno in WRITE_ERRNOS else BAD_INPUT
+    return RUN_FAILED
 
 
 def report(prog: str, err: BaseException) -> int:

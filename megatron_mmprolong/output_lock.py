@@ -39,13 +39,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_mmprolong.errors import BadInput
+
 HEARTBEAT_S = 30
 STALE_S = 300
 SAVE_LOCK = ".mmprolong-writer.lock"
 _UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
-class OutputLocked(Exception):
+class OutputLocked(BadInput):
     """Another run is writing this output (bad input: exit status 2)."""
 
 

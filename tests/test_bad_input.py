@@ -306,7 +306,7 @@ TROUBLESHOOTING = [
 
 def test_the_readme_troubleshooting_table_quotes_real_errors(inputs, tmp_path, capsys, keeps_runtime):
     page = (Path(__file__).parents[1] / "docs" / "troubleshooting.md").read_text()
-    section = page.split("\n# Troubleshooting\n")[1].split("\n## ")[0]
+    section = page.split("# Troubleshooting\n", 1)[1].split("\n## ")[0]
     quoted = [row.split("`")[1] for row in section.splitlines() if row.startswith("| `")]
     assert len(quoted) == len(TROUBLESHOOTING) == 5
     for text, command in zip(quoted, TROUBLESHOOTING):
@@ -335,7 +335,7 @@ def test_plan_data_creates_the_out_folder(inputs, tmp_path, capsys):
 
 def test_inspect_data_verify_checks_the_checksums(inputs, tmp_path, capsys):
     assert main(["inspect-data", inputs["ds"], "--verify", "--histogram", str(tmp_path / "h" / "lengths.png")]) == 0
-    assert "checksums of 10 files match" in capsys.readouterr().out
+    assert "checksums of 11 files match" in capsys.readouterr().out
 
 
 def test_build_data_with_every_record_rejected_fails_and_says_where(inputs, tmp_path, capsys):

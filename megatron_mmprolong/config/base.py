@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from packaging.version import Version
 
+from megatron_mmprolong.errors import BadInput
+
 if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A configuration that cannot describe a working model or layout."""
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from megatron_mmprolong.errors import BadInput
+
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -23,7 +25,7 @@ _DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput, ValueError):
     """A checkpoint that cannot be read as asked; the message names the file or tensor."""
 
 

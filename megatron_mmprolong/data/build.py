@@ -49,6 +49,7 @@ from megatron_mmprolong.data.sampling import default_bin_edges
 from megatron_mmprolong.data.store import (
     FORMAT, FORMAT_VERSION, EncodedSample, StoreWriter, file_names, file_sha256, merge_stores,
 )
+from megatron_mmprolong.errors import BadInput, RunFailed
 
 OVERFLOW_POLICIES = ("skip", "drop-far-pages")
 
@@ -57,11 +58,11 @@ class TooLongError(RecordError):
     pass
 
 
-class BuildError(RuntimeError):
+class BuildError(BadInput, RuntimeError):
     pass
 
 
-class NoSamplesError(BuildError):
+class NoSamplesError(RunFailed, BuildError):
     """Every input was rejected: there is no dataset to write."""
 
 

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_mmprolong.errors import BadInput
+
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-class TokenizerError(ValueError):
+class TokenizerError(BadInput, ValueError):
     pass
 
 

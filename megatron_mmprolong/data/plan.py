@@ -35,11 +35,12 @@ import yaml
 from megatron_mmprolong.data.packing import Alignment, balance, best_fit_decreasing, packing_report, sample_cost
 from megatron_mmprolong.data.sampling import SamplingError, default_bin_edges, length_bins, select
 from megatron_mmprolong.data.store import MultimodalStore
+from megatron_mmprolong.errors import BadInput
 
 PLAN_FORMAT = "megatron-mmprolong/plan"
 
 
-class PlanError(ValueError):
+class PlanError(BadInput, ValueError):
     pass
 
 

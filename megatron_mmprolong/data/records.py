@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from megatron_mmprolong.errors import BadInput
+
 PAPER_TASKS = ("extract-single", "extract-multi", "reasoning", "ocr-full", "ocr-needle")
 IMAGE_PLACEHOLDER = "<image>"
 
 
-class RecordError(ValueError):
+class RecordError(BadInput, ValueError):
     """A record that cannot become a sample; the message is the reject reason."""
 
 

@@ -35,6 +35,7 @@ import torch
 from megatron_mmprolong.config import VLConfig
 from megatron_mmprolong.data import checksums
 from megatron_mmprolong.data.images import ImageParams
+from megatron_mmprolong.errors import BadInput
 
 FORMAT = "megatron-mmprolong/multimodal-store"
 FORMAT_VERSION = 2  # 2: checksums read by (sequence_checksums.npy, manifest "integrity" and its own checksum)
@@ -181,7 +182,7 @@ def merge_stores(parts: list[str], prefix: str | Path) -> None:
                              samples, grids)
 
 
-class StoreError(ValueError):
+class StoreError(BadInput, ValueError):
     pass
 
 

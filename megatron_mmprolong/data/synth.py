@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from megatron_mmprolong.errors import BadInput
 from megatron_mmprolong.files import write_text_whole
 
 COLORS = ("amber", "azure", "cobalt", "crimson", "ivory", "jade", "khaki", "lilac", "maroon", "ochre",
@@ -31,7 +32,7 @@ WORDS = ("the", "report", "describes", "annual", "results", "of", "a", "regional
          "quarter", "while", "maintenance", "continued", "as", "expected", "under", "standard", "procedures")
 
 
-class SynthError(ValueError):
+class SynthError(BadInput, ValueError):
     """Settings that cannot make the documents asked for."""
 
 

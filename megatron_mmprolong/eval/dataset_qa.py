@@ -23,10 +23,11 @@ import torch
 from megatron_mmprolong.convert.parity import hf_token_types
 from megatron_mmprolong.data.pixels import decoder, sample_pixels
 from megatron_mmprolong.data.store import MultimodalStore
+from megatron_mmprolong.errors import BadInput
 from megatron_mmprolong.files import write_text_whole
 
 
-class EvalError(ValueError):
+class EvalError(BadInput, ValueError):
     """Bad evaluation settings or inputs, said in words."""
 
 

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from tqdm import tqdm
 
+from megatron_mmprolong.errors import BadInput
 from megatron_mmprolong.serving.chat import PREFILL_FIELDS, ChatReply, ChatRequest
 
 RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -47,7 +48,7 @@ _FORM_WORDS = re.compile(r"unexpected (?:fields|keys) in the request|unused fiel
                          r"unknown (?:field|parameter|argument)", re.IGNORECASE)
 
 
-class EndpointError(RuntimeError):
+class EndpointError(BadInput, RuntimeError):
     """The endpoint cannot be used: unreachable, wrong model, missing key; said in words."""
 
 

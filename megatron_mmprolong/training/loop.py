@@ -42,7 +42,7 @@ from megatron_mmprolong.training.flops import training_flops
 from megatron_mmprolong.training.step import forward_step
 
 
-class TrainingError(RuntimeError):
+class TrainingError(errors.RunFailed, RuntimeError):
     pass
 
 

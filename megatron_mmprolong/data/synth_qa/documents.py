@@ -21,11 +21,12 @@ from pathlib import Path
 
 from megatron_mmprolong.data.pdf import PdfError, open_pdf
 from megatron_mmprolong.data.records import PAPER_TASKS
+from megatron_mmprolong.errors import BadInput
 
 QA_TASKS = PAPER_TASKS[:3]  # extract-single, extract-multi, reasoning
 
 
-class SynthQAError(ValueError):
+class SynthQAError(BadInput, ValueError):
     """Bad synth-qa settings or inputs, said in words."""
 
 
