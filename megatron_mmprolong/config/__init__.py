@@ -1,6 +1,7 @@
 """Model configurations: the shared fields and layouts (base.py), one module per model family
 (qwen25vl.py, qwen3vl.py), each reading and writing its transformers config.json and naming its
-presets, and the Megatron-Core TransformerConfigs they make (transformer.py). `VLConfig.from_hf_dir` and `VLConfig.preset` pick the family."""
+presets, and the Megatron-Core TransformerConfigs they make (transformer.py).
+`VLConfig.from_hf_dir` and `VLConfig.preset` pick the family."""
 
 from megatron_mmprolong.config.base import (
     CP_COMM_THD_MIN_TE,
