@@ -130,6 +130,7 @@ def _traced_rank(layouts: list[list[str]], trace_files: list[str]) -> None:
         Path(trace_files[int(os.environ["RANK"])]).write_text(json.dumps(sorted(functions)))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shims are for machines without CUDA")
 def test_training_runs_no_cuda_call_the_shims_do_not_know(tiny_train_data, tmp_path):
     """Every CUDA call (torch.cuda.*, device="cuda", .cuda(), CUDA type strings) in the megatron-core
     functions that CPU training runs is a known call site (shimmed, or on a branch CPUs never
