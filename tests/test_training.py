@@ -163,6 +163,26 @@ def test_sigterm_to_the_launcher_saves_and_exits_0_without_a_traceback(tiny_trai
     assert f"stopping after iteration {stopped} on a termination signal" in out
 
 
+def test_sigusr1_to_the_whole_process_group_stops_cleanly(tiny_train_data, tmp_path):
+    """Slurm's srun delivers a signal to every process of a task (its process group): the loader
+    workers ignore it, and so must multiprocessing's resource tracker, which SIGUSR1 used to kill
+    (each semaphore then printed a KeyError traceback at exit)."""
+    *_, mix = tiny_train_data
+    save = tmp_path / "run"
+    process = subprocess.Popen(_command(1, mix, save, "--train-iters", "30"), env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = save / "train_metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGUSR1)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "resource_tracker" not in err, err[-3000:]
+    assert "on a termination signal" in out
+
+
 def test_training_starts_from_a_converted_hf_checkpoint(tiny_train_data, tmp_path):
     """--load of a converted checkpoint gives the model its weights: a step at learning rate 0
     saves them unchanged, and the export equals the original HF checkpoint bit for bit."""

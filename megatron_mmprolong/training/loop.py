@@ -241,6 +241,8 @@ def _train(args: A.TrainArgs, rt, alignment: Alignment, loaded_config, plan: Pla
         if not args.no_load_optim and digest != plan.digest():
             raise ConfigError(f"{args.load} was trained on data plan {digest}, this run's plan is {plan.digest()}")
 
+    if args.num_workers:
+        _start_resource_tracker()
     dataset = PackedSequences(plan, rank=dp_rank, data_parallel=dp, image_backend=args.image_backend,
                               share=PageShare.of_this_rank())
     loader = make_dataloader(dataset, LoaderState(plan.digest(), dp_rank, dp, start * microbatches), args.num_workers,
@@ -285,6 +287,21 @@ def _train(args: A.TrainArgs, rt, alignment: Alignment, loaded_config, plan: Pla
                 break
         logger.close()
     return TrainResult(iteration, stopped, losses)
+
+
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (the loader's spawned workers use it) with SIGUSR1
+    ignored. Slurm delivers a stop signal to every process of a task (srun signals its process
+    group); the tracker ignores only SIGINT and SIGTERM, so SIGUSR1 killed it, the next use started
+    one that knew none of the workers' semaphores, and each unlink at exit printed a KeyError
+    traceback into the job log. An ignored signal stays ignored across the tracker's exec."""
+    from multiprocessing import resource_tracker
+
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def _say(rt, text: str) -> None:
