@@ -18,6 +18,7 @@ VALUES = {
     "vision_tensor_parallel_size": (1, 1),
     "decoder_first_pipeline_num_layers": (1, 1),
     "cp_comm_type": ("a2a", "a2a"),
+    "hierarchical_context_parallel_sizes": ((2, 2), [2, 2]),
     "seq_length": (65536, 65536),
     "global_batch_size": (8, 8),
     "lr": (3e-4, 3e-4),
@@ -48,6 +49,7 @@ REQUIRES = {
     "decoder_first_pipeline_num_layers": {"pipeline_model_parallel_size": 2},
     "vision_tensor_parallel_size": {"tensor_model_parallel_size": 2},
     "cp_comm_type": {"context_parallel_size": 2},
+    "hierarchical_context_parallel_sizes": {"context_parallel_size": 4, "cp_comm_type": "a2a+p2p"},
     "fp8_recipe": {"fp8_format": "e4m3"},
     "fp8_dot_product_attention": {"fp8_format": "hybrid"},
     "recompute_method": {"recompute_granularity": "full"},
@@ -156,3 +158,16 @@ def test_distributed_optimizer_is_refused_on_cpu_before_anything_starts(capsys):
 
     assert main(["--data-plan", "missing.plan", "--use-distributed-optimizer"]) == 2
     assert "--use-distributed-optimizer needs CUDA" in capsys.readouterr().err
+
+
+def test_hierarchical_cp_sizes_from_the_command_line_and_a_recipe(tmp_path):
+    """a2a+p2p can be chosen from `mmprolong train`: the sizes reach the parallel layout, from the
+    command line (Megatron-LM's nargs form) or a recipe list."""
+    cli = A.parse_args(["--data-mix", "mix.yaml", "--context-parallel-size", "4", "--cp-comm-type", "a2a+p2p",
+                        "--hierarchical-context-parallel-sizes", "2", "2"])
+    recipe = A.parse_args(["--config", str(_recipe(tmp_path, **{"context-parallel-size": 4, "cp-comm-type": "a2a+p2p",
+                                                                "hierarchical-context-parallel-sizes": [2, 2]}))])
+    for args in (cli, recipe):
+        assert A.parallel_config(args).hierarchical_context_parallel_sizes == (2, 2)
+    with pytest.raises(A.ArgumentError, match="list of integers"):
+        A.parse_args(["--config", str(_recipe(tmp_path, **{"hierarchical-context-parallel-sizes": "2x2"}))])

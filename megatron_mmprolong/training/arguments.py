@@ -41,6 +41,7 @@ class TrainArgs:
     vision_tensor_parallel_size: int | None = None
     decoder_first_pipeline_num_layers: int | None = None
     cp_comm_type: str = "p2p"
+    hierarchical_context_parallel_sizes: tuple[int, ...] | None = None
     # data
     data_mix: str | None = None
     data_plan: str | None = None
@@ -111,6 +112,8 @@ ARGUMENTS: tuple[Arg, ...] = (
     Arg("cp_comm_type", "Transformer Engine CP communication for packed sequences: p2p (ring), a2a (heads; "
         "TE >= 2.10), all_gather (K/V; TE >= 2.18) or a2a+p2p (a2a within groups, p2p across them; TE >= 2.19)",
         "transformer.cp_comm_type"),
+    Arg("hierarchical_context_parallel_sizes", "with --cp-comm-type a2a+p2p: the a2a group size, then the p2p "
+        "size (their product is the CP size)", "transformer.hierarchical_context_parallel_sizes"),
     Arg("data_mix", "mixture YAML (see `mmprolong plan-data`)"),
     Arg("data_plan", "precomputed plan prefix (instead of --data-mix)"),
     Arg("seq_length", "longest packed sequence in tokens", "plan.seq_length"),
@@ -155,7 +158,7 @@ ARGUMENTS: tuple[Arg, ...] = (
 
 
 def _field_types() -> dict[str, str]:
-    """Each argument's type: bool, int, float or str (TrainArgs' annotations, None aside)."""
+    """Each argument's type: bool, int, float, str or tuple[int, ...] (TrainArgs' annotations, None aside)."""
     return {f.name: str(f.type).split("|")[0].strip() for f in dataclasses.fields(TrainArgs)}
 
 
@@ -174,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "bool":  # --flag / --no-flag: a recipe's true can be turned off
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=arg.help)
             continue
+        if kind.startswith("tuple"):  # a list of ints, as Megatron-LM takes it
+            parser.add_argument(flag, type=int, nargs="+", default=None, metavar="N", help=arg.help)
+            continue
         cast = {"int": int, "float": float}.get(kind, str)
         parser.add_argument(flag, type=cast, default=None, choices=arg.choices,
                             help=f"{arg.help} (default {getattr(defaults, arg.name)})")
@@ -191,7 +197,8 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     values: dict[str, Any] = {}
     if namespace.config:
         values.update(read_recipe(namespace.config))
-    values.update({k: v for k, v in vars(namespace).items() if k != "config" and v is not None})
+    values.update({k: tuple(v) if isinstance(v, list) else v
+                   for k, v in vars(namespace).items() if k != "config" and v is not None})
     switchable = {a.name for a in ARGUMENTS if a.choices and "none" in a.choices}
     for name in switchable & values.keys():  # e.g. --fp8-format none over a recipe's hybrid
         values[name] = None if values[name] == "none" else values[name]
@@ -244,6 +251,10 @@ def _typed(path: Path, key: str, value: Any, base: str) -> Any:
     a string) becomes one; a value of another type is an ArgumentError."""
     if value is None or base == "str":
         return value
+    if base.startswith("tuple"):
+        if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        raise ArgumentError(f"{path}: {key} must be a list of integers, got {value!r}")
     if base == "float" and not isinstance(value, bool):
         try:
             return float(value)
@@ -290,6 +301,7 @@ def parallel_config(args: TrainArgs) -> ParallelConfig:
         sequence_parallel=args.sequence_parallel,
         decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
         cp_comm_type=args.cp_comm_type,
+        hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes,
     )
 
 
