@@ -359,3 +359,32 @@ def test_enospc_on_one_rank_stops_every_rank_with_one_line(tiny_train_data, tmp_
                                "device (")
     assert "megatron_mmprolong/training" not in run.stderr  # no rank's traceback (torchrun adds its own summary)
     assert not (save / "iter_0000001.partial").exists() and not (save / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_a_full_disk_while_the_manifest_is_written_leaves_no_manifest(tiny_train_data, tmp_path, monkeypatch, capsys):
+    """The manifest says a dataset is finished: a cut-short one must not exist, and the rerun
+    after freeing space must not be refused as 'a dataset is already there'."""
+    import errno
+
+    from megatron_mmprolong.cli import main
+
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.startswith("ds.manifest.json"):
+            real(self, args[0][:100])  # what a full disk lets through
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *args, **kwargs)
+
+    tokenizer, records, _ = tiny_train_data
+    prefix = tmp_path / "ds"
+    argv = ["build-data", "--input", str(records), "--output-prefix", str(prefix), "--tokenizer", str(tokenizer),
+            "--seq-length", "2048"]
+    monkeypatch.setattr(Path, "write_text", full)
+    assert main(argv) == 1
+    line = _one_error_line(capsys.readouterr().err, "mmprolong build-data")
+    assert "No space left on device" in line
+    assert sorted(p.name for p in tmp_path.glob("ds.manifest*")) == []
+    monkeypatch.setattr(Path, "write_text", real)
+    assert main(argv) == 0  # room again: the same command finishes the dataset
+    assert Path(f"{prefix}.manifest.json").is_file()

@@ -50,6 +50,7 @@ from megatron_mmprolong.data.store import (
     FORMAT, FORMAT_VERSION, EncodedSample, StoreWriter, file_names, file_sha256, merge_stores,
 )
 from megatron_mmprolong.errors import BadInput, RunFailed
+from megatron_mmprolong.files import write_text_whole
 
 OVERFLOW_POLICIES = ("skip", "drop-far-pages")
 
@@ -131,6 +132,7 @@ def build_dataset(inputs: list[str | Path], output_prefix: str | Path, config: B
             if refused is None:
                 raise
             shutil.rmtree(Path(f"{prefix}.build") / "final", ignore_errors=True)
+            Path(f"{prefix}.manifest.json.partial").unlink(missing_ok=True)
             raise refused from err
 
 
@@ -476,7 +478,7 @@ def _finalize(parts, prefix: str, config: BuildConfig, inputs, ocr_task, work_di
     Path(f"{prefix}.manifest.json").unlink(missing_ok=True)  # an old dataset stops being "finished" first
     for path in file_names(staged):
         os.replace(path, f"{prefix}{path.name[len(staged.name):]}")
-    Path(f"{prefix}.manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    write_text_whole(f"{prefix}.manifest.json", json.dumps(manifest, indent=1) + "\n")  # whole or absent: it says "finished"
     return manifest
 
 
