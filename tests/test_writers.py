@@ -388,3 +388,48 @@ def test_a_full_disk_while_the_manifest_is_written_leaves_no_manifest(tiny_train
     monkeypatch.setattr(Path, "write_text", real)
     assert main(argv) == 0  # room again: the same command finishes the dataset
     assert Path(f"{prefix}.manifest.json").is_file()
+
+
+def test_a_full_disk_for_the_metrics_log_stops_every_rank_in_one_line(tiny_train_data, tmp_path):
+    """Rank 0 alone writes train_metrics.jsonl: when the disk refuses a record, every rank stops
+    at that step's agreement (none waits for rank 0 in the next step's collectives)."""
+    *_, mix = tiny_train_data
+    save = tmp_path / "run"
+    inject = tmp_path / "inject.py"
+    inject.write_text(textwrap.dedent("""
+        import errno, os, sys
+        import megatron_mmprolong.training.loop as loop
+
+        class Full:
+            def __init__(self, stream):
+                self.stream, self.records = stream, 0
+            def write(self, text):
+                self.records += 1
+                if self.records == 2:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return self.stream.write(text)
+            def __getattr__(self, name):
+                return getattr(self.stream, name)
+
+        real = loop._Logger.__init__
+        def init(self, *args, **kwargs):
+            real(self, *args, **kwargs)
+            if self.metrics:
+                self.metrics = Full(self.metrics)
+        loop._Logger.__init__ = init
+        if __name__ == "__main__":
+            from megatron_mmprolong.train import main
+            sys.exit(main(sys.argv[1:]))
+    """))
+    command = _train_command(2, mix, save, "--train-iters", "5")
+    at = command.index("megatron_mmprolong.train")
+    command[at - 1:at + 1] = [str(inject)]
+    run = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if "mmprolong train: error:" in line]
+    assert len(lines) == 1, run.stderr[-3000:]
+    assert lines[0].startswith(f"mmprolong train: error: cannot write the metrics log {save}/train_metrics.jsonl: "
+                               "No space left on device (")
+    assert lines[0].endswith(" there); stopped after iteration 2; no checkpoint was saved for it")
+    assert "megatron_mmprolong/training" not in run.stderr
+    assert [json.loads(line)["iteration"] for line in (save / "train_metrics.jsonl").read_text().splitlines()] == [1]
