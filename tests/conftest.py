@@ -30,6 +30,20 @@ def runtime():
     return rt.initialize()
 
 
+@pytest.fixture
+def keeps_runtime():
+    """`train` and `eval --mcore-dir` end the process group as they return; later tests of this
+    session may hold the one the `runtime` fixture started."""
+    import torch.distributed as dist
+
+    had = dist.is_initialized()
+    yield
+    if had and not dist.is_initialized():
+        from megatron_mmprolong import runtime
+
+        runtime.initialize()
+
+
 def tiny_config(
     *,
     vocab_size=1024,

@@ -255,20 +255,6 @@ def test_the_table_covers_every_verb():
     assert leaves - covered == set(), "verbs without a bad-input case"
 
 
-@pytest.fixture
-def keeps_runtime():
-    """`train` and `eval --mcore-dir` end the process group as they return; later tests of this
-    session may hold the one the `runtime` fixture started."""
-    import torch.distributed as dist
-
-    had = dist.is_initialized()
-    yield
-    if had and not dist.is_initialized():
-        from megatron_mmprolong import runtime
-
-        runtime.initialize()
-
-
 def _main(argv: list[str], capsys) -> tuple[int, str, str]:
     """Exit status, stdout and stderr of `mmprolong ARGV` in this process."""
     try:

@@ -151,7 +151,7 @@ def test_recipes_in_examples_parse():
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for CPU runs")
-def test_distributed_optimizer_is_refused_on_cpu_before_anything_starts(capsys):
+def test_distributed_optimizer_is_refused_on_cpu_before_anything_starts(capsys, keeps_runtime):
     """Megatron-Core's DistributedOptimizer takes only CUDA tensors: a clear error, not a TypeError
     from inside it after the model is built."""
     from megatron_mmprolong.train import main
