@@ -350,7 +350,9 @@ def test_a_corrupt_stored_image_names_the_sample_and_file(datasets, tmp_path):
     with pytest.raises(StoreError) as err:
         for i in range(len(dataset)):
             dataset[i]
-    named = f"{tmp_path / 'qa'}.images.bin: image {row} of sample {sample} ({store.ids[sample]}) cannot be used"
+    # the per-sequence checksum names it as it is read, before any decoder sees the bytes
+    named = (f"dataset {tmp_path / 'qa'}: image {row} of sample {sample} ({store.ids[sample]}) in "
+             f"{tmp_path / 'qa'}.images.bin differs from the build's checksum")
     assert named in str(err.value)
     with pytest.raises(StoreError, match=re.escape(named)):  # and so from a loader worker
         for _ in make_dataloader(dataset, num_workers=1):
