@@ -143,11 +143,18 @@ def _agreeing_common_save(save, final: Path, iteration: int):
     enters the sharded save's collectives), with the ranks agreeing on that write before they go
     on: a full disk there would otherwise leave rank 0 raising while the others wait for it.
     `dist_checkpointing.save` takes no other common strategy, so this one is registered as the
-    default ('torch', 1) for the call, through Megatron's registry, and the previous restored."""
-    from megatron.core.dist_checkpointing.strategies.base import (
-        StrategyAction, default_strategies, register_default_strategy,
-    )
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+    default ('torch', 1) for the call, through Megatron's registry, and the previous restored.
+    Where megatron-core has no such registry (0.19: the common state is a ShardedObject of the
+    sharded save, whose failures the ranks already agree on) there is nothing to register."""
+    try:
+        from megatron.core.dist_checkpointing.strategies.base import (
+            StrategyAction, default_strategies, register_default_strategy,
+        )
+        from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+    except ImportError:
+        with _quiet_writer_log():
+            yield
+        return
 
     class AgreeingCommonSave(TorchCommonSaveStrategy):
         def save_common(self, common_state_dict, checkpoint_dir):
@@ -160,8 +167,19 @@ def _agreeing_common_save(save, final: Path, iteration: int):
 
     previous = default_strategies[StrategyAction.SAVE_COMMON.value].get(("torch", 1))
     register_default_strategy(StrategyAction.SAVE_COMMON, "torch", 1, AgreeingCommonSave("torch", 1))
-    # its writer logs each failed write ("Local process 0 encountered an error: ..."); the run
-    # reports a refused write itself, once, and any other error keeps the same text in its chain
+    try:
+        with _quiet_writer_log():
+            yield
+    finally:
+        if previous is not None:
+            register_default_strategy(StrategyAction.SAVE_COMMON, "torch", 1, previous)
+
+
+@contextmanager
+def _quiet_writer_log():
+    """Megatron's checkpoint writer logs each failed write ("Local process 0 encountered an error:
+    ..."); the run reports a refused write itself, once, and any other error keeps the same text
+    in its chain."""
     writer_log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
     level = writer_log.level
     writer_log.setLevel(logging.CRITICAL)
@@ -169,8 +187,6 @@ def _agreeing_common_save(save, final: Path, iteration: int):
         yield
     finally:
         writer_log.setLevel(level)
-        if previous is not None:
-            register_default_strategy(StrategyAction.SAVE_COMMON, "torch", 1, previous)
 
 
 def _after(save, iteration: int) -> str:
