@@ -57,17 +57,24 @@ class MegatronGenerator(torch.nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, eos_token_id: int, pad_token_id: int, pixel_values=None,
-                 image_grid_thw=None, **_) -> torch.Tensor:
-        """[1, prompt] -> [1, prompt + reply], greedy, stopping after `eos_token_id`."""
+                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+                 **_) -> torch.Tensor:
+        """[1, prompt] -> [1, prompt + reply], greedy, stopping after `eos_token_id`. Videos are
+        video items on the model's time axis (`second_per_grid_ts` for Qwen2.5-VL)."""
         model = self.model
         device = next(model.parameters()).device
         ids = input_ids[0].tolist()
         length = len(ids)
         grids = image_grid_thw.cpu() if image_grid_thw is not None else None
         vision = {} if pixel_values is None else {"pixel_values": pixel_values.to(device), "image_grid_thw": grids}
+        video = {}
+        if pixel_values_videos is not None:
+            video = {"video_grid_thw": video_grid_thw.cpu(),
+                     "second_per_grid_ts": None if second_per_grid_ts is None else second_per_grid_ts.cpu()}
+            vision |= {"pixel_values_videos": pixel_values_videos.to(device), **video}
         tokens, packed, cp_index = self._prompt(input_ids[0], pad_token_id)
         # new tokens continue from the prompt's largest M-RoPE position, in all three sections
-        next_position = int(model.position_ids(input_ids.cpu(), grids).max()) + 1
+        next_position = int(model.position_ids(input_ids.cpu(), grids, **video).max()) + 1
         cache = KVCache(model.pg_collection.cp)
         attention = [layer.self_attention for layer in model.language_model.decoder.layers]
         for module in attention:
