@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from megatron_mmprolong.cli import mmlongbench
+from megatron_mmprolong.cli import vtcbench as vtcbench_verbs
 from megatron_mmprolong.cli.eval_model import add_eval_model, eval_model, evaluated_config
 
 
@@ -176,3 +177,4 @@ def add_eval(verbs) -> None:
     by_position.set_defaults(run=_eval_position_loss)
 
     mmlongbench.add_mmlongbench(kinds)
+    vtcbench_verbs.add_vtcbench(kinds)

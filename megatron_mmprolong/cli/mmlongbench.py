@@ -10,24 +10,30 @@ from megatron_mmprolong.cli.eval_model import add_eval_model, eval_model, evalua
 from megatron_mmprolong.cli.options import add_score_options
 
 
-def _mmlongbench_judge(args):
-    """The judge of document-QA replies, when --judge-endpoint names one (checked now)."""
-    if not args.judge_endpoint:
-        return None
+def judge_backend(args):
+    """The judge's endpoint of --judge-endpoint and --judge-model (checked now); also eval vtcbench's."""
     from megatron_mmprolong.eval.dataset_qa import EvalError
-    from megatron_mmprolong.eval.mmlongbench.judge import load_judge_prompts
-    from megatron_mmprolong.eval.mmlongbench.run import Judge
     from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig
 
     if not args.judge_model:
         raise EvalError("--judge-endpoint needs --judge-model, the name the judge's server serves")
-    prompts = load_judge_prompts(args.judge_prompt_file)
     backend = ChatEndpoint(EndpointConfig(args.judge_endpoint, args.judge_model, args.judge_api_key_env,
                                           args.request_timeout, max_retries=args.max_retries,
                                           max_tokens_field=args.max_tokens_field),
                            max_connections=args.judge_concurrency)
     backend.check()
-    return Judge(backend, prompts, args.judge_concurrency, args.max_failed)
+    return backend
+
+
+def _mmlongbench_judge(args):
+    """The judge of document-QA replies, when --judge-endpoint names one (checked now)."""
+    if not args.judge_endpoint:
+        return None
+    from megatron_mmprolong.eval.mmlongbench.judge import load_judge_prompts
+    from megatron_mmprolong.eval.mmlongbench.run import Judge
+
+    prompts = load_judge_prompts(args.judge_prompt_file)
+    return Judge(judge_backend(args), prompts, args.judge_concurrency, args.max_failed)
 
 
 def _eval_mmlongbench(args) -> int:
