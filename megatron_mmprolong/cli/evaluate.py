@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_mmprolong.cli import mmlongbench
+from megatron_mmprolong.cli import mmlongbench, video
 from megatron_mmprolong.cli import vtcbench as vtcbench_verbs
 from megatron_mmprolong.cli.eval_model import add_eval_model, eval_model, evaluated_config
 
@@ -177,4 +177,5 @@ def add_eval(verbs) -> None:
     by_position.set_defaults(run=_eval_position_loss)
 
     mmlongbench.add_mmlongbench(kinds)
+    video.add_video(kinds)
     vtcbench_verbs.add_vtcbench(kinds)
