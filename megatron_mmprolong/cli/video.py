@@ -13,8 +13,9 @@ from megatron_mmprolong.cli.options import add_max_tokens_field
 def _eval_video(args) -> int:
     from megatron_mmprolong import runtime
     from megatron_mmprolong.data.images import ImageParams
+    from megatron_mmprolong.eval.output_dir import check_same_settings
     from megatron_mmprolong.eval.video.run import (
-        FailedQuestions, VideoEvalConfig, plan_videos, read_questions, report_failure, run_video_eval,
+        SETTINGS, FailedQuestions, VideoEvalConfig, plan_videos, read_questions, report_failure, run_video_eval,
     )
     from megatron_mmprolong.eval.video.sampling import SamplingConfig, SamplingError
 
@@ -36,6 +37,7 @@ def _eval_video(args) -> int:
     config = VideoEvalConfig(source, family, sampling, args.max_new_tokens)
     questions = read_questions({"videomme": args.videomme_root, "mlvu": args.mlvu_root, "lvb": args.lvb_root},
                                args.max_samples)
+    check_same_settings(Path(args.out) / SETTINGS, config, write=False)
     plan_videos(questions, config)  # bad data fails before a model loads
     writer, barrier, concurrency = True, lambda: None, 1
     if args.endpoint:

@@ -25,9 +25,12 @@ def counter_frame(index: int, size: tuple[int, int] = SIZE) -> np.ndarray:
     return np.asarray(image)
 
 
-def frame_number(frame: np.ndarray) -> int:
-    """The index a decoded counter frame shows (its block's grey level / 4)."""
-    return int(round(float(frame[2:BLOCK - 2, 2:BLOCK - 2].mean()) / 4))
+def frame_number(frame: np.ndarray, size: tuple[int, int] = SIZE) -> int:
+    """The index a decoded counter frame shows (its block's grey level / 4), at any resize of it."""
+    rows, cols = BLOCK * frame.shape[0] / size[1], BLOCK * frame.shape[1] / size[0]
+    inner = frame[int(rows * 0.25):max(int(rows * 0.75), int(rows * 0.25) + 1),
+                  int(cols * 0.25):max(int(cols * 0.75), int(cols * 0.25) + 1)]
+    return int(round(float(inner.mean()) / 4))
 
 
 def write_counter_video(path: Path, seconds: float = 4, fps: int = 8, size: tuple[int, int] = SIZE,
@@ -51,7 +54,7 @@ def write_counter_video(path: Path, seconds: float = 4, fps: int = 8, size: tupl
 
 # (question, options, right index, group)
 VIDEOMME = [("What number does the first frame show?", ["0", "8", "16", "31"], 0, "short"),
-            ("What colour is the background?", ["Red", "Blue", "Green", "White"], 1, "medium"),
+            ("Which colour fills the background?", ["Red", "Blue", "Green", "White"], 1, "medium"),
             ("How many seconds does the video last?", ["1", "2", "4", "60"], 2, "long")]
 MLVU = {"1_plotQA": ("What colour is the background?", ["Yellow", "Red", "Green", "Blue"], 3),
         "2_needle": ("Which word appears beside the number?", ["frame", "page", "slide", "shot"], 0),
