@@ -4,7 +4,7 @@
 #   preflight.sh MARKER SAVE WORLD_SIZE PYTHON [mmprolong train arguments]
 # 1. SAVE must be the host's folder: MARKER, written there by the batch script, must be visible
 #    (a SAVE not mounted into the container would be written inside it and lost at exit);
-# 2. `mmprolong train --preflight` checks WORLD_SIZE ranks against the layout and the global batch
+# 2. `mmprolong train --preflight-world-size` checks WORLD_SIZE ranks against the layout and the global batch
 #    and refuses in one line (exit 2).
 set -euo pipefail
 marker=$1 save=$2 world=$3 python=$4
@@ -14,9 +14,4 @@ if [ ! -e "$marker" ]; then
          "add it to CONTAINER_MOUNTS or the apptainer binds)" >&2
     exit 2
 fi
-# TODO(issue 32): until `mmprolong train --preflight` lands, say so instead of checking.
-if ! "$python" -m megatron_mmprolong.train --help 2>/dev/null | grep -q -- '--preflight'; then
-    echo "train.sbatch: pre-flight: this mmprolong train has no --preflight; layout not checked before start"
-    exit 0
-fi
-exec "$python" -m megatron_mmprolong.train --preflight --world-size "$world" "$@"
+exec "$python" -m megatron_mmprolong.train --preflight-world-size "$world" "$@"

@@ -90,10 +90,7 @@ PYTHON = r'''
 import json, os, signal, sys, time
 args = sys.argv[1:]
 log = os.environ["STUB_LOG"]
-if "--help" in args:
-    print("usage: mmprolong train [--preflight] [--world-size N] ...")
-    sys.exit(0)
-if "--preflight" in args:
+if "--preflight-world-size" in args:
     with open(os.path.join(log, "preflight.jsonl"), "a") as f:
         f.write(json.dumps(args) + "\n")
     if os.environ.get("STUB_PREFLIGHT_WAIT"):
@@ -229,18 +226,19 @@ def test_two_default_submissions_write_to_two_folders_and_a_run_name_continues(s
     assert "iteration      5/5" in (project / "checkpoints/cpu_tiny/job101/logs/train-job101.log").read_text()
 
 
-def test_save_after_the_script_is_where_the_run_resumes_from(stubs, tmp_path):
+def test_save_after_the_script_is_the_runs_one_folder(stubs, tmp_path):
+    """mmprolong train resumes from its --save (tests/test_slurm.py runs it); the script must hand
+    it exactly one --save, the user's, and the initial weights as their own argument."""
     save, init = tmp_path / "mine", tmp_path / "converted"
-    result = _run(_env(stubs), "--lr", "1e-4", "--save", str(save), "--load", str(init))
-    assert result.returncode == 0, result.stderr
-    args = _records(stubs, "train")[-1]
-    assert args[args.index("--save") + 1] == str(save) and args[args.index("--load") + 1] == str(init)
-    assert args.count("--save") == 1 and args.count("--load") == 1 and args[-2:] == ["--lr", "1e-4"]
-    (save / "latest_checkpointed_iteration.txt").write_text("9")  # the run saved iteration 9, then was requeued
-    result = _run(_env(stubs), "--lr", "1e-4", f"--save={save}", "--load", str(init))
-    args = _records(stubs, "train")[-1]
-    assert args[args.index("--save") + 1] == str(save) and args[args.index("--load") + 1] == str(save)
-    assert f"resuming from {save} (iteration 9)" in result.stdout
+    for spelling in (["--save", str(save)], [f"--save={save}"]):
+        result = _run(_env(stubs, INIT_CHECKPOINT=tmp_path / "other"), "--lr", "1e-4", *spelling,
+                      "--pretrained-checkpoint", str(init))
+        assert result.returncode == 0, result.stderr
+        for args in (_records(stubs, "train")[-1], _records(stubs, "preflight")[-1]):
+            assert args.count("--save") == 1 and args[args.index("--save") + 1] == str(save)
+            assert args.count("--pretrained-checkpoint") == 1 and args[args.index("--pretrained-checkpoint") + 1] == str(init)
+            assert "--load" not in args and args[-2:] == ["--lr", "1e-4"]
+        assert (save / "logs" / "train-job4242.log").is_file()
 
 
 def _signalled(stubs, signum, behaviour="stop", wait_for="ranks-started", **variables):
@@ -304,7 +302,7 @@ def test_preflight_refuses_before_any_rank_starts(stubs):
     steps = _records(stubs, "srun")
     assert len(steps) == 1 and len(steps[0]["tasks"]) == 1  # one process, and nothing after it
     preflight = _records(stubs, "preflight")[0]
-    assert preflight[preflight.index("--world-size") + 1] == "24" and _records(stubs, "train") == []
+    assert preflight[preflight.index("--preflight-world-size") + 1] == "24" and _records(stubs, "train") == []
 
 
 def test_launch_hygiene_binding_cpus_limits_and_interfaces(stubs):
