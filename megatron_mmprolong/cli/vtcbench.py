@@ -30,7 +30,9 @@ def _eval_vtcbench(args) -> int:
     from megatron_mmprolong.eval.mmlongbench.run import FailedSamples
     from megatron_mmprolong.eval.output_dir import check_same_settings
     from megatron_mmprolong.eval.vtcbench.data import DataRoot
-    from megatron_mmprolong.eval.vtcbench.run import SETTINGS, VTCBenchConfig, plan, run_vtcbench
+    from megatron_mmprolong.eval.vtcbench.run import (
+        SETTINGS, VLMEVALKIT_PIXELS, VTCBenchConfig, plan, run_vtcbench,
+    )
 
     if args.endpoint and not args.model:
         print("mmprolong eval: error: --endpoint needs --model, the name the server serves", file=sys.stderr)
@@ -41,7 +43,8 @@ def _eval_vtcbench(args) -> int:
         return 2
     source = args.model if args.endpoint else str(Path(args.hf_dir or args.mcore_dir).resolve().name)
     family = "qwen2_5_vl" if args.endpoint else evaluated_config(args).family
-    image = ImageParams.for_family(family, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    low, high = VLMEVALKIT_PIXELS.get(family, (None, None))
+    image = ImageParams.for_family(family, min_pixels=args.min_pixels or low, max_pixels=args.max_pixels or high)
     config = VTCBenchConfig(source, args.prompts, args.max_new_tokens, args.max_samples, image.min_pixels,
                             image.max_pixels, family)
     root = DataRoot.open(args.data_root)
@@ -127,9 +130,10 @@ def add_vtcbench(kinds) -> None:
                             "the benchmark's run_wild.py, whose Retrieval and Reasoning texts are swapped")
     bench.add_argument("--max-new-tokens", type=int, default=192, help="per reply (the benchmark's 192)")
     bench.add_argument("--tokenizer", help="the model's tokenizer, for --mcore-dir (default: the --hf-dir one)")
-    bench.add_argument("--min-pixels", type=int, help="page resizing of --hf-dir/--mcore-dir (default: the model "
-                                                      "family's processor)")
-    bench.add_argument("--max-pixels", type=int, help="(default: as --min-pixels)")
+    bench.add_argument("--min-pixels", type=int, help="page resizing of --hf-dir/--mcore-dir (default: VLMEvalKit's "
+                                                      "Qwen2.5-VL setting, 1280*28*28; other families: their "
+                                                      "processor's); a served model resizes as its server does")
+    bench.add_argument("--max-pixels", type=int, help="(default: 16384*28*28; as --min-pixels)")
     bench.add_argument("--model", help="model name served by --endpoint")
     bench.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoint's API key")
     bench.add_argument("--concurrency", type=int, default=4, help="requests in flight to --endpoint")

@@ -14,6 +14,7 @@ and the folder's settings check are `eval mmlongbench`'s.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,11 @@ from megatron_mmprolong.serving.runner import Job, TooManyFailures, run_jobs
 SETTINGS = "vtcbench_config.json"
 PREDICTIONS = "predictions.jsonl"
 JUDGE_JOURNAL = "judge.jsonl"
+
+
+# VLMEvalKit's Qwen2.5-VL configs (vlmeval/config.py) size every page within these, for VTCBench too;
+# other families: their processor's range
+VLMEVALKIT_PIXELS = {"qwen2_5_vl": (1280 * 28 * 28, 16384 * 28 * 28)}
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,9 @@ def run_vtcbench(backend, root: DataRoot, samples: list[Sample], config: VTCBenc
     if not writer:
         run_jobs(backend, [j for j in todo if j.key not in answered], None, 1)
         return None
+    splits = ", ".join(f"{n} {split}" for split, n in Counter(s.split for s in samples).items())
+    print(f"vtcbench: {len(samples)} samples ({splits}), up to {max((s.images for s in samples), default=0)} "
+          "page images each")
     failed: dict[str, tuple[dict, str]] = {}
     unbuilt: list[str] = []
 

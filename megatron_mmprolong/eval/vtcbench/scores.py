@@ -94,10 +94,13 @@ def format_table(report: dict[str, Any]) -> str:
         shown = _figure(other) if other is not None and other != cell["score"] else ""
         lines.append(f"{split:<12}{cell['samples']:>8}{_figure(cell['score']):>9}{shown:>17}")
     overall = report["overall"]
-    label = "Overall" if overall["complete"] else f"Overall ({' + '.join(overall['splits']) or 'nothing'} only)"
+    label = "Overall" if overall["complete"] else "Overall*"
     other = overall["vlmevalkit"] if overall["vlmevalkit"] != overall["score"] else None
     lines.append(f"{label:<12}{overall['samples']:>8}{_figure(overall['score']):>9}"
                  f"{_figure(other) if other is not None else '':>17}")
+    if not overall["complete"]:
+        lines.append(f"* over {' + '.join(overall['splits']) or 'nothing'} only, not the paper's Overall (all three "
+                     "splits, every Memory reply judged)")
     counts = report["replies"]
     lines.append(f"{counts['samples']} replies: {counts['refused']} refused by the backend and {counts['empty']} empty "
                  f"(scored 0), {counts['truncated']} cut at the length limit")
