@@ -4,13 +4,24 @@ One entry point, `initialize`, for every launcher: torchrun (RANK/WORLD_SIZE/LOC
 MASTER_ADDR/MASTER_PORT), srun (SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID/SLURM_JOB_NODELIST) or a
 plain `python` (one process; also a batch script's own process, which has SLURM_PROCID but is no
 srun step). NCCL on GPUs, gloo plus the CPU shims without CUDA.
+
+Process groups on GPUs: the default (world) group is `cpu:gloo,cuda:nccl`; its gloo half is the one
+group for host-side collectives (`host_group`: stop flags, the logged loss, checkpoint agreement,
+object broadcasts). Every other group (Megatron's TP/CP/PP/DP/... groups, the vision TP groups) is
+NCCL only: a group created without a backend inherits the default's, and each gloo half opens a
+full mesh of sockets at creation (132 sockets per rank at 16 ranks, ~3,400 predicted at 512), so
+start-up failed under a 1,024 open-files limit. Megatron's own gloo data-parallel groups are not
+created either: this project's checkpoint format (fully_sharded_model_space) does not use them.
+Without CUDA everything is gloo, as the model's collectives need.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+import resource
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -109,23 +120,78 @@ class Runtime:
         return self.rank == 0
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (sockets, the loader's files and shared memory of a
+    large job); returns (soft, hard) as they are now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # a hard limit the kernel will not grant (above nr_open): keep the soft one
+    return soft, hard
+
+
+def group_backends(use_cuda: bool, device_backend: str | None = None) -> tuple[str, str]:
+    """(the default group's backend, every other group's). `device_backend` stands in for NCCL
+    (tests and benchmarks on machines without it use torch's "fake" backend)."""
+    if not use_cuda and device_backend is None:
+        return "gloo", "gloo"
+    device = device_backend or "nccl"
+    return f"cpu:gloo,cuda:{device}", device
+
+
+@contextlib.contextmanager
+def _megatron_groups_on(backend: str):
+    """Megatron-Core creates its groups without naming a backend (they would inherit the default
+    group's gloo half): name `backend` for each, for the duration of its initialisation."""
+    from megatron.core import parallel_state
+
+    original = getattr(parallel_state, "create_group", None)
+    if original is None:  # a megatron-core without it: its groups inherit the default backend
+        yield
+        return
+
+    def create_group(*args, **kwargs):
+        if len(args) < 3 and kwargs.get("backend") is None:
+            kwargs["backend"] = backend
+        return original(*args, **kwargs)
+
+    parallel_state.create_group = create_group
+    try:
+        yield
+    finally:
+        parallel_state.create_group = original
+
+
+def host_group():
+    """The group for collectives of host (CPU) tensors and objects: the world group, whose gloo
+    half carries them (see the module docstring)."""
+    return dist.group.WORLD
+
+
 def initialize(
     parallel: ParallelConfig = ParallelConfig(),
     seed: int = 1234,
-    timeout_minutes: int = 30,
+    timeout_minutes: float = 30,
     environ: dict[str, str] | None = None,
+    device_backend: str | None = None,
 ) -> Runtime:
-    """Start the process group (if needed), Megatron-Core's model-parallel groups and seeds."""
+    """Start the process group (if needed), Megatron-Core's model-parallel groups and seeds.
+    `timeout_minutes` bounds every collective (a hung or dead rank fails the run after it)."""
+    import inspect
+
     from megatron.core import parallel_state
 
+    raise_open_files_limit()
     env = launch_env(environ)
     device = select_device(env)
-    use_cuda = device.type == "cuda"
+    default_backend, group_backend = group_backends(device.type == "cuda", device_backend)
 
     if not dist.is_initialized():
         dist.init_process_group(
-            # gloo beside NCCL: host-side flags (exit signals, logged loss) reduce without a device copy.
-            backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
+            backend=default_backend,
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
@@ -140,16 +206,21 @@ def initialize(
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_parallel,
-        pipeline_model_parallel_size=parallel.pipeline_parallel,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
-        context_parallel_size=parallel.context_parallel,
-        # cp_comm_type a2a+p2p: Transformer Engine takes its a2a and p2p groups from these
-        hierarchical_context_parallel_sizes=list(parallel.hierarchical_context_parallel_sizes or ()) or None,
-        distributed_timeout_minutes=timeout_minutes,
-    )
-    _create_vision_tensor_parallel_group(parallel)
+    options = {}
+    if "create_gloo_process_groups" in inspect.signature(parallel_state.initialize_model_parallel).parameters:
+        options["create_gloo_process_groups"] = False
+    with _megatron_groups_on(group_backend):
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_parallel,
+            pipeline_model_parallel_size=parallel.pipeline_parallel,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
+            context_parallel_size=parallel.context_parallel,
+            # cp_comm_type a2a+p2p: Transformer Engine takes its a2a and p2p groups from these
+            hierarchical_context_parallel_sizes=list(parallel.hierarchical_context_parallel_sizes or ()) or None,
+            distributed_timeout_minutes=timeout_minutes,
+            **options,
+        )
+    _create_vision_tensor_parallel_group(parallel, group_backend)
     set_seed(seed)
     return Runtime(device=device, rank=dist.get_rank(), world_size=world_size, parallel=parallel,
                    launcher=env.launcher)
@@ -158,7 +229,7 @@ def initialize(
 _VISION_TP_GROUP = None
 
 
-def _create_vision_tensor_parallel_group(parallel: ParallelConfig) -> None:
+def _create_vision_tensor_parallel_group(parallel: ParallelConfig, backend: str) -> None:
     """Vision TP divides LM TP: each TP group (consecutive ranks: TP is Megatron's innermost
     dimension) splits into TP/vision-TP subgroups that encode the same images."""
     global _VISION_TP_GROUP
@@ -170,7 +241,7 @@ def _create_vision_tensor_parallel_group(parallel: ParallelConfig) -> None:
         return
     rank = dist.get_rank()
     for start in range(0, dist.get_world_size(), vtp):
-        group = dist.new_group(list(range(start, start + vtp)))
+        group = dist.new_group(list(range(start, start + vtp)), backend=backend)
         if start <= rank < start + vtp:
             _VISION_TP_GROUP = group
 

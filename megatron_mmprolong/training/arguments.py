@@ -28,7 +28,7 @@ class ArgumentError(ConfigError):
 @dataclass
 class TrainArgs:
     # model
-    model: str = "tiny"
+    model: str | None = None  # None: tiny, unless a checkpoint or --hf-config gives the model
     hf_config: str | None = None
     rotary_base: float | None = None
     freeze_vision: bool = False
@@ -81,10 +81,13 @@ class TrainArgs:
     # checkpoints and logging
     save: str | None = None
     load: str | None = None
+    pretrained_checkpoint: str | None = None
     save_interval: int | None = None
-    no_load_optim: bool = False
+    keep_last: int | None = None
     log_interval: int = 1
     tensorboard_dir: str | None = None
+    # launch
+    distributed_timeout_minutes: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,9 @@ class Arg:
 
 
 ARGUMENTS: tuple[Arg, ...] = (
-    Arg("model", "model preset (3b, 7b, 32b, 72b, qwen3vl-2b/4b/8b/32b, tiny, tiny-1k, qwen3vl-tiny-1k, ...); "
-                 "ignored when --load or --hf-config gives one"),
+    Arg("model", "model preset (3b, 7b, 32b, 72b, qwen3vl-2b/4b/8b/32b, tiny, tiny-1k, qwen3vl-tiny-1k, ...; "
+                 "default tiny); a --pretrained-checkpoint or --hf-config gives the model instead, and a resume "
+                 "is refused if its checkpoint is another model"),
     Arg("hf_config", "directory with a Qwen2.5-VL or Qwen3-VL config.json to take the model from"),
     Arg("rotary_base", "M-RoPE base (the recipe raises 1e6 to 4e6 for 128K)", "model.rope_theta"),
     Arg("freeze_vision", "do not train the vision blocks and patch embedding"),
@@ -148,12 +152,18 @@ ARGUMENTS: tuple[Arg, ...] = (
         ("full", "selective", "none")),
     Arg("recompute_method", "full recompute method", "transformer.recompute_method", ("uniform", "block")),
     Arg("recompute_num_layers", "layers per recompute unit", "transformer.recompute_num_layers"),
-    Arg("save", "checkpoint directory to write"),
-    Arg("load", "checkpoint directory to resume from, or a converted checkpoint to start from"),
+    Arg("save", "checkpoint directory of this run: written, and resumed from when it holds a checkpoint"),
+    Arg("load", "Megatron-LM's resume directory: the same as --save, or without --save a run's folder to "
+                "resume from without saving (a converted checkpoint here is read as --pretrained-checkpoint)"),
+    Arg("pretrained_checkpoint", "weights to start from when --save holds no checkpoint yet: a converted "
+                                 "checkpoint or another run's --save folder (weights only)"),
     Arg("save_interval", "steps between checkpoints"),
-    Arg("no_load_optim", "with --load: take the weights only"),
+    Arg("keep_last", "keep only the newest N complete checkpoints in --save (older ones are removed after "
+                     "each save; default: keep all)"),
     Arg("log_interval", "steps between log lines"),
-    Arg("tensorboard_dir", "TensorBoard event directory"),
+    Arg("tensorboard_dir", "TensorBoard folder: each run writes into a subfolder named after its --save"),
+    Arg("distributed_timeout_minutes", "minutes a collective may wait for the other ranks before the run fails "
+                                       "(process group and Megatron groups)"),
 )
 
 
@@ -169,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "A YAML recipe (--config) sets defaults; these arguments override it.",
     )
     parser.add_argument("--config", help="YAML recipe")
+    parser.add_argument("--preflight-world-size", type=int, metavar="N",
+                        help="check in this one process, starting no rank, that N ranks fit this run (TP x CP x PP, "
+                             "the global batch over DP, the model, the data plan, the resume point, the --save "
+                             "lock) and exit: 0 when it fits, 2 with one line saying why not")
     fields = _field_types()
     defaults = TrainArgs()
     for arg in ARGUMENTS:
@@ -188,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
     """Recipe, then command line; raises ArgumentError for unknown or conflicting values."""
+    return parse_command(argv)[0]
+
+
+def parse_command(argv: list[str] | None = None) -> tuple[TrainArgs, int | None]:
+    """(the training arguments, --preflight-world-size or None): `parse_args` plus the one
+    option that is no training argument (so no recipe key)."""
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
     for argument in unknown:
@@ -197,14 +217,16 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     values: dict[str, Any] = {}
     if namespace.config:
         values.update(read_recipe(namespace.config))
-    values.update({k: tuple(v) if isinstance(v, list) else v
-                   for k, v in vars(namespace).items() if k != "config" and v is not None})
+    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in vars(namespace).items()
+                   if k not in ("config", "preflight_world_size") and v is not None})
     switchable = {a.name for a in ARGUMENTS if a.choices and "none" in a.choices}
     for name in switchable & values.keys():  # e.g. --fp8-format none over a recipe's hybrid
         values[name] = None if values[name] == "none" else values[name]
     args = TrainArgs(**values)
     validate(args)
-    return args
+    if namespace.preflight_world_size is not None and namespace.preflight_world_size < 1:
+        raise ArgumentError("--preflight-world-size must be >= 1")
+    return args, namespace.preflight_world_size
 
 
 # arguments that existed once, with the reason they are gone
@@ -212,6 +234,8 @@ REMOVED = {
     "fp8_vision": "FP8 in the vision encoder was removed: Transformer Engine's FP8 GEMMs need every "
                   "dimension a multiple of 16, and the vision MLP of the 3B/7B models is 3420 wide and "
                   "the patch rows of a pack vary; the vision encoder runs in BF16",
+    "no_load_optim": "--no-load-optim was removed: a resume from --save restores the optimizer; to start from "
+                     "a checkpoint's weights only, give it as --pretrained-checkpoint with a new --save",
 }
 
 
@@ -240,7 +264,8 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         if arg.choices and value is not None and value not in arg.choices:
             raise ArgumentError(f"{path}: {key} must be one of {list(arg.choices)}, got {value!r}")
         value = _typed(path, key, value, fields[name])
-        if name in ("data_mix", "data_plan", "hf_config", "save", "load", "tensorboard_dir") and value:
+        if name in ("data_mix", "data_plan", "hf_config", "save", "load", "pretrained_checkpoint",
+                    "tensorboard_dir") and value:
             value = str(Path(value) if Path(value).is_absolute() else (path.parent / value))
         values[name] = value
     return values
@@ -282,6 +307,10 @@ def validate(args: TrainArgs) -> None:
         raise ArgumentError("--recompute-granularity full needs --recompute-method uniform or block")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save")
+    if args.keep_last is not None and (args.keep_last < 1 or args.save is None):
+        raise ArgumentError("--keep-last needs --save and a value >= 1")
+    if not args.distributed_timeout_minutes > 0:
+        raise ArgumentError("--distributed-timeout-minutes must be > 0")
     if args.bf16 and args.fp8_format is None and args.fp8_dot_product_attention:
         raise ArgumentError("--fp8-dot-product-attention needs --fp8-format")
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
@@ -351,7 +380,7 @@ def scheduler_steps(args: TrainArgs, train_iters: int) -> dict[str, Any]:
 
 def model_config(args: TrainArgs, checkpoint_config: VLConfig | None = None) -> VLConfig:
     config = checkpoint_config or (
-        VLConfig.from_hf_dir(args.hf_config) if args.hf_config else VLConfig.preset(args.model)
+        VLConfig.from_hf_dir(args.hf_config) if args.hf_config else VLConfig.preset(args.model or "tiny")
     )
     return config.with_rotary_base(args.rotary_base) if args.rotary_base else config
 

@@ -6,6 +6,8 @@ exact resume needs.
                                   mmprolong_checkpoint.json (so `convert mcore-to-hf` reads it)
     SAVE/latest_checkpointed_iteration.txt   written last, atomically
 
+`--keep-last N` removes older complete checkpoints after each save (`prune_checkpoints`).
+
 A checkpoint is written under `iter_NNNNNNN.partial` and renamed when every rank has finished,
 so "latest" only ever names complete checkpoints. The data position is not stored separately:
 the plan is fixed, so the iteration says exactly which micro-batches come next.
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_mmprolong import errors
+from megatron_mmprolong.runtime import host_group
 from megatron_mmprolong.config import VLConfig
 from megatron_mmprolong.convert.checkpoint_info import LATEST, iteration_dir, latest_iteration, write_info
 from megatron_mmprolong.convert.mcore_checkpoint import apply_model_state, load_sharded
@@ -101,7 +104,7 @@ def save_checkpoint(save: str | Path, iteration: int, model, optimizer, schedule
     try:
         if rank == 0:
             write_info(partial, source="mmprolong train", hf_config=config.to_hf_dict(),
-                       dtype="bfloat16" if args.bf16 else "float32", iteration=iteration,
+                       dtype="bfloat16" if args.bf16 else "float32", iteration=iteration, plan_digest=plan_digest,
                        parallel_layout={"tensor_parallel": args.tensor_model_parallel_size,
                                         "pipeline_parallel": args.pipeline_model_parallel_size,
                                         "context_parallel": args.context_parallel_size})
@@ -124,7 +127,7 @@ def _agree(failed: Exception | None, save, final: Path, iteration: int) -> None:
         refused = errors.output_error(failed, final, "checkpoint", _after(save, iteration))
         mine = ("refused", str(refused)) if refused is not None else ("error", f"{type(failed).__name__}: {failed}")
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    dist.all_gather_object(everyone, mine, group=host_group())
     if not any(everyone):
         return
     if dist.get_rank() == 0:
@@ -214,3 +217,33 @@ def load_checkpoint(load: str | Path, model, optimizer, scheduler, load_optimize
             _set_rng_state(torch.load(rng, weights_only=True))
         return int(state["iteration"]), state["plan_digest"]
     return 0, ""
+
+
+def prune_checkpoints(save: str | Path, keep_last: int) -> list[Path]:
+    """Remove complete checkpoints older than the newest `keep_last` at or below "latest" (rank 0,
+    after a save). Never the one "latest" names, never a `.partial` one being written, never one
+    past "latest" (a killed run's, which the resumed run overwrites). Each goes by a rename to
+    `.removing` first, so a folder half removed by a kill is never taken for a checkpoint."""
+    latest = latest_iteration(save)
+    if latest is None:
+        return []
+    complete = sorted(
+        int(d.name[len("iter_"):]) for d in Path(save).glob("iter_*")
+        if d.is_dir() and d.name[len("iter_"):].isdigit() and int(d.name[len("iter_"):]) <= latest
+    )
+    removed = []
+    for iteration in complete[:-keep_last] if len(complete) > keep_last else []:
+        if iteration == latest:
+            continue
+        directory = iteration_dir(save, iteration)
+        doomed = directory.with_name(directory.name + ".removing")
+        try:
+            directory.rename(doomed)
+            shutil.rmtree(doomed)
+        except OSError as err:  # a checkpoint that cannot be removed now is tried again after the next save
+            print(f"could not remove {directory} (--keep-last): {err}", flush=True)
+            continue
+        removed.append(directory)
+    for leftover in Path(save).glob("iter_*.removing"):  # a kill during an earlier removal
+        shutil.rmtree(leftover, ignore_errors=True)
+    return removed

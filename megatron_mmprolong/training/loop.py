@@ -2,22 +2,26 @@
 distributed checkpoints, around the Qwen2.5-VL model and the packed-sequence loader.
 
 SIGTERM and SIGUSR1 (Slurm's warning before the time limit or preemption) make every rank save
-a checkpoint after the current step and return normally (exit status 0).
+a checkpoint after the current step and return normally (exit status 0); one before the first
+step ends the run with nothing to save (also exit 0; signals.py has the contract).
 
 Rank 0 holds the lock of `--save` for the whole run (output_lock.py): a second run on the same
-folder is refused before it reads anything. A resume says so ("resuming from iteration N of M
-(PATH)"), drops the metrics records past N that a killed run logged after its last checkpoint,
-and a run whose checkpoint has reached --train-iters says it is finished and exits 0.
+folder is refused before it reads anything. The run resumes from the folder it saves to
+(resume.py). A resume says so ("resuming from iteration N of M (PATH)"), drops the metrics records
+past N that a killed run logged after its last checkpoint, and a run whose checkpoint has reached
+--train-iters says it is finished, writes SAVE/training_finished.txt and exits 0.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import signal
+import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +29,21 @@ import torch
 import torch.distributed as dist
 
 from megatron_mmprolong import errors, runtime
-from megatron_mmprolong.files import write_text_whole
-from megatron_mmprolong.output_lock import lock_save_dir
 from megatron_mmprolong.config import ConfigError
-from megatron_mmprolong.convert.checkpoint_info import checkpoint_config, iteration_dir, latest_iteration, resolve_checkpoint
+from megatron_mmprolong.convert.checkpoint_info import iteration_dir, resolve_checkpoint
 from megatron_mmprolong.convert.mcore_checkpoint import load_mcore_checkpoint
 from megatron_mmprolong.data.loader import LoaderState, PackedSequences, loader_batches, make_dataloader
-from megatron_mmprolong.data.packing import Alignment
-from megatron_mmprolong.data.plan import MixtureSpec, Plan, PlanConfig, make_plan
+from megatron_mmprolong.data.plan import Plan
 from megatron_mmprolong.data.store import MultimodalStore
+from megatron_mmprolong.files import write_text_whole
 from megatron_mmprolong.model.builder import build_model
+from megatron_mmprolong.output_lock import lock_save_dir
 from megatron_mmprolong.parallel.page_split import PageShare
 from megatron_mmprolong.training import arguments as A
-from megatron_mmprolong.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_mmprolong.training import preflight, signals
+from megatron_mmprolong.training.checkpointing import load_checkpoint, prune_checkpoints, save_checkpoint
 from megatron_mmprolong.training.flops import training_flops
+from megatron_mmprolong.training.preflight import check_plan_alignment  # noqa: F401 (its former home)
 from megatron_mmprolong.training.step import forward_step
 
 
@@ -47,6 +52,7 @@ class TrainingError(errors.RunFailed, RuntimeError):
 
 
 METRICS = "train_metrics.jsonl"
+FINISHED = "training_finished.txt"
 
 
 @dataclass
@@ -56,81 +62,31 @@ class TrainResult:
     losses: dict[int, float]  # by iteration, on the rank that logs
 
 
-class ExitSignals:
-    """Remembers SIGTERM / SIGUSR1; ranks agree on it once per step, and on whether a rank failed
-    to write its logs (then `failed` is set and every rank stops, without a save)."""
-
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
-        self.received = False
-        self.failed = False
-        for sig in signals:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-    def any_rank(self, failed: bool = False) -> bool:
-        flags = torch.tensor([1 if self.received else 0, 1 if failed else 0])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # a host tensor: the default group has gloo for CPU (runtime.initialize)
-        self.failed = bool(flags[1].item())
-        return bool(flags[0].item())
-
-
-def check_plan_alignment(planned: Alignment, needed: Alignment) -> None:
-    """A plan made for another layout serves this one only if its samples and packs are padded
-    to multiples of what this layout needs (CP halves, SP rows, FP8 row blocks)."""
-    if planned.multiple % needed.multiple or planned.pack_multiple % needed.pack_multiple:
-        raise ConfigError(f"the plan pads samples to multiples of {planned.multiple} and packs to "
-                          f"{planned.pack_multiple}; this layout needs {needed.multiple} and "
-                          f"{needed.pack_multiple} (re-plan with its CP/TP/SP/FP8)")
-
-
-def _plan(args: A.TrainArgs, alignment: Alignment) -> Plan:
-    if args.data_plan:
-        plan = Plan.load(args.data_plan)
-        if plan.config.seq_length != args.seq_length or plan.config.global_batch != args.global_batch_size:
-            raise ConfigError(f"plan {args.data_plan} is for --seq-length {plan.config.seq_length} and "
-                              f"--global-batch-size {plan.config.global_batch}")
-        return plan
-    mixture = MixtureSpec.from_yaml(args.data_mix)
-    if args.train_tokens is not None:
-        mixture = replace(mixture, token_budget=int(args.train_tokens))
-    return make_plan(mixture, PlanConfig(args.seq_length, args.global_batch_size, alignment))
-
-
-def _read_inputs(args: A.TrainArgs, alignment: Alignment, rank: int, resume_from: int | None):
-    """(config of the --load checkpoint or None, data plan, lock of --save or None), read by rank 0
-    before any model is built and handed to every rank (the lock stays with rank 0); when an input
-    is bad or --save is another run's, rank 0 reports it and the others exit with the same status,
-    saying nothing. Rank 0 also readies --save: the effective arguments, and a metrics log holding
-    no step past the one this run starts from."""
+def _read_inputs(args: A.TrainArgs, rt):
+    """(preflight.Inputs, lock of --save or None), read by rank 0 before any model is built and
+    handed to every rank (the lock stays with rank 0); when an input is bad or --save is another
+    run's, rank 0 reports it and the others exit with the same status, saying nothing. Rank 0 also
+    readies --save: the effective arguments, a metrics log holding no step past the one this run
+    starts from, and no finished marker while there are steps to go."""
     inputs, failure, lock = None, None, None
-    if rank == 0:
+    if rt.rank == 0:
         try:
             lock = lock_save_dir(args.save) if args.save else None
-            loaded = checkpoint_config(resolve_checkpoint(args.load)) if args.load else None
-            plan = _plan(args, alignment)
-            config = A.model_config(args, loaded)
-            for prefix in plan.datasets:
-                MultimodalStore(prefix).check_fits(config)
-            if args.save and not _finished(args, plan, resume_from):
-                _ready_save_dir(args, 0 if resume_from is None or args.no_load_optim else resume_from)
-            inputs = (loaded, plan)
+            inputs = preflight.read_inputs(args)
+            preflight.check_world(args, rt.world_size)
+            if args.save and not inputs.finished:
+                _ready_save_dir(args, inputs.start.iteration or 0)
         except Exception as err:  # re-raised below on rank 0, as it is
-            failure = err
+            failure, inputs = err, None
             if lock is not None:
                 lock.release()
     shared = [inputs, None if failure is None else errors.status(failure)]
-    dist.broadcast_object_list(shared, src=0)
+    dist.broadcast_object_list(shared, src=0, group=runtime.host_group())
     if failure is not None:
         raise failure
     if shared[1] is not None:
         raise errors.ReportedElsewhere(shared[1])
-    return (*shared[0], lock)
-
-
-def _finished(args: A.TrainArgs, plan: Plan, resume_from: int | None) -> bool:
-    return resume_from is not None and not args.no_load_optim and resume_from >= (args.train_iters or plan.steps)
+    return shared[0], lock
 
 
 def _ready_save_dir(args: A.TrainArgs, start: int) -> None:
@@ -139,12 +95,19 @@ def _ready_save_dir(args: A.TrainArgs, start: int) -> None:
     save = Path(args.save)
     with errors.writing(save, "the training folder"):
         (save / "train_args.json").write_text(A.effective(args) + "\n")
+        (save / FINISHED).unlink(missing_ok=True)  # a finished run given more --train-iters
         metrics = save / METRICS
         if metrics.is_file():
             lines = metrics.read_text().splitlines(keepends=True)
             kept = [line for line in lines if _iteration_of(line) is not None and _iteration_of(line) <= start]
             if kept != lines:
                 write_text_whole(metrics, "".join(kept))
+
+
+def _mark_finished(args: A.TrainArgs, iteration: int, train_iters: int) -> None:
+    """SAVE/training_finished.txt: the batch script's sign that this run is done (not to requeue)."""
+    with errors.writing(Path(args.save), "the training folder"):
+        write_text_whole(Path(args.save) / FINISHED, f"iteration {iteration} of {train_iters}\n")
 
 
 def _iteration_of(line: str) -> int | None:
@@ -183,52 +146,53 @@ def train(args: A.TrainArgs) -> TrainResult:
     if args.use_distributed_optimizer and not torch.cuda.is_available():
         raise ConfigError("--use-distributed-optimizer needs CUDA: Megatron-Core's DistributedOptimizer accepts "
                           "only CUDA tensors; train without it on CPU")
-    rt = runtime.initialize(A.parallel_config(args), seed=args.seed)
-    resume_from = latest_iteration(args.load) if args.load else None
-    alignment = Alignment(args.context_parallel_size, args.tensor_model_parallel_size, args.sequence_parallel,
-                          args.fp8_format is not None)
-    loaded_config, plan, lock = _read_inputs(args, alignment, rt.rank, resume_from)
+    stop = signals.install()  # afresh for this run (a process may train more than once)
+    env = runtime.launch_env()
+    try:  # the same verdict on every rank: said once, by rank 0
+        preflight.check_world(args, env.world_size)
+    except preflight.PreflightError:
+        if env.rank != 0:
+            raise errors.ReportedElsewhere(errors.BAD_INPUT) from None
+        raise
+    rt = runtime.initialize(A.parallel_config(args), seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
+    stop.agree_from_now()
+    stop.stop_before_start(runtime.host_group())
+    inputs, lock = _read_inputs(args, rt)
     try:
-        return _train(args, rt, alignment, loaded_config, plan, resume_from)
+        return _train(args, rt, inputs, stop)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(args: A.TrainArgs, rt, alignment: Alignment, loaded_config, plan: Plan, resume_from: int | None) -> TrainResult:
+def _train(args: A.TrainArgs, rt, inputs: preflight.Inputs, stop: signals.StopSignals) -> TrainResult:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    resume = resume_from is not None
-    config = A.model_config(args, loaded_config)
-    check_plan_alignment(plan.config.alignment, alignment)
+    host = runtime.host_group()
+    start_point, plan, train_iters = inputs.start, inputs.plan, inputs.train_iters
+    config = A.model_config(args, inputs.loaded)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    if args.global_batch_size % dp:
-        raise ConfigError(f"--global-batch-size {args.global_batch_size} does not divide over {dp} data-parallel ranks")
     microbatches = args.global_batch_size // dp
-    train_iters = args.train_iters or plan.steps
-    if train_iters > plan.steps:
-        raise ConfigError(f"--train-iters {train_iters} exceeds the {plan.steps} steps of the data plan "
-                          "(raise the mixture's token_budget or allow replacement)")
-    if resume:
-        where = iteration_dir(args.load, resume_from)
-        if _finished(args, plan, resume_from):
-            _say(rt, f"training is finished: {where} is iteration {resume_from} of {train_iters}; nothing to do "
-                     "(raise --train-iters to train further)")
-            return TrainResult(resume_from, False, {})
-        _say(rt, f"resuming from iteration {resume_from} of {train_iters} ({where})" if not args.no_load_optim else
-                 f"starting at iteration 0 of {train_iters} from the weights of {where} (--no-load-optim: no optimizer "
-                 "state, schedule or data position)")
+    if start_point.note:
+        _say(rt, start_point.note)
+    if inputs.finished:
+        _say(rt, f"training is finished: {start_point.checkpoint} is iteration {start_point.iteration} of "
+                 f"{train_iters}; nothing to do (raise --train-iters to train further)")
+        if rt.rank == 0 and args.save:
+            _mark_finished(args, start_point.iteration, train_iters)
+        return TrainResult(start_point.iteration, False, {})
+    _say(rt, start_summary(rt, args, start_point.describe(train_iters)))
 
     model, wrapped = build_training_model(args, config)
-    if args.load and not resume:
-        load_mcore_checkpoint(model, args.load)  # a converted checkpoint: weights only
+    if start_point.resume is None and start_point.pretrained is not None:
+        load_mcore_checkpoint(model, resolve_checkpoint(start_point.pretrained))  # weights only
     ddp = DistributedDataParallel(config=model.config, ddp_config=A.ddp_config(args), module=wrapped)
     model.config.finalize_model_grads_func = finalize_model_grads
-    optimizer = get_megatron_optimizer(A.optimizer_config(args), [ddp])
+    optimizer = get_megatron_optimizer(A.optimizer_config(args), [ddp], **_no_gloo_groups(get_megatron_optimizer))
     steps = A.scheduler_steps(args, train_iters)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=steps["lr_warmup_steps"],
@@ -236,10 +200,11 @@ def _train(args: A.TrainArgs, rt, alignment: Alignment, loaded_config, plan: Pla
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant",
     )
     start = 0
-    if resume:
-        start, digest = load_checkpoint(args.load, model, optimizer, scheduler, load_optimizer=not args.no_load_optim)
-        if not args.no_load_optim and digest != plan.digest():
-            raise ConfigError(f"{args.load} was trained on data plan {digest}, this run's plan is {plan.digest()}")
+    if start_point.resume is not None:
+        start, digest = load_checkpoint(start_point.resume, model, optimizer, scheduler)
+        if digest != plan.digest():
+            raise ConfigError(f"{start_point.resume} was trained on data plan {digest}, this run's plan is {plan.digest()}")
+    stop.stop_before_start(host)  # a signal while the model was built and loaded: nothing to save yet
 
     if args.num_workers:
         _start_resource_tracker()
@@ -250,11 +215,11 @@ def _train(args: A.TrainArgs, rt, alignment: Alignment, loaded_config, plan: Pla
     with loader_batches(loader) as batches:
         stores = [MultimodalStore(p) for p in plan.datasets]
         logger = _Logger(args, rt, plan)
-        signals = ExitSignals()
         forward_backward = get_forward_backward_func()
         losses: dict[int, float] = {}
         iteration = start
         stopped = False
+        step_s = save_s = 0.0
         while iteration < train_iters:
             began = time.perf_counter()
             ddp.zero_grad_buffer()
@@ -268,25 +233,60 @@ def _train(args: A.TrainArgs, rt, alignment: Alignment, loaded_config, plan: Pla
             if grad_norm is not None and not math.isfinite(grad_norm):
                 raise TrainingError(f"iteration {iteration}: gradient norm is {grad_norm}; stopping "
                                     "(lower --lr, check the data, or resume from the last checkpoint)")
-            loss = _global_loss(outputs, ps)
+            loss = _global_loss(outputs, ps, host)
             if not math.isfinite(loss):
                 raise TrainingError(f"iteration {iteration}: loss is {loss}; stopping")
             losses[iteration] = loss
             tokens, flops = _step_metrics(plan, stores, config, iteration - 1)
-            logger.step(iteration, train_iters, loss, optimizer.param_groups[0]["lr"], grad_norm, tokens, flops,
-                        time.perf_counter() - began)
-            stopped = signals.any_rank(logger.failed is not None)
-            if signals.failed:
+            step_s = time.perf_counter() - began
+            logger.step(iteration, train_iters, loss, optimizer.param_groups[0]["lr"], grad_norm, tokens, flops, step_s)
+            stopped = stop.any_rank(logger.failed is not None, group=host)
+            if stop.failed:
                 raise (logger.failed if logger.failed is not None else errors.ReportedElsewhere(errors.RUN_FAILED))
             periodic = args.save_interval and iteration % args.save_interval == 0
             if args.save and (periodic or stopped or iteration == train_iters):
+                saving = time.perf_counter()
                 save_checkpoint(args.save, iteration, model, optimizer, scheduler, args, config, plan.digest())
-                logger.line(f"saved checkpoint {iteration_dir(args.save, iteration)}")
+                save_s = time.perf_counter() - saving
+                logger.line(f"saved checkpoint {iteration_dir(args.save, iteration)} in {save_s:.1f} s")
+                if rt.rank == 0 and args.keep_last:
+                    for removed in prune_checkpoints(args.save, args.keep_last):
+                        logger.line(f"removed checkpoint {removed} (--keep-last {args.keep_last})")
             if stopped:
-                logger.line(f"stopping after iteration {iteration} on a termination signal; resume with --load {args.save}")
+                saved = (f"saved iteration {iteration} (the save took {save_s:.1f} s)" if args.save
+                         else "nothing saved (no --save)")
+                logger.line(f"stopping after iteration {iteration} on {stop.name}: {saved}; the last step took "
+                            f"{step_s:.2f} s; {stop.seconds_since():.1f} s from the signal to here")
                 break
+        if rt.rank == 0 and args.save and iteration == train_iters:
+            _mark_finished(args, iteration, train_iters)
         logger.close()
     return TrainResult(iteration, stopped, losses)
+
+
+def _no_gloo_groups(get_megatron_optimizer) -> dict:
+    """Megatron-Core's gloo data-parallel groups are not created (runtime.py); its optimizer must
+    not ask for them."""
+    import inspect
+
+    return ({"use_gloo_process_groups": False}
+            if "use_gloo_process_groups" in inspect.signature(get_megatron_optimizer).parameters else {})
+
+
+def start_summary(rt, args: A.TrainArgs, where: str) -> str:
+    """One line at the start of each run: the job, its nodes and layout, and where it starts.
+    A collective (every rank's host name)."""
+    hosts = [None] * rt.world_size
+    dist.all_gather_object(hosts, socket.gethostname(), group=runtime.host_group())
+    p = rt.parallel
+    dp = rt.world_size // (p.tensor_parallel * p.context_parallel * p.pipeline_parallel)
+    job = os.environ.get("SLURM_JOB_ID")
+    run = f"Slurm job {job} run {int(os.environ.get('SLURM_RESTART_COUNT', 0)) + 1}: " if job else ""
+    nodes = sorted(set(hosts))
+    names = ", ".join(nodes[:4]) + (f", ... {nodes[-1]}" if len(nodes) > 4 else "")
+    return (f"{run}{len(nodes)} node{'s' if len(nodes) > 1 else ''} ({names}), {rt.world_size} rank{'s' if rt.world_size > 1 else ''} "
+            f"({rt.launcher}, {rt.device.type}): TP{p.tensor_parallel} x CP{p.context_parallel} x "
+            f"PP{p.pipeline_parallel} x DP{dp}; {where}")
 
 
 def _start_resource_tracker() -> None:
@@ -309,15 +309,28 @@ def _say(rt, text: str) -> None:
         print(text, flush=True)
 
 
-def _global_loss(outputs, ps) -> float:
+def _global_loss(outputs, ps, group) -> float:
     """Loss per loss token over all data- and context-parallel ranks (counted once per TP group)."""
     owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     totals = torch.zeros(2, dtype=torch.float64)
     if owner:
         for out in outputs:
             totals += out["lm loss"].detach().cpu().double()
-    dist.all_reduce(totals)
+    dist.all_reduce(totals, group=group)
     return float(totals[0] / totals[1].clamp(min=1))
+
+
+def tensorboard_run_dir(args: A.TrainArgs) -> Path:
+    """This run's TensorBoard folder under --tensorboard-dir: named after --save (and a digest of
+    its full path, so that two runs whose folders share a name do not share events), or after the
+    start time and process where nothing is saved. A recipe's one --tensorboard-dir thus holds one
+    subfolder per run, side by side in TensorBoard; a resumed run appends to its own."""
+    import hashlib
+
+    if args.save:
+        save = Path(args.save).resolve()
+        return Path(args.tensorboard_dir) / f"{save.name}-{hashlib.sha1(str(save).encode()).hexdigest()[:8]}"
+    return Path(args.tensorboard_dir) / time.strftime(f"unsaved-%Y%m%d-%H%M%S-{os.getpid()}")
 
 
 class _Logger:
@@ -336,13 +349,10 @@ class _Logger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ConfigError("--tensorboard-dir needs the tensorboard package (pip install tensorboard)") from None
-            self.writer = SummaryWriter(args.tensorboard_dir)
+            self.writer = SummaryWriter(tensorboard_run_dir(args))
+            self.line(f"TensorBoard events in {tensorboard_run_dir(args)}")
         if self.main:
             self.line(f"effective configuration:\n{A.effective(args)}")
-            p = rt.parallel
-            dp = rt.world_size // (p.tensor_parallel * p.context_parallel * p.pipeline_parallel)
-            self.line(f"{rt.world_size} ranks ({rt.launcher}, {rt.device.type}): TP {p.tensor_parallel} x CP "
-                      f"{p.context_parallel} x PP {p.pipeline_parallel} x DP {dp}")
             self.line(f"data plan {plan.digest()}: {plan.steps} steps, {plan.summary.get('tokens', 0):,} tokens, "
                       f"packing efficiency {plan.summary.get('packing_efficiency')}")
 
