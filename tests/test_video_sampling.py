@@ -87,8 +87,13 @@ def test_toy_videos_decode_to_the_planned_frames_once(tmp_path, monkeypatch):
     frames = decode.decode_frames(video, plan, meta.avg_fps)
     assert frames.shape == (6, plan.height, plan.width, 3)
     assert [frame_number(f) for f in frames] == list(plan.indices)
-    monkeypatch.setattr(decode, "SEEK_GAP", 0.1)  # every frame reached by a seek
-    assert [frame_number(f) for f in decode.decode_frames(video, plan, meta.avg_fps)] == list(plan.indices)
+    sparse = write_counter_video(tmp_path / "keyframes.mp4", seconds=6, fps=8, gop=2)  # a keyframe every 2 frames
+    assert [frame_number(f) for f in decode.decode_frames(sparse, plan, meta.avg_fps)] == list(plan.indices)
+    counts = {}
+    decode.decode_frames(sparse, plan, meta.avg_fps, counts)
+    assert counts["decoded"] == 6 + 3  # from the keyframe before each: 0; 8-9; 18-19; 28; 38; 46-47
+    decode.decode_frames(video, plan, meta.avg_fps, counts)
+    assert counts["decoded"] == 1 + 2 + 4 + 5 + 7 + 8  # keyframes every 8 frames: 0; 8-9; 16-19; 24-28; 32-38; 40-47
 
     cache = decode.FrameCache(tmp_path / "cache")
     first = np.array(cache.frames(video, plan, meta.avg_fps))
