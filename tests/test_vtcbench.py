@@ -304,3 +304,22 @@ def test_transformers_and_megatron_at_cp2_give_the_same_replies(data_root, tmp_p
     assert len(reference) == 1 and all(len(r["text"]) > 3 and r["error"] is None for r in reference.values())
     assert {k: r["text"] for k, r in ours.items()} == {k: r["text"] for k, r in reference.items()}
     assert {k: r["prompt_tokens"] for k, r in ours.items()} == {k: r["prompt_tokens"] for k, r in reference.items()}
+
+
+def test_strict_servers_take_the_requests_as_they_are(data_root, tmp_path):
+    """A `transformers serve`-like model server (unknown fields refused) and a hosted reasoning
+    judge (max_tokens refused: max_completion_tokens instead) both answer every request."""
+    from megatron_mmprolong.serving.scripted_server import fastapi_strict, hosted_reasoning_model
+
+    def right(body):
+        question = body["messages"][0]["content"][-1]["text"].rsplit("Question: ", 1)[1]
+        return " and ".join(next(a for rows in SAMPLES.values() for q, a, _ in rows if q == question))
+
+    with ScriptedChatServer(fastapi_strict(right), model="m") as model, \
+            ScriptedChatServer(hosted_reasoning_model(stand_in_judge), model="judge") as judge:
+        assert main(["eval", "vtcbench", "--endpoint", model.url, "--model", "m", "--data-root", str(data_root),
+                     "--out", str(tmp_path / "run"), "--judge-endpoint", judge.url, "--judge-model", "judge"]) == 0
+        assert judge.bodies[-1]["max_completion_tokens"] == 10 and "max_tokens" not in judge.bodies[-1]
+    scores = json.loads((tmp_path / "run" / "scores.json").read_text())
+    assert scores["overall"] == {"score": 100.0, "vlmevalkit": 100.0, "samples": 6,
+                                 "splits": ["Retrieval", "Reasoning", "Memory"], "complete": True}

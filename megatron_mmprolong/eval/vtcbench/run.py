@@ -119,7 +119,7 @@ def run_vtcbench(backend, root: DataRoot, samples: list[Sample], config: VTCBenc
     unbuilt: list[str] = []
 
     def note(job: Job, reply) -> None:
-        if reply.error and reply.status is None and job.key not in answered:
+        if reply.error and job.key not in journal:
             unbuilt.append(reply.error)  # an image that cannot be sent: counted, not journaled
 
     with Journal(out / PREDICTIONS) as journal:
