@@ -65,7 +65,7 @@ def video_pixel_values(frames: np.ndarray, image: ImageParams) -> torch.Tensor:
     patches in merge-group order."""
     n, height, width, _ = frames.shape
     p, m, t = image.patch_size, image.merge_size, image.temporal_patch_size
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255)
+    x = torch.from_numpy(np.array(frames)).float().div_(255)  # a copy: cached frames are read-only maps
     x = (x - torch.tensor(image.mean)) / torch.tensor(image.std)
     x = x.permute(0, 3, 1, 2).reshape(n // t, t, 3, height // (p * m), m, p, width // (p * m), m, p)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # groups, rows, cols, row in merge, col in merge, C, t, p, p
