@@ -43,6 +43,12 @@ def test_both_released_layouts_give_the_same_samples_and_pages(data_root, tmp_pa
         # one row per row group in the toy files: each sample's pages come from its own group
         assert [reader.images(s) for s in ours] == [[p["bytes"] for p in r["images"]] for r in split_rows(split)]
     assert [s.index for s in read_split(card, "Retrieval", max_samples=1)] == [0]
+    # the card's configs decide where a split's files are, as datasets.load_dataset reads them
+    moved = write_toy_data_root(tmp_path / "moved")
+    (moved / "data" / "Memory-00000-of-00001.parquet").rename(moved / "memory-shard-0.parquet")
+    (moved / "README.md").write_text((moved / "README.md").read_text().replace("data/Memory-*", "memory-shard-*"))
+    assert DataRoot.open(moved).split_files("Memory") == [moved / "memory-shard-0.parquet"]
+    assert len(read_split(DataRoot.open(moved), "Memory")) == 2
 
 
 def _broken(tmp_path, change) -> Path:
