@@ -58,7 +58,7 @@ class DataRoot:
     path: Path
 
     @classmethod
-    def open(cls, path: str | Path) -> "DataRoot":
+    def open(cls, path: str | Path) -> DataRoot:
         root = cls(Path(path))
         if not root.path.is_dir():
             raise EvalError(f"--data-root {root.path} is not a folder (the download of MLLM-CL/VTCBench)")
@@ -114,9 +114,11 @@ def read_split(root: DataRoot, split: str, max_samples: int | None = None) -> li
 
 def _read_file(path: Path, split: str, first_index: int) -> list[Sample]:
     pq, _ = _parquet()
+    import pyarrow as pa
+
     try:
         parquet = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow's ArrowInvalid / OSError: not a parquet file, cut short
+    except (pa.ArrowException, OSError, ValueError) as err:  # not a parquet file, cut short
         raise EvalError(f"{path}: not a readable parquet file ({err})") from None
     names = parquet.schema_arrow.names
     missing = [c for c in COLUMNS if c not in names]
@@ -126,7 +128,7 @@ def _read_file(path: Path, split: str, first_index: int) -> list[Sample]:
     for group in range(parquet.num_row_groups):
         try:
             table = parquet.read_row_group(group, columns=list(COLUMNS))
-        except Exception as err:
+        except (pa.ArrowException, OSError, ValueError) as err:
             raise EvalError(f"{path}: row group {group} cannot be read ({err})") from None
         counts = _check_images(table.column("images"), path, row)
         for i, (problem, answers) in enumerate(zip(table.column("problem").to_pylist(),

@@ -15,9 +15,9 @@ and the folder's settings check are `eval mmlongbench`'s.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from megatron_mmprolong.data.images import ImageParams
 from megatron_mmprolong.eval.dataset_qa import EvalError
