@@ -118,7 +118,7 @@ def test_prompts_are_the_reference_s_character_for_character(data_root):
     assert [p["type"] for p in content] == ["image_url", "image_url", "text"]  # the pages, then one text
     assert content[0]["image_url"]["url"].startswith("data:image/jpeg;base64,/9j/")
     assert content[2]["text"] == expected["vlmevalkit"]["Retrieval"] + sample.problem
-    assert request.temperature == 0 and request.max_tokens == 192
+    assert request.temperature == 0 and request.max_tokens == 2048
     assert chat_request(sample, pages, "official").messages[0]["content"][2]["text"] == \
         expected["official"]["Retrieval"] + sample.problem
 
@@ -227,7 +227,7 @@ def test_an_endpoint_run_scores_by_hand_and_a_rerun_sends_only_what_is_missing(d
     assert scores["run"]["sent"] == 1 and scores["run"]["journaled"] == 5
     settings = json.loads((out / "vtcbench_config.json").read_text())  # VLMEvalKit's Qwen2.5-VL page sizes
     assert (settings["min_pixels"], settings["max_pixels"], settings["prompts"], settings["max_new_tokens"]) == \
-           (1280 * 28 * 28, 16384 * 28 * 28, "vlmevalkit", 192)
+           (1280 * 28 * 28, 16384 * 28 * 28, "vlmevalkit", 2048)
     table = capsys.readouterr().out
     assert "Retrieval          2    25.00           100.00" in table
     assert "Overall            6    41.67            50.00" in table

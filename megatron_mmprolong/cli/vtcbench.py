@@ -128,7 +128,8 @@ def add_vtcbench(kinds) -> None:
     bench.add_argument("--prompts", choices=["vlmevalkit", "official"], default="vlmevalkit",
                        help="instructions before the question: VLMEvalKit's (the default; the public numbers), or "
                             "the benchmark's run_wild.py, whose Retrieval and Reasoning texts are swapped")
-    bench.add_argument("--max-new-tokens", type=int, default=192, help="per reply (the benchmark's 192)")
+    bench.add_argument("--max-new-tokens", type=int, default=2048,
+                       help="per reply (VLMEvalKit's Qwen2-VL default; the benchmark's own runs: 192)")
     bench.add_argument("--tokenizer", help="the model's tokenizer, for --mcore-dir (default: the --hf-dir one)")
     bench.add_argument("--min-pixels", type=int, help="page resizing of --hf-dir/--mcore-dir (default: VLMEvalKit's "
                                                       "Qwen2.5-VL setting, 1280*28*28; other families: their "

@@ -6,6 +6,8 @@ user message; greedy, with the model's default system prompt.
 `VTCBench.build_prompt`) sends the instructions below, its typo "memorizeit" included. `official`
 sends the benchmark's `examples/run_wild.py` texts, which swap the Retrieval and Reasoning
 instructions (Retrieval gets the "book snippet ... final answer" text) and spell "memorize it".
+Greedy, at most 2048 new tokens as VLMEvalKit's Qwen2VLChat (near-greedy: top_k 1); the
+benchmark's own runs stop at 192 (`--max-new-tokens 192`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ INSTRUCTIONS = {
                  "Memory": _MEMORY},
 }
 DEFAULT_PROMPTS = "vlmevalkit"
-MAX_NEW_TOKENS = 192  # the benchmark's ModelArgs.max_tokens and its Qwen2.5-VL configs
+MAX_NEW_TOKENS = 2048  # VLMEvalKit's Qwen2VLChat default (top_k 1: greedy); the benchmark's own runs: 192
 
 
 def prompt_text(sample: Sample, prompts: str = DEFAULT_PROMPTS) -> str:
