@@ -119,7 +119,8 @@ def test_an_endpoint_run_sends_video_url_frames_scores_and_resumes(roots, tmp_pa
         assert len(server.bodies) == sent == 12
     body = next(b for b in server.bodies if "Which colour fills" in json.dumps(b))
     assert body["temperature"] == 0 and body["max_tokens"] == 128
-    assert body["mm_processor_kwargs"] == {"fps": 1.0, "do_sample_frames": False}
+    assert body["mm_processor_kwargs"] == {"fps": 1.0, "do_sample_frames": False, "min_pixels": 56 * 84,
+                                           "max_pixels": 56 * 84}
     frames = _frames_of(body)  # 4 s at 8 fps: 4 frames, 1 a second; 16 tokens: 8 a group, 112x84 -> 84x56 (2x3 merged patches)
     assert [frame_number(f) for f in frames] == [0, 10, 21, 31] and frames[0].shape == (56, 84, 3)
     scores = json.loads((out / "scores.json").read_text())["benchmarks"]

@@ -4,8 +4,9 @@ backend that turns it into the model's inputs.
 Served models (vLLM) get vLLM's `video_url` content part holding the sampled frames themselves,
 "data:video/jpeg;base64,<frame>,<frame>,..." (vLLM's VideoMediaIO reads this media type as a
 list of JPEG frames), already at the planned size, with `mm_processor_kwargs` {"fps": the
-sampled fps, "do_sample_frames": false} so the server's processor neither samples again nor
-misplaces them in time.
+sampled fps, "do_sample_frames": false, "min_pixels" = "max_pixels": the frame's pixels} so the
+server's processor neither samples again, nor misplaces them in time, nor resizes them (the
+journal keeps the server's prompt_tokens, to check that it counted the planned tokens).
 
 Local models (transformers, or this project's model on a Megatron checkpoint) get the decoded
 frames as they are (a "video_frames" part, never sent anywhere) with their times. The video
@@ -55,7 +56,9 @@ def video_request(prompt: VideoPrompt, frames: np.ndarray, plan: FramePlan, max_
                   served: bool) -> ChatRequest:
     video = video_url_part(frames) if served else frames_part(frames, plan)
     content = [*([text_part(prompt.before)] if prompt.before else []), video, text_part(prompt.after)]
-    extra = {"mm_processor_kwargs": {"fps": plan.sample_fps, "do_sample_frames": False}} if served else {}
+    pixels = plan.height * plan.width  # the server's processor keeps the planned size
+    extra = {"mm_processor_kwargs": {"fps": plan.sample_fps, "do_sample_frames": False, "min_pixels": pixels,
+                                     "max_pixels": pixels}} if served else {}
     return ChatRequest([{"role": "user", "content": content}], max_tokens=max_tokens, extra=extra)
 
 
