@@ -1,6 +1,7 @@
 """eval video: the reference's prompts against a hand-written fixture, answer extraction and
 scoring on hand-computed cases, bad data named by file and line, and an endpoint run through a
-loopback server (vLLM's video_url part of JPEG frames) that resumes without resending."""
+loopback server (vLLM's video_url part of JPEG frames) that resumes without resending, with the
+MLVU judge fallback on a second loopback server."""
 
 import base64
 import io
@@ -103,20 +104,34 @@ def _oracle(body):
         if question in text:
             if question == "Is anything unusual?":
                 return Fault(status=400)
+            if question == "What colour is the background?":  # MLVU: no letter, for the judge
+                return "a cold hue, like the sea"
             return f"The answer is {letter}." if "colour" not in question else "Best answer: " + letter
     raise AssertionError(text)
 
 
+def _judge(body):
+    return "D" if "a cold hue" in body["messages"][0]["content"] else "Z"
+
+
 def test_an_endpoint_run_sends_video_url_frames_scores_and_resumes(roots, tmp_path, capsys):
     out = tmp_path / "run"
-    with ScriptedChatServer(_oracle, model="oracle") as server:
+    with ScriptedChatServer(_oracle, model="oracle") as server, ScriptedChatServer(_judge, model="judge") as judge:
         command = ["eval", "video", "--endpoint", server.url, "--model", "oracle", "--videomme-root",
                    str(roots["videomme"]), "--mlvu-root", str(roots["mlvu"]), "--lvb-root", str(roots["lvb"]),
                    "--out", str(out), "--max-video-tokens", "16"]
         assert main(command) == 0
+        without_judge = json.loads((out / "scores.json").read_text())["benchmarks"]["mlvu"]
         sent = len(server.bodies)
-        assert main(command) == 0  # a rerun sends nothing
-        assert len(server.bodies) == sent == 12
+        with_judge = [*command, "--judge-endpoint", judge.url, "--judge-model", "judge"]
+        assert main(with_judge) == 0 and main(with_judge) == 0  # reruns send nothing, the judge is asked once
+        assert len(server.bodies) == sent == 12 and len(judge.bodies) == 1
+    # the rule finds no letter in one MLVU reply: wrong alone (plotQA 0 of 1), right by the judge's letter
+    assert without_judge["groups"]["1_plotQA"] == 0.0 and without_judge["m_avg"] == pytest.approx(500 / 6)  # 6 tasks scored (one refused)
+    assert without_judge["m_avg_pooled"] == pytest.approx(500 / 6)
+    asked = judge.bodies[0]["messages"][0]["content"]
+    assert "Question: What colour is the background??\nOptions: There are several options: \nA. Yellow\nB. Red\n" \
+           "C. Green\nD. Blue\n\nAnswer: a cold hue, like the sea\nYour output: " in asked
     body = next(b for b in server.bodies if "Which colour fills" in json.dumps(b))
     assert body["temperature"] == 0 and body["max_tokens"] == 128
     assert body["mm_processor_kwargs"] == {"fps": 1.0, "do_sample_frames": False, "min_pixels": 56 * 84,
@@ -126,7 +141,7 @@ def test_an_endpoint_run_sends_video_url_frames_scores_and_resumes(roots, tmp_pa
     scores = json.loads((out / "scores.json").read_text())["benchmarks"]
     assert scores["videomme"]["score"] == 100.0 and scores["lvb"]["score"] == 100.0
     assert scores["videomme"]["groups"] == {"short": 100.0, "medium": 100.0, "long": 100.0}
-    assert scores["mlvu"]["refused"] == 1 and scores["mlvu"]["m_avg"] == 100.0
+    assert scores["mlvu"]["refused"] == 1 and scores["mlvu"]["m_avg"] == 100.0 and scores["mlvu"]["judged"] == 1
     entry = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
     assert entry["frames"] == 4 and entry["video_tokens"] == 12 and entry["frame_size"] == [56, 84]
     table = capsys.readouterr().out

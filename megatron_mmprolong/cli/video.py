@@ -39,6 +39,18 @@ def _eval_video(args) -> int:
                                args.max_samples)
     check_same_settings(Path(args.out) / SETTINGS, config, write=False)
     plan_videos(questions, config)  # bad data fails before a model loads
+    judge = None
+    if args.judge_endpoint:
+        if not args.judge_model:
+            from megatron_mmprolong.eval.dataset_qa import EvalError
+
+            raise EvalError("--judge-endpoint needs --judge-model, the name the judge's server serves")
+        from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig
+
+        judge = ChatEndpoint(EndpointConfig(args.judge_endpoint, args.judge_model, args.judge_api_key_env,
+                                            args.request_timeout, max_retries=args.max_retries,
+                                            max_tokens_field=args.max_tokens_field), max_connections=8)
+        judge.check()
     writer, barrier, concurrency = True, lambda: None, 1
     if args.endpoint:
         from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig
@@ -64,7 +76,7 @@ def _eval_video(args) -> int:
     status = 0
     try:
         run_video_eval(backend, questions, config, args.out, args.frame_cache, bool(args.endpoint), concurrency,
-                       writer, barrier, args.max_failed, args.decode_workers)
+                       writer, barrier, args.max_failed, args.decode_workers, judge if writer else None)
     except FailedQuestions as err:
         status = report_failure(err)
     if args.mcore_dir:
@@ -110,5 +122,10 @@ def add_video(kinds) -> None:
     bench.add_argument("--max-retries", type=int, default=5, help="retries on timeouts, 429 and 5xx")
     bench.add_argument("--max-failed", type=int, default=10, help="questions that may fail after their retries "
                                                                   "before the run stops; a rerun sends them again")
+    bench.add_argument("--judge-endpoint", help="OpenAI-compatible base URL of the LLM judge that reads MLVU replies "
+                                                "the rule finds no letter in (VLMEvalKit's default for MLVU; without "
+                                                "it such replies are wrong)")
+    bench.add_argument("--judge-model", help="model name served by --judge-endpoint")
+    bench.add_argument("--judge-api-key-env", metavar="VAR", help="environment variable holding the judge's API key")
     add_max_tokens_field(bench)
     bench.set_defaults(run=_eval_video)

@@ -11,7 +11,7 @@ rank 0 decodes into the cache while the others wait, and writes.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +20,7 @@ from megatron_mmprolong.eval.dataset_qa import EvalError
 from megatron_mmprolong.eval.output_dir import check_same_settings
 from megatron_mmprolong.eval.video.data import BENCHMARKS, VideoQuestion, read_benchmark
 from megatron_mmprolong.eval.video.decode import FrameCache, probe
+from megatron_mmprolong.eval.video.judge import judge_letters
 from megatron_mmprolong.eval.video.prompts import build_prompt
 from megatron_mmprolong.eval.video.requests import video_request
 from megatron_mmprolong.eval.video.sampling import FramePlan, SamplingConfig, SamplingError, plan_frames
@@ -79,6 +80,7 @@ def jobs(questions: list[VideoQuestion], plans, cache: FrameCache, config: Video
         plan, fps = plans[question.video]
         prompt = build_prompt(question)
         extra = {"benchmark": question.benchmark, "id": question.id, "source": question.source,
+                 "question": question.question,
                  "group": question.group, "options": list(question.options), "answer": question.answer,
                  "video": str(question.video), "frames": len(plan.indices), "frame_size": [plan.height, plan.width],
                  "video_tokens": plan.tokens, "sample_fps": plan.sample_fps}
@@ -93,8 +95,9 @@ def jobs(questions: list[VideoQuestion], plans, cache: FrameCache, config: Video
 def run_video_eval(backend, questions: list[VideoQuestion], config: VideoEvalConfig, out_dir: str | Path,
                    cache_dir: str | Path | None = None, served: bool = False, concurrency: int = 1,
                    writer: bool = True, barrier: Callable[[], None] = lambda: None, max_failed: int = 10,
-                   decode_workers: int = 2) -> dict | None:
-    """Answer what the folder lacks, then (the writer) score; returns the report."""
+                   decode_workers: int = 2, judge=None) -> dict | None:
+    """Answer what the folder lacks, then (the writer) score, with the MLVU judge fallback when
+    `judge` (a chat backend) is given; returns the report."""
     out = Path(out_dir)
     cache = FrameCache(cache_dir or out / "frames")
     plans = plan_videos(questions, config)
@@ -123,8 +126,10 @@ def run_video_eval(backend, questions: list[VideoQuestion], config: VideoEvalCon
                                   f"{list(failed.values())[-1]}; a rerun sends them again") from None
     keys = {j.key for j in work}
     entries = [e for e in Journal(out / PREDICTIONS, read_only=True).entries() if e["key"] in keys]
-    report = score_entries(entries)
-    report |= {"model": config.model, "sampling": vars(config.sampling) | {},
+    judged = judge_letters(judge, entries, out, max_failed=max_failed) if judge is not None else {}
+    report = score_entries(entries, judged)
+    report |= {"model": config.model, "sampling": asdict(config.sampling),
+               "judge": None if judge is None else {"model": judge.name, "benchmarks": ["mlvu"]},
                "run": {"sent": stats.sent, "journaled": stats.journaled, "failed": len(failed),
                        "seconds": round(stats.seconds, 1)}}
     print(write_scores(report, out, config.model))

@@ -28,12 +28,14 @@ def _accuracy(entries: list[dict]) -> float | None:
     return 100 * sum(e["correct"] for e in entries) / len(entries) if entries else None
 
 
-def score_entries(entries: list[dict]) -> dict[str, Any]:
-    """Per benchmark: samples, scored, refused, accuracy, its groups and the primary score."""
+def score_entries(entries: list[dict], judged: dict[str, str] | None = None) -> dict[str, Any]:
+    """Per benchmark: samples, scored, refused, accuracy, its groups and the primary score.
+    `judged`: the judge's letter for replies the rule cannot read (by prediction key)."""
+    judged = judged or {}
     report: dict[str, Any] = {"benchmarks": {}}
     for entry in entries:
-        entry["correct"] = not entry["reply"].get("error") and \
-            extract_letter(entry["reply"]["text"], entry["options"]) == entry["answer"]
+        letter = extract_letter(entry["reply"]["text"], entry["options"]) or judged.get(entry.get("key"), "")
+        entry["correct"] = not entry["reply"].get("error") and letter == entry["answer"]
     for name in BENCHMARKS:
         mine = [e for e in entries if e["benchmark"] == name]
         if not mine:
@@ -43,6 +45,7 @@ def score_entries(entries: list[dict]) -> dict[str, Any]:
         pooled = _accuracy(scored)
         cell = {"samples": len(mine), "scored": len(scored), "refused": len(mine) - len(scored),
                 "truncated": sum(e["reply"].get("finish_reason") == "length" for e in mine),
+                "judged": sum(e.get("key") in judged for e in mine),
                 "accuracy": pooled, "groups": groups, "score": pooled}
         if name == "mlvu":
             present = [v for v in groups.values() if v is not None]
