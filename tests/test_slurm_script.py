@@ -111,6 +111,9 @@ if behaviour == "fail":
 if behaviour == "bad":
     print("mmprolong train: error: bad input", file=sys.stderr)
     sys.exit(2)
+if behaviour == "starting":  # still importing: no handler yet, the signal's default action ends it
+    open(os.path.join(log, "ranks-started"), "w").close()
+    time.sleep(60)
 got = []
 signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
 signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
@@ -282,6 +285,14 @@ def test_a_signal_before_the_first_step_exits_0_and_the_warning_requeues(stubs, 
     assert status == 0, out
     assert _requeues(stubs) == ([["requeue", "4242"]] if requeued else [])
     assert _records(stubs, "train") == []  # no rank started
+
+
+@pytest.mark.parametrize("signum,requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_a_signal_that_ends_starting_ranks_exits_0_and_the_warning_requeues(stubs, signum, requeued):
+    status, out = _signalled(stubs, signum, "starting")
+    assert status == 0, out
+    assert _requeues(stubs) == ([["requeue", "4242"]] if requeued else [])
+    assert "before the first step" in out
 
 
 def test_a_failed_run_is_requeued_a_bounded_number_of_times_naming_node_and_rank(stubs):
