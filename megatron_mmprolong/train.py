@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    faulthandler.enable(all_threads=True)
-    faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)
+    _enable_faulthandler()
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     from megatron_mmprolong import errors, runtime
     from megatron_mmprolong.training import signals
@@ -58,6 +57,16 @@ def _main(argv: list[str] | None) -> int:
     finally:
         runtime.shutdown()
     return 0
+
+
+def _enable_faulthandler() -> None:
+    """Stacks of every thread on the process's real stderr (not a replaced sys.stderr)."""
+    stream = sys.__stderr__ or sys.stderr
+    try:
+        faulthandler.enable(file=stream, all_threads=True)
+        faulthandler.register(signal.SIGUSR2, file=stream, all_threads=True, chain=False)
+    except (AttributeError, ValueError, OSError):  # no file descriptor behind it
+        pass
 
 
 def where_this_runs() -> str:
