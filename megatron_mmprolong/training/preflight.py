@@ -53,7 +53,7 @@ def check_world(args: A.TrainArgs, world_size: int) -> int:
     fitting = ", ".join(str(model_parallel * d) for d in range(1, batch + 1) if batch % d == 0)
     layout = f"TP{tp} x CP{cp} x PP{pp}"
     if world_size % model_parallel:
-        raise PreflightError(f"{world_size} ranks do not fit {layout} = {model_parallel} ranks per model replica; "
+        raise PreflightError(f"world size {world_size} is not a multiple of TP x PP x CP = {model_parallel} ({layout}); "
                              f"world sizes that fit --global-batch-size {batch}: {fitting}")
     dp = world_size // model_parallel
     if batch % dp:
