@@ -1,7 +1,10 @@
-"""eval video on local models: a random tiny Qwen2.5-VL answers the questions of a toy Video-MME
-root the same through transformers and through this project's model on its Megatron conversion
-at CP2 (two torchrun ranks, rank 0 writing), the video given as one video item on the model's
-time axis (second_per_grid_ts from the sampled fps)."""
+"""eval video on local models: a random tiny Qwen2.5-VL (and Qwen3-VL) answers the questions of a
+toy Video-MME root the same through transformers and through this project's model on its Megatron
+conversion at CP2 (two torchrun ranks, rank 0 writing), the video given as one video item on the
+model's time axis (Qwen2.5-VL: second_per_grid_ts from the sampled fps; Qwen3-VL: a timestamp
+before each 2-frame group)."""
+
+import pytest
 
 import json
 import os
@@ -14,23 +17,25 @@ import torch
 from megatron_mmprolong.cli import main
 from megatron_mmprolong.eval.video.toy_data import write_counter_video, write_videomme_root
 
-# 224x168 px: 8x6 merged patches, so the video's 2 groups (4 s at 1 fps, 2 s each, tokens_per_second
-# 2: M-RoPE times 0 and 4) stay within its grid, where transformers >= 5 places the text after a
-# video as the original Qwen2.5-VL code does (convert/parity.py, known_difference)
-SIZE = (224, 168)
+# 8x6 merged patches (28 px for Qwen2.5-VL, 32 px for Qwen3-VL), so the video's 2 groups (4 s at
+# 1 fps, 2 s each, tokens_per_second 2: M-RoPE times 0 and 4) stay within its grid, where
+# transformers >= 5 places the text after a video as the original Qwen2.5-VL code does
+# (convert/parity.py, known_difference)
+FAMILIES = {"qwen2.5-vl": ("tiny-1k", (224, 168)), "qwen3-vl": ("qwen3vl-tiny-1k", (256, 192))}
 
 
-def test_transformers_and_megatron_at_cp2_give_the_same_replies(tmp_path):
-    from megatron_mmprolong.config import ParallelConfig, Qwen25VLConfig
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_and_megatron_at_cp2_give_the_same_replies(tmp_path, family):
+    from megatron_mmprolong.config import ParallelConfig, VLConfig
     from megatron_mmprolong.convert.hf_to_mcore import hf_to_mcore
     from megatron_mmprolong.convert.random_hf import write_random_hf_checkpoint
     from megatron_mmprolong.data.tiny_tokenizer import write_tiny_tokenizer
 
     root = tmp_path / "videomme"
     for n in range(2):
-        write_counter_video(root / "data" / f"toyvid{n}.mp4", seconds=4, fps=8, size=SIZE)
+        write_counter_video(root / "data" / f"toyvid{n}.mp4", seconds=4, fps=8, size=FAMILIES[family][1])
     write_videomme_root(root)
-    hf = write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), tmp_path / "hf", seed=3)
+    hf = write_random_hf_checkpoint(VLConfig.preset(FAMILIES[family][0]), tmp_path / "hf", seed=3)
     write_tiny_tokenizer(hf)
     hf_to_mcore(hf, tmp_path / "mcore", ParallelConfig(), progress=False)
     common = ["eval", "video", "--videomme-root", str(root), "--max-new-tokens", "12", "--max-samples", "2",
