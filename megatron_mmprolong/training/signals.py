@@ -23,9 +23,6 @@ from __future__ import annotations
 import signal
 import time
 
-import torch
-import torch.distributed as dist
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -71,6 +68,9 @@ class StopSignals:
     def any_rank(self, failed: bool = False, group=None) -> bool:
         """Whether any rank received a stop signal; sets `failed` if any rank says it failed. A
         collective over `group` (host tensors: runtime.host_group())."""
+        import torch  # here: the handlers are installed before the first heavy import
+        import torch.distributed as dist
+
         flags = torch.tensor([0 if self.signum is None else int(self.signum), 1 if failed else 0])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         self.failed = bool(flags[1].item())
