@@ -4,7 +4,8 @@ reason, before any model loads.
 
 Video-MME (HF lmms-lab/Video-MME): videomme/test-00000-of-00001.parquet (video_id, duration,
 domain, sub_category, url, videoID, question_id, task_type, question, options, answer), videos
-unzipped from videos_chunked_*.zip as data/<videoID>.mp4 (or .MP4, .mkv).
+unzipped from videos_chunked_*.zip as data/<videoID>.mp4 (or .MP4, .mkv; or under video/, where
+VLMEvalKit puts them).
 MLVU dev (HF MLVU/MVLU): MLVU/json/<N>_<task>.json lists (video, duration, question, candidates,
 answer as candidate text, question_type), videos MLVU/video/<N>_<task>/<video>; tasks 1-7 are the
 multiple-choice ones (M-avg).
@@ -102,7 +103,9 @@ def read_videomme(root: str | Path) -> list[VideoQuestion]:
             raise EvalError(f"{where}: answer {row['answer']!r} is not a letter A-D")
         if row["duration"] not in VIDEOMME_DURATIONS:
             raise EvalError(f"{where}: duration {row['duration']!r} is not one of {', '.join(VIDEOMME_DURATIONS)}")
-        candidates = [root / "data" / f"{row['videoID']}{ext}" for ext in (".mp4", ".MP4", ".mkv")]
+        # the zips unpack into data/; VLMEvalKit flattens them into video/
+        candidates = [root / folder / f"{row['videoID']}{ext}" for folder in ("data", "video")
+                      for ext in (".mp4", ".MP4", ".mkv")]
         video = next((c for c in candidates if c.is_file()), candidates[0])
         questions.append(VideoQuestion("videomme", row["question_id"], where, _video(video, where), row["question"],
                                        options, row["answer"], row["duration"],
