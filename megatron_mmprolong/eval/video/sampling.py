@@ -122,8 +122,10 @@ def frame_count(frames: int, avg_fps: float, config: SamplingConfig) -> int:
 
 
 def frame_indices(frames: int, n: int) -> np.ndarray:
-    """round(linspace(0, frames - 1, n)) in float32, halves to even, as torch computes it."""
-    return np.rint(np.linspace(0, frames - 1, n, dtype=np.float32)).astype(np.int64)
+    """torch.linspace(0, frames - 1, n).round() in float32 (halves to even): the reference's."""
+    import torch
+
+    return torch.linspace(0, frames - 1, n, dtype=torch.float32).round().long().numpy()
 
 
 def frame_size(height: int, width: int, n: int, config: SamplingConfig, image: ImageParams) -> tuple[int, int]:
