@@ -1,5 +1,5 @@
-"""End to end on CPU: the tiny recipe's loss falls; SIGTERM saves and exits 0; resuming with
---load continues with exactly the losses an uninterrupted run has (at TP2 under torchrun, the
+"""End to end on CPU: the tiny recipe's loss falls; SIGTERM saves and exits 0; resuming (from
+--save) continues with exactly the losses an uninterrupted run has (at TP2 under torchrun, the
 launcher of real runs; tests/test_slurm.py does the same through srun and a requeue)."""
 
 import json
@@ -54,6 +54,9 @@ def test_loss_falls(tiny_train_data, tmp_path):
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5
     assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text().strip() == "24"
+    assert (tmp_path / "run" / "training_finished.txt").read_text() == "iteration 24 of 24\n"  # the batch script's sign
+    info = json.loads((tmp_path / "run" / "iter_0000024" / "mmprolong_checkpoint.json").read_text())
+    assert len(info["plan_digest"]) == 16  # a resume checks it before building anything
 
 
 def test_an_error_during_training_exits_with_the_loader_workers_running(tiny_train_data, tmp_path):
@@ -70,6 +73,7 @@ def test_an_error_during_training_exits_with_the_loader_workers_running(tiny_tra
     run = subprocess.run([sys.executable, "-c", fail_in_the_first_step, *args], env=_env(), capture_output=True,
                          text=True, timeout=240)
     assert run.returncode != 0 and "injected failure" in run.stderr
+    assert f"rank 0 of 1 on host {socket.gethostname()} failed: RuntimeError: injected failure" in run.stderr
 
 
 def _workers(process):
@@ -105,8 +109,9 @@ def test_sigterm_then_resume_is_bit_exact(tiny_train_data, tmp_path):
     stopped_at = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert 3 <= stopped_at < 10
 
-    subprocess.run(_command(ranks, mix, save, *iterations, *layout, "--load", str(save)), check=True, env=_env(),
-                   stdout=subprocess.DEVNULL)
+    assert not (save / "training_finished.txt").exists()  # stopped, not finished: the batch script requeues
+    subprocess.run(_command(ranks, mix, save, *iterations, *layout), check=True, env=_env(),
+                   stdout=subprocess.DEVNULL)  # --save alone: the run resumes from the folder it saves to
     assert _losses(save) == expected  # every step, bit for bit
 
 
@@ -127,6 +132,8 @@ def test_a_resume_says_so_logs_each_step_once_and_a_finished_run_says_it_is_fini
     resumed = subprocess.run(_command(1, mix, save, *four, "--load", str(save)), env=_env(), capture_output=True,
                              text=True, check=True)
     assert f"resuming from iteration 2 of 4 ({save / 'iter_0000002'})" in resumed.stdout
+    summary = next(line for line in resumed.stdout.splitlines() if "resuming from" in line)
+    assert summary.startswith(f"1 node ({socket.gethostname()}), 1 rank (single, cpu): TP1 x CP1 x PP1 x DP1; ")
     records = [json.loads(line)["iteration"] for line in (save / "train_metrics.jsonl").read_text().splitlines()]
     assert records == [1, 2, 3, 4]
     assert _losses(save) == expected
@@ -160,7 +167,7 @@ def test_sigterm_to_the_launcher_saves_and_exits_0_without_a_traceback(tiny_trai
     assert "mmprolong launch: SIGTERM: every rank stopped and exited 0 (2 on this node)" in err
     stopped = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= stopped < 30
-    assert f"stopping after iteration {stopped} on a termination signal" in out
+    assert f"stopping after iteration {stopped} on SIGTERM" in out
 
 
 def test_sigusr1_to_the_whole_process_group_stops_cleanly(tiny_train_data, tmp_path):
@@ -180,11 +187,15 @@ def test_sigusr1_to_the_whole_process_group_stops_cleanly(tiny_train_data, tmp_p
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-3000:]
     assert "Traceback" not in err and "resource_tracker" not in err, err[-3000:]
-    assert "on a termination signal" in out
+    stopped = int((save / "latest_checkpointed_iteration.txt").read_text())
+    # the figures that size Slurm's --signal lead time and KillWait
+    assert f"stopping after iteration {stopped} on SIGUSR1: saved iteration {stopped} (the save took " in out
+    assert "); the last step took " in out and " s from the signal to here" in out
+    assert not (save / "training_finished.txt").exists()
 
 
 def test_training_starts_from_a_converted_hf_checkpoint(tiny_train_data, tmp_path):
-    """--load of a converted checkpoint gives the model its weights: a step at learning rate 0
+    """--pretrained-checkpoint (a converted checkpoint) gives the model its weights: a step at learning rate 0
     saves them unchanged, and the export equals the original HF checkpoint bit for bit."""
     from safetensors.torch import load_file
 
@@ -197,7 +208,7 @@ def test_training_starts_from_a_converted_hf_checkpoint(tiny_train_data, tmp_pat
     write_random_hf_checkpoint(Qwen25VLConfig.preset("tiny-1k"), tmp_path / "hf", seed=5)
     hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", ParallelConfig(tensor_parallel=2), progress=False)
     subprocess.run(_command(2, mix, tmp_path / "run", "--train-iters", "1", "--lr", "0", "--min-lr", "0",
-                            "--tensor-model-parallel-size", "2", "--load", str(tmp_path / "mcore")),
+                            "--tensor-model-parallel-size", "2", "--pretrained-checkpoint", str(tmp_path / "mcore")),
                    check=True, env=_env(), stdout=subprocess.DEVNULL)
     mcore_to_hf(tmp_path / "run" / "iter_0000001", tmp_path / "export", progress=False)
     original, exported = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
@@ -269,7 +280,8 @@ def test_qwen3vl_converted_checkpoint_trains_and_resumes_bit_for_bit(tiny_qwen3v
     resumed.mkdir()
     shutil.copytree(straight / "iter_0000003", resumed / "iter_0000003")
     (resumed / "latest_checkpointed_iteration.txt").write_text("3")
-    subprocess.run(_command(2, mix, resumed, "--train-iters", "6", *tp2, "--load", str(resumed)),
+    subprocess.run(_command(2, mix, resumed, "--train-iters", "6", *tp2, "--load", str(resumed),
+                            "--pretrained-checkpoint", str(tmp_path / "mcore")),  # the model of the run resumed
                    check=True, env=_env(), stdout=subprocess.DEVNULL)
     assert _losses(resumed) == {i: expected[i] for i in (4, 5, 6)}
 

@@ -105,9 +105,13 @@ def _ready_save_dir(args: A.TrainArgs, start: int) -> None:
 
 
 def _mark_finished(args: A.TrainArgs, iteration: int, train_iters: int) -> None:
-    """SAVE/training_finished.txt: the batch script's sign that this run is done (not to requeue)."""
+    """SAVE/training_finished.txt: the batch script's sign that this run is done (not to requeue).
+    Left as it is when it says so already: a finished run started again touches nothing."""
+    marker, text = Path(args.save) / FINISHED, f"iteration {iteration} of {train_iters}\n"
+    if marker.is_file() and marker.read_text() == text:
+        return
     with errors.writing(Path(args.save), "the training folder"):
-        write_text_whole(Path(args.save) / FINISHED, f"iteration {iteration} of {train_iters}\n")
+        write_text_whole(marker, text)
 
 
 def _iteration_of(line: str) -> int | None:
