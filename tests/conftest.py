@@ -1,5 +1,9 @@
 import dataclasses
+import faulthandler
 import os
+import subprocess
+import sys
+import threading
 import warnings
 
 import pytest
@@ -20,6 +24,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_unconfigure(config):
+    """A thread or child process a test leaves behind can hold the interpreter's exit after the
+    summary, every test passed, until CI's own time limit kills it. Name what is left, and if exit
+    still has not happened in two minutes, print every thread's stack and exit 1."""
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    children = subprocess.run(["ps", "--ppid", str(os.getpid()), "-o", "pid=,args="], capture_output=True,
+                              text=True).stdout.splitlines()
+    children = [line for line in children if " ps --ppid " not in line]
+    if threads or children:
+        print(f"conftest: left at exit: threads {threads}, child processes {children}", file=sys.stderr)
+    faulthandler.dump_traceback_later(120, exit=True)
 
 
 @pytest.fixture(scope="session")

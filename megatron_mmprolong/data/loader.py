@@ -20,7 +20,9 @@ number of micro-batches consumed; `LoaderState` is what a checkpoint stores.
 
 from __future__ import annotations
 
+import atexit
 import signal
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -222,7 +224,7 @@ def make_dataloader(dataset: PackedSequences, state: LoaderState | None = None, 
         items = max(1, prefetch_bytes // max(1, dataset.item_bytes_bound()) - int(pin_memory))
         num_workers = min(num_workers, items)
         prefetch_factor = max(1, min(prefetch_factor, items // num_workers))
-    return DataLoader(
+    return _WorkerStoppingLoader(
         dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=num_workers,
         prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=num_workers > 0,
         multiprocessing_context="spawn" if num_workers else None, worker_init_fn=_ignore_stop_signals,
@@ -230,11 +232,35 @@ def make_dataloader(dataset: PackedSequences, state: LoaderState | None = None, 
     )
 
 
+class _WorkerStoppingLoader(DataLoader):
+    """A DataLoader whose workers are stopped before the interpreter's exit handlers run. They ignore
+    SIGTERM (below), and multiprocessing's exit handler terminates daemon children with SIGTERM and
+    then joins them: a process that exits with a live iterator (after an exception, or holding the
+    loader in a traceback) would wait for its workers forever."""
+
+    def _get_iterator(self):
+        batches = super()._get_iterator()
+        if self.num_workers:
+            _live_iterators.add(batches)
+        return batches
+
+
+_live_iterators: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _stop_live_workers() -> None:
+    for batches in list(_live_iterators):
+        batches._shutdown_workers()
+
+
+# Registered after torch's and multiprocessing's own exit handlers (imported above), so it runs
+# first: once torch's has run, `_shutdown_workers` does nothing.
+atexit.register(_stop_live_workers)
+
+
 @contextmanager
 def loader_batches(loader: DataLoader):
-    """`iter(loader)` whose workers are stopped however the caller leaves. They ignore SIGTERM
-    (below), and the interpreter's exit handler terminates daemon children with SIGTERM and then
-    joins them: after an exception a rank would wait for its workers forever."""
+    """`iter(loader)` whose workers are stopped as soon as the caller leaves, however it leaves."""
     batches = iter(loader)
     try:
         yield batches
