@@ -152,8 +152,8 @@ def train(args: A.TrainArgs) -> TrainResult:
                           "only CUDA tensors; train without it on CPU")
     stop = signals.install()  # afresh for this run (a process may train more than once)
     env = runtime.launch_env()
-    try:  # the same verdict on every rank: said once, by rank 0
-        preflight.check_world(args, env.world_size)
+    try:  # the same verdict on every rank, before any process group: said once, by rank 0
+        preflight.check_layout(args, env.world_size)
     except preflight.PreflightError:
         if env.rank != 0:
             raise errors.ReportedElsewhere(errors.BAD_INPUT) from None

@@ -45,16 +45,27 @@ def alignment(args: A.TrainArgs) -> Alignment:
                      args.fp8_format is not None)
 
 
-def check_world(args: A.TrainArgs, world_size: int) -> int:
-    """The data-parallel size of `world_size` ranks at this layout; PreflightError if they do not fit."""
+def _fitting(args: A.TrainArgs) -> tuple[int, str, str]:
+    """(ranks per model replica, 'TPt x CPc x PPp', the world sizes that fit the global batch)."""
     tp, cp, pp = args.tensor_model_parallel_size, args.context_parallel_size, args.pipeline_model_parallel_size
-    model_parallel = tp * cp * pp
     batch = args.global_batch_size
-    fitting = ", ".join(str(model_parallel * d) for d in range(1, batch + 1) if batch % d == 0)
-    layout = f"TP{tp} x CP{cp} x PP{pp}"
+    fitting = ", ".join(str(tp * cp * pp * d) for d in range(1, batch + 1) if batch % d == 0)
+    return tp * cp * pp, f"TP{tp} x CP{cp} x PP{pp}", fitting
+
+
+def check_layout(args: A.TrainArgs, world_size: int) -> None:
+    """PreflightError unless `world_size` is a multiple of TP x CP x PP (before any process group)."""
+    model_parallel, layout, fitting = _fitting(args)
     if world_size % model_parallel:
         raise PreflightError(f"world size {world_size} is not a multiple of TP x PP x CP = {model_parallel} ({layout}); "
-                             f"world sizes that fit --global-batch-size {batch}: {fitting}")
+                             f"world sizes that fit --global-batch-size {args.global_batch_size}: {fitting}")
+
+
+def check_world(args: A.TrainArgs, world_size: int) -> int:
+    """The data-parallel size of `world_size` ranks at this layout; PreflightError if they do not fit."""
+    check_layout(args, world_size)
+    model_parallel, layout, fitting = _fitting(args)
+    batch = args.global_batch_size
     dp = world_size // model_parallel
     if batch % dp:
         raise PreflightError(f"--global-batch-size {batch} does not divide over the {dp} data-parallel replicas of "
