@@ -1,14 +1,16 @@
-"""The slurm/ scripts on a real Slurm: a single-node cluster on this machine
+"""The slurm/ scripts on a real Slurm: three node daemons on this machine
 (`sudo slurm/local_cluster/start.sh`; .ci/run starts it), enabled with MMPROLONG_SLURM=1.
 
-Training runs the tiny CPU recipe as 2 tasks over gloo; the warning signal (USR1, which
-`--signal=B:USR1@600` sends before the time limit) must make the job save, requeue itself and
-resume to the end."""
+Training runs the tiny CPU recipe, one task per node over gloo: scancel ends a job (CANCELLED,
+never requeued) and two default submissions write two folders; one job on two nodes gets a real
+time-limit warning (saves, requeues, resumes from the `--save` given after the script), then loses
+a node (requeued, resumes from the last complete checkpoint) and trains to the end."""
 
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -87,74 +89,168 @@ def _report(job_id, log: Path) -> str:
     return "\n".join(parts)
 
 
-def _train_options(tmp_path, name):
+def _train_options(tmp_path, name, nodes=2, time_limit=10, signal_lead=60):
     log = tmp_path / f"{name}.out"
-    # The cluster is this 2-core machine: 2 tasks of 1 CPU, no GPUs. --time stays above the
-    # 10-minute warning so that only the test sends USR1.
-    return log, ["--job-name", name, "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none",
-                 "--time=60", f"--output={log}", f"--chdir={tmp_path}"]
+    # The cluster is 3 node daemons on this 2-core machine (local_cluster/start.sh): one task of
+    # one CPU per node, no GPUs. The warning's lead stays below the time limit, so that only a test
+    # shortening the limit makes Slurm send it.
+    options = ["--job-name", name, f"--nodes={nodes}", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none",
+               "--gpus-per-node=0", f"--time={time_limit}", f"--signal=B:USR1@{signal_lead}", f"--output={log}",
+               f"--chdir={tmp_path}"]
+    return log, options
 
 
-def _train_arguments(mix, iterations):
+def _train_arguments(mix, iterations, *extra):
     return ["--data-mix", str(mix), "--seq-length", "2048", "--train-iters", str(iterations), "--log-interval", "1",
-            "--num-workers", "1"]
+            "--num-workers", "1", *extra]
 
 
 def _metrics(save: Path) -> list[dict]:
-    return [json.loads(line) for line in (save / "train_metrics.jsonl").read_text().splitlines()]
+    path = save / "train_metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_train_sbatch_runs_the_tiny_recipe_on_two_tasks(tiny_train_data, tmp_path):
-    *_, mix = tiny_train_data
-    save = tmp_path / "save"
-    log, options = _train_options(tmp_path, "mmprolong-train-test")
-    job_id = _sbatch(SLURM / "train.sbatch", options, _train_arguments(mix, 12),
-                     RECIPE="examples/cpu_tiny.yaml", SAVE=save)
-    job = _wait(job_id, log)
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-3000:]
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
-    assert (save / "iter_0000012" / "metadata.json").is_file()
-    assert "2 ranks (slurm, cpu): TP 1 x CP 1 x PP 1 x DP 2" in log.read_text()  # both tasks, one world
-    losses = [m["loss"] for m in _metrics(save)]
-    assert len(losses) == 12
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5  # falls ~0.95 in 12 steps at DP2
-
-
-def test_warning_signal_saves_requeues_and_resumes(tiny_train_data, tmp_path):
-    *_, mix = tiny_train_data
-    save = tmp_path / "save"
-    log, options = _train_options(tmp_path, "mmprolong-requeue-test")
-    job_id = _sbatch(SLURM / "train.sbatch", options, _train_arguments(mix, 12),
-                     RECIPE="examples/cpu_tiny.yaml", SAVE=save)
-    metrics = save / "train_metrics.jsonl"
-    deadline = time.time() + 600
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert time.time() < deadline and _job(job_id)["JobState"] not in FINAL_STATES, _report(job_id, log)
+def _until(condition, job_id, log, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        job = _job(job_id)
+        assert time.time() < deadline and job["JobState"] not in FINAL_STATES, _report(job_id, log)
         time.sleep(0.5)
-    # What Slurm does before the time limit with --signal=B:USR1@600: USR1 to the batch script.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+
+
+def _requeued(job_id, restarts):
+    job = _job(job_id)
+    return job["JobState"] == "PENDING" and job["Restarts"] == str(restarts)
+
+
+def _start_soon(job_id):
     # Slurm holds a requeued job ~2 minutes before it may start again (BeginTime): the requeue
-    # revokes the first run's credential, and slurmd refuses any credential of that job made up
-    # to the second of the revocation ("Job N already killed, do not launch batch job": slurmctld
-    # then ends the job FAILED 1:0 and the second run never starts, so nothing of it is in the
-    # log). A real cluster waits the hold out; the test lets the job start 3 s after the update,
-    # past the second of the requeue (StartTime=now started it in that second about half the time).
-    while not (_job(job_id)["JobState"] == "PENDING" and _job(job_id)["Restarts"] == "1"):
-        assert time.time() < deadline and _job(job_id)["JobState"] not in FINAL_STATES, _report(job_id, log)
-        time.sleep(0.5)
+    # revokes the run's credential, and slurmd refuses any credential of that job made up to the
+    # second of the revocation ("Job N already killed, do not launch batch job": slurmctld then
+    # ends the job FAILED 1:0). A real cluster waits the hold out; the test lets the job start
+    # 3 s after the update, past the second of the requeue.
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], check=True)
+
+
+def _project(tmp_path) -> Path:
+    """The checkout as a job sees it, so that default SAVEs (PROJECT_DIR/checkpoints/...) land here."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("slurm", "examples"):
+        (project / name).symlink_to(REPO / name)
+    return project
+
+
+def test_scancel_ends_the_job_and_two_default_submissions_never_share_a_folder(tiny_train_data, tmp_path):
+    *_, mix = tiny_train_data
+    project = _project(tmp_path)
+    jobs = {}
+    for name, iterations in (("kept", 3), ("cancelled", 30)):
+        log, options = _train_options(tmp_path, name, nodes=1)
+        jobs[name] = (_sbatch(SLURM / "train.sbatch", options, _train_arguments(mix, iterations),
+                              RECIPE="examples/cpu_tiny.yaml", PROJECT_DIR=project), log)
+    saves = {name: project / "checkpoints" / "cpu_tiny" / f"job{job_id}" for name, (job_id, _) in jobs.items()}
+    job_id, log = jobs["cancelled"]
+    _until(lambda: len(_metrics(saves["cancelled"])) >= 1, job_id, log)
+    subprocess.run(["scancel", job_id], check=True)  # TERM to every process of the job, KILL after KillWait
+    _wait(job_id, log)
+    kept = _wait(*jobs["kept"])
+    time.sleep(3)  # a requeue by the batch script would show by now
+    cancelled, text = _job(job_id), log.read_text()
+    assert (cancelled["JobState"], cancelled["Restarts"]) == ("CANCELLED", "0"), _report(job_id, log)
+    stopped = int(re.search(r"stopping after iteration (\d+) on SIGTERM", text).group(1))
+    assert (saves["cancelled"] / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
+    assert "requeueing" not in text and f"train.sbatch: job {job_id} run 2" not in text
+    assert (kept["JobState"], kept["ExitCode"]) == ("COMPLETED", "0:0"), _report(jobs["kept"][0], jobs["kept"][1])
+    assert [m["iteration"] for m in _metrics(saves["kept"])] == [1, 2, 3]
+    assert (saves["kept"] / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert f"SAVE={saves['kept']}" in jobs["kept"][1].read_text()
+    assert (saves["kept"] / "logs" / f"train-job{jobs['kept'][0]}.log").is_file()
+
+
+def _kill_node(job_id, node) -> None:
+    """What a dead node looks like: its slurmd and the job's processes on it, killed."""
+    pid = Path(f"/run/slurmd-{node}.pid").read_text().strip()
+    os.kill(int(pid), signal.SIGKILL)
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"SLURM_JOB_ID={job_id}".encode() in env and f"SLURMD_NODENAME={node}".encode() in env:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def _revive_node(node) -> None:
+    subprocess.run(["slurmd", "-N", node], check=True)
+    deadline = time.time() + 60
+    while "idle" not in subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True,
+                                       text=True).stdout:
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
+        assert time.time() < deadline, f"node {node} did not come back"
+        time.sleep(1)
+
+
+ITERATIONS = 60
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="kills and restarts a node daemon (root)")
+def test_time_limit_requeues_and_a_dead_node_resumes_from_the_last_checkpoint(tiny_train_data, tmp_path):
+    """One job, three runs on two nodes, its folder given as `--save X` after the script:
+    1. Slurm's time-limit warning (a real limit with --signal=B:USR1@180): every rank saves, the
+       job requeues itself and resumes from X at the iteration it stopped at;
+    2. a node's slurmd and ranks killed mid-run: the job requeues itself after the failure, naming
+       the node and rank, and resumes from the last complete checkpoint;
+    3. it trains to the end: every step logged once, the loss falling."""
+    *_, mix = tiny_train_data
+    long_mix = mix.with_name("mix_slurm_long.yaml")  # beside mix.yaml: its dataset path is relative
+    long_mix.write_text(mix.read_text().replace("token_budget: 120000", "token_budget: 300000"))
+    save = tmp_path / "mine"
+    log, options = _train_options(tmp_path, "mmprolong-requeue-test", time_limit=10, signal_lead=180)
+    job_id = _sbatch(SLURM / "train.sbatch", options,
+                     _train_arguments(long_mix, ITERATIONS, "--save", str(save), "--save-interval", "2"),
+                     RECIPE="examples/cpu_tiny.yaml", PROJECT_DIR=_project(tmp_path))
+    # run 1: once it trains, a time limit that leaves less than the warning's 180 s: slurmctld
+    # sends USR1 at one of its next time-limit checks (every 30 s or more on a busy machine), with
+    # a minute or more left. ITERATIONS is long enough for the warning to come first.
+    _until(lambda: len(_metrics(save)) >= 2, job_id, log)
+    elapsed = _job(job_id)["RunTime"].split(":")
+    minutes = int(elapsed[-2]) + (int(elapsed[-3]) * 60 if len(elapsed) > 2 else 0)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes + 2}"], check=True)
+    _until(lambda: _requeued(job_id, 1), job_id, log)
+    first = int((save / "latest_checkpointed_iteration.txt").read_text())
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)  # no second warning
+    _start_soon(job_id)
+    # run 2: a node dies after the run saved a checkpoint of its own
+    _until(lambda: len(_metrics(save)) >= first + 3, job_id, log)
+    job = _job(job_id)
+    node = next(n for n in subprocess.run(["scontrol", "show", "hostnames", job["NodeList"]], capture_output=True,
+                                          text=True).stdout.split() if n != job["BatchHost"])
+    _kill_node(job_id, node)
+    try:
+        _until(lambda: _requeued(job_id, 2), job_id, log)
+    finally:
+        _revive_node(node)
+    last = int((save / "latest_checkpointed_iteration.txt").read_text())
+    _start_soon(job_id)
     job = _wait(job_id, log)
     text = log.read_text()
-    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), _report(job_id, log)
-    stopped = int(re.search(r"stopping after iteration (\d+) on a termination signal", text).group(1))
-    assert 3 <= stopped < 12
-    assert (save / f"iter_{stopped:07d}" / "metadata.json").is_file()
-    assert f"requeueing job {job_id}" in text and f"resuming from {save} (iteration {stopped})" in text
-    assert f"resuming from iteration {stopped} of 12 ({save / f'iter_{stopped:07d}'})" in text
-    assert f"train.sbatch: job {job_id} run 2 starts" in text
-    assert "Traceback" not in text  # the stop signal reaches every process of a task: none may die of it
-    assert [m["iteration"] for m in _metrics(save)] == list(range(1, 13))  # every step once, none repeated
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "2"), _report(job_id, log)
+    runs = re.split(r"(?m)^(?=train\.sbatch: job \d+ run \d+ starts)", text)[1:]
+    assert len(runs) == 3, _report(job_id, log)
+    assert re.search(rf"stopping after iteration {first} on SIGUSR1", runs[0]) and "requeueing" in runs[0]
+    assert f"resuming from iteration {first} of {ITERATIONS} ({save / f'iter_{first:07d}'})" in runs[1]
+    assert re.search(rf"failed with exit status \d+ .*{node}: task 1", runs[1]), runs[1][-3000:]
+    assert f"restart 2 of at most" in runs[1]
+    assert first < last and f"resuming from iteration {last} of {ITERATIONS} ({save / f'iter_{last:07d}'})" in runs[2]
+    assert "Traceback" not in runs[0]  # the stop signal reaches every process of a task: none may die of it
+    assert [m["iteration"] for m in _metrics(save)] == list(range(1, ITERATIONS + 1))  # every step once
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERATIONS)
+    losses = [m["loss"] for m in _metrics(save)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
 
 
 def test_convert_sbatch_converts_and_verifies(tmp_path):
