@@ -167,7 +167,7 @@ def main() -> int:
 
         _run("train (TP2, 2 ranks over gloo)", _two_ranks(
             "megatron_mmprolong.train", "--config", str(RECIPE), "--tensor-model-parallel-size", "2",
-            "--load", str(mcore_dir), "--save", str(run_dir)), timings)
+            "--pretrained-checkpoint", str(mcore_dir), "--save", str(run_dir)), timings)
         losses = [json.loads(line)["loss"] for line in (run_dir / "train_metrics.jsonl").read_text().splitlines()]
 
         _run("export Megatron -> HF", _mmprolong(
