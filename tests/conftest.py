@@ -12,18 +12,21 @@ import torch
 # Megatron-Core warns about missing Apex/TE at import; those fallbacks are what the CPU suite tests.
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# pytest-xdist's workers share the cores (make test runs two)
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))))
 
 from megatron_mmprolong.config import Qwen3VLConfig, Qwen25VLConfig  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs an NVIDIA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and skip is not None:
             item.add_marker(skip)
+        if "slurm" in item.keywords:
+            # one cluster of three node daemons: its jobs run one test at a time (pytest-xdist's
+            # --dist loadgroup keeps a group on one worker)
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 def pytest_unconfigure(config):
