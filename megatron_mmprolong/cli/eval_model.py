@@ -1,5 +1,6 @@
-"""The model an `eval` verb runs: a transformers checkpoint (--hf-dir) or this project's model
-from a Megatron checkpoint at TP x CP x PP (--mcore-dir), and the options that choose it."""
+"""The model an `eval` verb runs: a transformers checkpoint (--hf-dir), this project's model from a
+Megatron checkpoint at TP x CP x PP (--mcore-dir) or a served model (--endpoint), the options that
+choose it, and the served judges' clients."""
 
 from __future__ import annotations
 
@@ -22,6 +23,49 @@ def add_eval_model(parser, endpoint: bool = False) -> None:
                         help="parameter dtype; auto: fp32 with --hf-dir (the transformers reference), bf16 with "
                              "--mcore-dir (Transformer Engine's fused attention needs it; fp32 is refused at CP > 1 "
                              "and for prompts whose unfused attention scores exceed 8 GiB)")
+
+
+def add_endpoint_options(parser) -> None:
+    parser.add_argument("--model", help="model name served by --endpoint")
+    parser.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoint's API key")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight to --endpoint")
+
+
+def model_tokenizer(args) -> str | None:
+    """The evaluated model's tokenizer (--tokenizer, else the --hf-dir checkpoint's), once the
+    options that go together are checked: --endpoint with --model, --mcore-dir with a tokenizer."""
+    from megatron_mmprolong.eval.dataset_qa import EvalError
+
+    if args.endpoint and not args.model:
+        raise EvalError("--endpoint needs --model, the name the server serves")
+    tokenizer = args.tokenizer or args.hf_dir
+    if args.mcore_dir and not tokenizer:
+        raise EvalError("--mcore-dir needs --tokenizer (the checkpoint's tokenizer)")
+    return tokenizer
+
+
+def served_model(args):
+    """The client of --endpoint, checked now (the server lists --model)."""
+    return _checked_endpoint(args.endpoint, args.model, args.api_key_env, args.concurrency, args)
+
+
+def judge_backend(args):
+    """The client of --judge-endpoint, serving --judge-model, checked now."""
+    from megatron_mmprolong.eval.dataset_qa import EvalError
+
+    if not args.judge_model:
+        raise EvalError("--judge-endpoint needs --judge-model, the name the judge's server serves")
+    return _checked_endpoint(args.judge_endpoint, args.judge_model, args.judge_api_key_env,
+                             getattr(args, "judge_concurrency", 8), args)
+
+
+def _checked_endpoint(url: str, model: str, api_key_env: str | None, connections: int, args):
+    from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig
+
+    backend = ChatEndpoint(EndpointConfig(url, model, api_key_env, args.request_timeout, max_retries=args.max_retries,
+                                          max_tokens_field=args.max_tokens_field), max_connections=connections)
+    backend.check()
+    return backend
 
 
 def load_hf_model(hf_dir: str, dtype: str):

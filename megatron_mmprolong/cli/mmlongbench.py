@@ -6,23 +6,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from megatron_mmprolong.cli.eval_model import add_eval_model, eval_model, evaluated_config
+from megatron_mmprolong.cli.eval_model import (
+    add_endpoint_options, add_eval_model, eval_model, evaluated_config, judge_backend, model_tokenizer, served_model,
+)
 from megatron_mmprolong.cli.options import add_score_options
-
-
-def judge_backend(args):
-    """The judge's endpoint of --judge-endpoint and --judge-model (checked now); also eval vtcbench's."""
-    from megatron_mmprolong.eval.dataset_qa import EvalError
-    from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig
-
-    if not args.judge_model:
-        raise EvalError("--judge-endpoint needs --judge-model, the name the judge's server serves")
-    backend = ChatEndpoint(EndpointConfig(args.judge_endpoint, args.judge_model, args.judge_api_key_env,
-                                          args.request_timeout, max_retries=args.max_retries,
-                                          max_tokens_field=args.max_tokens_field),
-                           max_connections=args.judge_concurrency)
-    backend.check()
-    return backend
 
 
 def _mmlongbench_judge(args):
@@ -48,14 +35,7 @@ def _eval_mmlongbench(args) -> int:
     datasets = args.datasets or [*(DOC_DATASETS if "docqa" in args.tasks else ()),
                                  *(NIAH_DATASETS if "niah" in args.tasks else ())]
     source = args.model if args.endpoint else str(Path(args.hf_dir or args.mcore_dir).resolve().name)
-    if args.endpoint and not args.model:
-        print("mmprolong eval: error: --endpoint needs --model, the name the server serves", file=sys.stderr)
-        return 2
-    tokenizer = args.tokenizer or args.hf_dir
-    if args.mcore_dir and not tokenizer:
-        print("mmprolong eval: error: --mcore-dir needs --tokenizer (the checkpoint's tokenizer)",
-              file=sys.stderr)
-        return 2
+    tokenizer = model_tokenizer(args)
     family = "qwen2_5_vl" if args.endpoint else evaluated_config(args).family
     image = ImageParams.for_family(family, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     config = MMLongBenchConfig(source, args.page_labels, args.max_new_tokens, args.max_samples, args.seed,
@@ -68,13 +48,7 @@ def _eval_mmlongbench(args) -> int:
     judge = _mmlongbench_judge(args)
     writer, barrier, concurrency = True, lambda: None, 1
     if args.endpoint:
-        from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig
-
-        backend = ChatEndpoint(EndpointConfig(args.endpoint, args.model, args.api_key_env, args.request_timeout,
-                                              max_retries=args.max_retries, max_tokens_field=args.max_tokens_field),
-                               max_connections=args.concurrency)
-        backend.check()
-        concurrency = args.concurrency
+        backend, concurrency = served_model(args), args.concurrency
     elif args.hf_dir:
         from megatron_mmprolong.config import torch_dtype
         from megatron_mmprolong.eval.hf_chat import TransformersChatBackend
@@ -141,9 +115,7 @@ def add_mmlongbench(kinds) -> None:
     bench.add_argument("--min-pixels", type=int, help="image resizing of --hf-dir/--mcore-dir (default: the model "
                                                       "family's processor; Qwen2.5-VL's with --endpoint)")
     bench.add_argument("--max-pixels", type=int, help="(default: as --min-pixels)")
-    bench.add_argument("--model", help="model name served by --endpoint")
-    bench.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoint's API key")
-    bench.add_argument("--concurrency", type=int, default=4, help="requests in flight to --endpoint")
+    add_endpoint_options(bench)
     add_score_options(bench)
     bench.set_defaults(run=_eval_mmlongbench)
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from megatron_mmprolong.cli.eval_model import add_eval_model, eval_model, evaluated_config
+from megatron_mmprolong.cli.eval_model import (
+    add_endpoint_options, add_eval_model, eval_model, evaluated_config, judge_backend, model_tokenizer, served_model,
+)
 from megatron_mmprolong.cli.options import add_max_tokens_field
 
 
@@ -19,13 +21,7 @@ def _eval_video(args) -> int:
     )
     from megatron_mmprolong.eval.video.sampling import SamplingConfig, SamplingError
 
-    if args.endpoint and not args.model:
-        print("mmprolong eval: error: --endpoint needs --model, the name the server serves", file=sys.stderr)
-        return 2
-    tokenizer = args.tokenizer or args.hf_dir
-    if args.mcore_dir and not tokenizer:
-        print("mmprolong eval: error: --mcore-dir needs --tokenizer (the checkpoint's tokenizer)", file=sys.stderr)
-        return 2
+    tokenizer = model_tokenizer(args)
     try:
         sampling = SamplingConfig(args.fps, args.max_frames, args.max_video_tokens, frame_rule=args.frame_rule,
                                   token_floor=args.token_floor)
@@ -39,27 +35,10 @@ def _eval_video(args) -> int:
                                args.max_samples)
     check_same_settings(Path(args.out) / SETTINGS, config, write=False)
     plan_videos(questions, config)  # bad data fails before a model loads
-    judge = None
-    if args.judge_endpoint:
-        if not args.judge_model:
-            from megatron_mmprolong.eval.dataset_qa import EvalError
-
-            raise EvalError("--judge-endpoint needs --judge-model, the name the judge's server serves")
-        from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig
-
-        judge = ChatEndpoint(EndpointConfig(args.judge_endpoint, args.judge_model, args.judge_api_key_env,
-                                            args.request_timeout, max_retries=args.max_retries,
-                                            max_tokens_field=args.max_tokens_field), max_connections=8)
-        judge.check()
+    judge = judge_backend(args) if args.judge_endpoint else None
     writer, barrier, concurrency = True, lambda: None, 1
     if args.endpoint:
-        from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig
-
-        backend = ChatEndpoint(EndpointConfig(args.endpoint, args.model, args.api_key_env, args.request_timeout,
-                                              max_retries=args.max_retries, max_tokens_field=args.max_tokens_field),
-                               max_connections=args.concurrency)
-        backend.check()
-        concurrency = args.concurrency
+        backend, concurrency = served_model(args), args.concurrency
     else:
         from megatron_mmprolong.data.chat import ChatTokenizer
         from megatron_mmprolong.eval.video.requests import LocalVideoBackend
@@ -115,9 +94,7 @@ def add_video(kinds) -> None:
     bench.add_argument("--tokenizer", help="the model's tokenizer, for --mcore-dir (default: the --hf-dir checkpoint's)")
     bench.add_argument("--frame-cache", help="folder of decoded frames, shared between runs (default: OUT/frames)")
     bench.add_argument("--decode-workers", type=int, default=2, help="videos decoded at once")
-    bench.add_argument("--model", help="model name served by --endpoint")
-    bench.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoint's API key")
-    bench.add_argument("--concurrency", type=int, default=4, help="requests in flight to --endpoint")
+    add_endpoint_options(bench)
     bench.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     bench.add_argument("--max-retries", type=int, default=5, help="retries on timeouts, 429 and 5xx")
     bench.add_argument("--max-failed", type=int, default=10, help="questions that may fail after their retries "

@@ -6,8 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from megatron_mmprolong.cli.eval_model import add_eval_model, eval_model, evaluated_config
-from megatron_mmprolong.cli.mmlongbench import judge_backend
+from megatron_mmprolong.cli.eval_model import (
+    add_endpoint_options, add_eval_model, eval_model, evaluated_config, judge_backend, model_tokenizer, served_model,
+)
 from megatron_mmprolong.cli.options import add_max_tokens_field
 
 SPLITS = ("Retrieval", "Reasoning", "Memory")  # eval/vtcbench/data.py's, here for --help without imports
@@ -34,13 +35,7 @@ def _eval_vtcbench(args) -> int:
         SETTINGS, VLMEVALKIT_PIXELS, VTCBenchConfig, plan, run_vtcbench,
     )
 
-    if args.endpoint and not args.model:
-        print("mmprolong eval: error: --endpoint needs --model, the name the server serves", file=sys.stderr)
-        return 2
-    tokenizer = args.tokenizer or args.hf_dir
-    if args.mcore_dir and not tokenizer:
-        print("mmprolong eval: error: --mcore-dir needs --tokenizer (the checkpoint's tokenizer)", file=sys.stderr)
-        return 2
+    tokenizer = model_tokenizer(args)
     source = args.model if args.endpoint else str(Path(args.hf_dir or args.mcore_dir).resolve().name)
     family = "qwen2_5_vl" if args.endpoint else evaluated_config(args).family
     low, high = VLMEVALKIT_PIXELS.get(family, (None, None))
@@ -53,13 +48,7 @@ def _eval_vtcbench(args) -> int:
     judge = _vtcbench_judge(args)
     writer, barrier, concurrency = True, lambda: None, 1
     if args.endpoint:
-        from megatron_mmprolong.serving.endpoint import ChatEndpoint, EndpointConfig
-
-        backend = ChatEndpoint(EndpointConfig(args.endpoint, args.model, args.api_key_env, args.request_timeout,
-                                              max_retries=args.max_retries, max_tokens_field=args.max_tokens_field),
-                               max_connections=args.concurrency)
-        backend.check()
-        concurrency = args.concurrency
+        backend, concurrency = served_model(args), args.concurrency
     elif args.hf_dir:
         from megatron_mmprolong.config import torch_dtype
         from megatron_mmprolong.eval.hf_chat import TransformersChatBackend
@@ -135,9 +124,7 @@ def add_vtcbench(kinds) -> None:
                                                       "Qwen2.5-VL setting, 1280*28*28; other families: their "
                                                       "processor's); a served model resizes as its server does")
     bench.add_argument("--max-pixels", type=int, help="(default: 16384*28*28; as --min-pixels)")
-    bench.add_argument("--model", help="model name served by --endpoint")
-    bench.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoint's API key")
-    bench.add_argument("--concurrency", type=int, default=4, help="requests in flight to --endpoint")
+    add_endpoint_options(bench)
     _add_judge_options(bench)
     bench.set_defaults(run=_eval_vtcbench)
 
