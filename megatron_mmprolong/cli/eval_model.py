@@ -49,6 +49,24 @@ def served_model(args):
     return _checked_endpoint(args.endpoint, args.model, args.api_key_env, args.concurrency, args)
 
 
+def image_chat_backend(args, image, tokenizer: str | None, source: str):
+    """(chat backend, this rank writes output, barrier, requests in flight) of the model that
+    --endpoint, --hf-dir or --mcore-dir names, for prompts of images sized by `image`."""
+    if args.endpoint:
+        return served_model(args), True, lambda: None, args.concurrency
+    if args.hf_dir:
+        from megatron_mmprolong.config import torch_dtype
+        from megatron_mmprolong.eval.hf_chat import TransformersChatBackend
+
+        dtype = None if args.dtype == "auto" else torch_dtype(args.dtype)
+        return TransformersChatBackend(args.hf_dir, image.min_pixels, image.max_pixels, dtype), True, lambda: None, 1
+    from megatron_mmprolong.data.chat import ChatTokenizer
+    from megatron_mmprolong.eval.hf_chat import LocalChatBackend
+
+    model, writer, barrier = eval_model(args)
+    return LocalChatBackend(model, ChatTokenizer(tokenizer), image, source, in_thread=False), writer, barrier, 1
+
+
 def judge_backend(args):
     """The client of --judge-endpoint, serving --judge-model, checked now."""
     from megatron_mmprolong.eval.dataset_qa import EvalError

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from megatron_mmprolong.cli.eval_model import (
-    add_endpoint_options, add_eval_model, eval_model, evaluated_config, judge_backend, model_tokenizer, served_model,
+    add_endpoint_options, add_eval_model, evaluated_config, image_chat_backend, judge_backend, model_tokenizer,
 )
 from megatron_mmprolong.cli.options import add_max_tokens_field
 
@@ -46,21 +46,7 @@ def _eval_vtcbench(args) -> int:
     check_same_settings(Path(args.out) / SETTINGS, config, write=False)
     samples = plan(root, args.splits, config)  # bad data fails before a model loads
     judge = _vtcbench_judge(args)
-    writer, barrier, concurrency = True, lambda: None, 1
-    if args.endpoint:
-        backend, concurrency = served_model(args), args.concurrency
-    elif args.hf_dir:
-        from megatron_mmprolong.config import torch_dtype
-        from megatron_mmprolong.eval.hf_chat import TransformersChatBackend
-
-        backend = TransformersChatBackend(args.hf_dir, image.min_pixels, image.max_pixels,
-                                          None if args.dtype == "auto" else torch_dtype(args.dtype))
-    else:
-        from megatron_mmprolong.data.chat import ChatTokenizer
-        from megatron_mmprolong.eval.hf_chat import LocalChatBackend
-
-        model, writer, barrier = eval_model(args)
-        backend = LocalChatBackend(model, ChatTokenizer(tokenizer), image, source, in_thread=False)
+    backend, writer, barrier, concurrency = image_chat_backend(args, image, tokenizer, source)
     status = 0
     try:
         run_vtcbench(backend, root, samples, config, args.out, judge, concurrency, writer, barrier, args.compare,
