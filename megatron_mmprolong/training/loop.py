@@ -18,7 +18,6 @@ import json
 import math
 import os
 import resource
-import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -210,8 +209,7 @@ def _train(args: A.TrainArgs, rt, inputs: preflight.Inputs, stop: signals.StopSi
             raise ConfigError(f"{start_point.resume} was trained on data plan {digest}, this run's plan is {plan.digest()}")
     stop.stop_before_start(host)  # a signal while the model was built and loaded: nothing to save yet
 
-    if args.num_workers:
-        _start_resource_tracker()
+    _start_helper_processes(loader_workers=args.num_workers > 0, checkpoint_writer=bool(args.save))
     dataset = PackedSequences(plan, rank=dp_rank, data_parallel=dp, image_backend=args.image_backend,
                               share=PageShare.of_this_rank())
     loader = make_dataloader(dataset, LoaderState(plan.digest(), dp_rank, dp, start * microbatches), args.num_workers,
@@ -293,19 +291,28 @@ def start_summary(rt, args: A.TrainArgs, where: str) -> str:
             f"PP{p.pipeline_parallel} x DP{dp}; {where}")
 
 
-def _start_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker (the loader's spawned workers use it) with SIGUSR1
-    ignored. Slurm delivers a stop signal to every process of a task (srun signals its process
-    group); the tracker ignores only SIGINT and SIGTERM, so SIGUSR1 killed it, the next use started
-    one that knew none of the workers' semaphores, and each unlink at exit printed a KeyError
-    traceback into the job log. An ignored signal stays ignored across the tracker's exec."""
+def _start_helper_processes(loader_workers: bool, checkpoint_writer: bool) -> None:
+    """Start, with the stop signals ignored, the long-lived helper processes a run would otherwise
+    start with Slurm's stop signal fatal to them (it reaches every process of a task):
+    - multiprocessing's resource tracker (the loader's spawned workers use it), which ignores only
+      SIGINT and SIGTERM: SIGUSR1 killed it, the next use started one that knew none of the
+      workers' semaphores, and each unlink at exit printed a KeyError traceback into the job log;
+    - the Manager process through which Megatron's checkpoint writer returns its results, spawned
+      at the first save and ignoring nothing: a stop signal after a periodic save killed it, and
+      the save that followed the signal failed on that rank (BrokenPipeError) while the other
+      ranks waited for it in the save's collectives."""
     from multiprocessing import resource_tracker
 
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    try:
-        resource_tracker.ensure_running()
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    # megatron-core 0.16: _get_write_results_queue(); 0.19: get_write_results_queue(mp_mode)
+    writer_queue = (getattr(filesystem_async, "get_write_results_queue", None)
+                    or getattr(filesystem_async, "_get_write_results_queue", None))
+    with signals.ignored_by_helper_processes():
+        if loader_workers:
+            resource_tracker.ensure_running()
+        if checkpoint_writer and writer_queue is not None:
+            writer_queue()
 
 
 def _say(rt, text: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import signal
 import time
+from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -88,6 +89,19 @@ class StopSignals:
 
 
 SIGNALS = StopSignals()
+
+
+@contextmanager
+def ignored_by_helper_processes():
+    """Stop signals ignored while helper processes start (an ignored signal stays ignored across
+    their exec): Slurm delivers a stop signal to every process of a task, and a helper must outlive
+    it for the run to save and stop. This process misses a signal only in this short window."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def install() -> StopSignals:
