@@ -45,7 +45,8 @@ def _step(layout: dict, hf_dir) -> dict:
     plus the vision parameters' share of the squared norm counted the optimizer's way."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron_mmprolong.training.loop import build_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared
@@ -62,7 +63,7 @@ def _step(layout: dict, hf_dir) -> dict:
     ddp = DistributedDataParallel(config=model.config, module=model,
                                   ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
     model.config.finalize_model_grads_func = finalize_model_grads
-    optimizer = get_megatron_optimizer(
+    optimizer = build_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=1.0, params_dtype=torch.float32), [ddp])
     batches = [for_this_rank(b, CONFIG.vision.patch_size) for b in _batches()]
     ddp.zero_grad_buffer()

@@ -66,7 +66,8 @@ def _measure(layout: dict, recompute: str, microbatches: int, family: str = "qwe
     measurement), its parameter count and the packed length."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron_mmprolong.training.loop import build_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_mmprolong import runtime
@@ -90,7 +91,7 @@ def _measure(layout: dict, recompute: str, microbatches: int, family: str = "qwe
         ddp = DistributedDataParallel(config=model.config, module=model,
                                       ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
         model.config.finalize_model_grads_func = finalize_model_grads
-        optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, params_dtype=torch.float32), [ddp])
+        optimizer = build_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, params_dtype=torch.float32), [ddp])
         for _ in range(2):  # the second step has Adam's state
             ddp.zero_grad_buffer()
             optimizer.zero_grad()

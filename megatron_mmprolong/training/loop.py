@@ -171,7 +171,6 @@ def train(args: A.TrainArgs) -> TrainResult:
 def _train(args: A.TrainArgs, rt, inputs: preflight.Inputs, stop: signals.StopSignals) -> TrainResult:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
-    from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -195,7 +194,7 @@ def _train(args: A.TrainArgs, rt, inputs: preflight.Inputs, stop: signals.StopSi
         load_mcore_checkpoint(model, resolve_checkpoint(start_point.pretrained))  # weights only
     ddp = DistributedDataParallel(config=model.config, ddp_config=A.ddp_config(args), module=wrapped)
     model.config.finalize_model_grads_func = finalize_model_grads
-    optimizer = get_megatron_optimizer(A.optimizer_config(args), [ddp], **_no_gloo_groups(get_megatron_optimizer))
+    optimizer = build_optimizer(A.optimizer_config(args), [ddp])
     steps = A.scheduler_steps(args, train_iters)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=steps["lr_warmup_steps"],
@@ -266,13 +265,16 @@ def _train(args: A.TrainArgs, rt, inputs: preflight.Inputs, stop: signals.StopSi
     return TrainResult(iteration, stopped, losses)
 
 
-def _no_gloo_groups(get_megatron_optimizer) -> dict:
-    """Megatron-Core's gloo data-parallel groups are not created (runtime.py); its optimizer must
-    not ask for them."""
+def build_optimizer(optimizer_config, model_chunks):
+    """Megatron-Core's optimizer over `model_chunks`, without the gloo data-parallel groups that
+    runtime.initialize does not create (megatron-core's default asks for them)."""
     import inspect
 
-    return ({"use_gloo_process_groups": False}
-            if "use_gloo_process_groups" in inspect.signature(get_megatron_optimizer).parameters else {})
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    options = ({"use_gloo_process_groups": False}
+               if "use_gloo_process_groups" in inspect.signature(get_megatron_optimizer).parameters else {})
+    return get_megatron_optimizer(optimizer_config, model_chunks, **options)
 
 
 def start_summary(rt, args: A.TrainArgs, where: str) -> str:
