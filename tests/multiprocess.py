@@ -6,6 +6,7 @@ Results travel through files: a multiprocessing queue of tensors breaks once wor
 from __future__ import annotations
 
 import os
+import random
 import socket
 import tempfile
 
@@ -13,10 +14,23 @@ import torch
 import torch.multiprocessing as mp
 
 
+def free_port() -> int:
+    """A free port below Linux's ephemeral range (32768-60999). The other pytest-xdist worker's
+    ranks open many connections whose local ports come from that range: one took a port the
+    kernel had just handed out here before this test's store listened on it (EADDRINUSE)."""
+    pick = random.SystemRandom()
+    while True:
+        port = pick.randrange(20000, 32768)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
 def run_ranks(fn, world_size: int, *args):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(
             _entry, args=(fn, world_size, port, out, args), nprocs=world_size,

@@ -14,6 +14,7 @@ from megatron_mmprolong.config import ConfigError
 from megatron_mmprolong.data.chat import ChatTokenizer
 from megatron_mmprolong.data.store import MultimodalStore
 from megatron_mmprolong.eval.dataset_qa import answer_questions, prompt_and_answer, score
+from multiprocess import free_port
 
 
 class ScriptedModel(torch.nn.Module):
@@ -268,7 +269,6 @@ def _on_both_checkpoints(tmp_path, seed: int, command: list[str], hf_out: str, m
     """`command` on a random tiny checkpoint of `preset` with transformers (in this process), then
     on its Megatron conversion at `layout` over two torchrun ranks; outputs under tmp_path."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -279,9 +279,7 @@ def _on_both_checkpoints(tmp_path, seed: int, command: list[str], hf_out: str, m
     write_random_hf_checkpoint(VLConfig.preset(preset), tmp_path / "hf", seed=seed)
     hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", ParallelConfig(), progress=False)
     assert main([*command, "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / hf_out)]) == 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
                     "-m", "megatron_mmprolong.cli", *command, "--mcore-dir", str(tmp_path / "mcore"), *layout,
                     "--dtype", "fp32", "--out", str(tmp_path / mcore_out)],  # fp32 like the transformers run

@@ -21,6 +21,7 @@ from megatron_mmprolong.eval.mmlongbench.toy_data import (
     DOC_QA, NIAH, render_page, stand_in_judge, write_jsonl, write_toy_data_root,
 )
 from megatron_mmprolong.serving.scripted_server import Fault, ScriptedChatServer
+from multiprocess import free_port
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mmlongbench_prompts.json"
 
@@ -253,7 +254,6 @@ def test_transformers_and_megatron_at_cp2_give_the_same_replies(data_root, tmp_p
     """A random tiny model (long, arbitrary replies) answers every document-QA and MM-NIAH sample
     the same through transformers and through this project's model on its Megatron conversion
     at CP2 (two torchrun ranks, rank 0 writing)."""
-    import socket
     import subprocess
     import sys
 
@@ -268,9 +268,7 @@ def test_transformers_and_megatron_at_cp2_give_the_same_replies(data_root, tmp_p
     common = ["eval", "mmlongbench", "--data-root", str(data_root), "--lengths", "8", "--datasets", "mmlongdoc",
               "retrieval-image", "--max-new-tokens", "12"]
     assert main([*common, "--hf-dir", str(hf), "--out", str(tmp_path / "hf-run")]) == 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
                     "-m", "megatron_mmprolong.cli", *common, "--mcore-dir", str(tmp_path / "mcore"), "--cp", "2",
                     "--tokenizer", str(hf), "--dtype", "fp32", "--out", str(tmp_path / "mcore-run")],  # as transformers

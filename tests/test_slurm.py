@@ -248,7 +248,7 @@ def test_time_limit_requeues_and_a_dead_node_resumes_from_the_last_checkpoint(ti
     assert re.search(rf"stopping after iteration {first} on SIGUSR1", runs[0]) and "requeueing" in runs[0]
     assert f"resuming from iteration {first} of {ITERATIONS} ({save / f'iter_{first:07d}'})" in runs[1]
     assert re.search(rf"failed with exit status \d+ .*{node}: task 1", runs[1]), runs[1][-3000:]
-    assert f"restart 2 of at most" in runs[1]
+    assert "restart 2 of at most" in runs[1]
     assert first < last and f"resuming from iteration {last} of {ITERATIONS} ({save / f'iter_{last:07d}'})" in runs[2]
     assert "Traceback" not in runs[0]  # the stop signal reaches every process of a task: none may die of it
     assert [m["iteration"] for m in _metrics(save)] == list(range(1, ITERATIONS + 1))  # every step once

@@ -12,7 +12,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 

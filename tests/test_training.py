@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from multiprocess import free_port
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 TP2_CP2 = ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2"]
@@ -23,9 +24,7 @@ def _command(ranks, mix, save, *extra):
             "--save", str(save), "--log-interval", "1", "--num-workers", "1", *extra]
     if ranks == 1:
         return [sys.executable, "-m", "megatron_mmprolong.train", *args]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
             "--master-port", str(port), "-m", "megatron_mmprolong.train", *args]
 

@@ -8,7 +8,6 @@ import pytest
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import torch
 
 from megatron_mmprolong.cli import main
 from megatron_mmprolong.eval.video.toy_data import write_counter_video, write_videomme_root
+from multiprocess import free_port
 
 # 8x6 merged patches (28 px for Qwen2.5-VL, 32 px for Qwen3-VL), so the video's 2 groups (4 s at
 # 1 fps, 2 s each, tokens_per_second 2: M-RoPE times 0 and 4) stay within its grid, where
@@ -41,9 +41,7 @@ def test_transformers_and_megatron_at_cp2_give_the_same_replies(tmp_path, family
     common = ["eval", "video", "--videomme-root", str(root), "--max-new-tokens", "12", "--max-samples", "2",
               "--frame-cache", str(tmp_path / "frames")]
     assert main([*common, "--hf-dir", str(hf), "--out", str(tmp_path / "hf-run")]) == 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
                     "-m", "megatron_mmprolong.cli", *common, "--mcore-dir", str(tmp_path / "mcore"), "--cp", "2",
                     "--tokenizer", str(hf), "--dtype", "fp32", "--out", str(tmp_path / "mcore-run")],
@@ -68,7 +66,6 @@ def test_the_video_goes_to_the_model_as_a_video_item(tmp_path):
     pixel_values_videos in the processor's layout, the grid and the seconds per group."""
     import numpy as np
 
-    from megatron_mmprolong.config import Qwen25VLConfig
     from megatron_mmprolong.data.chat import ChatTokenizer
     from megatron_mmprolong.data.images import ImageParams
     from megatron_mmprolong.data.tiny_tokenizer import write_tiny_tokenizer

@@ -19,6 +19,7 @@ from megatron_mmprolong.eval.vtcbench.toy_data import (
     SAMPLES, render_page, split_rows, stand_in_judge, write_parquet, write_toy_data_root,
 )
 from megatron_mmprolong.serving.scripted_server import Fault, ScriptedChatServer
+from multiprocess import free_port
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vtcbench_prompts.json"
 
@@ -278,7 +279,6 @@ def test_transformers_and_megatron_at_cp2_give_the_same_replies(data_root, tmp_p
     """The same pages and question through transformers and through this project's model on its
     Megatron conversion at CP2 (two torchrun ranks, rank 0 writing): the same replies."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -293,9 +293,7 @@ def test_transformers_and_megatron_at_cp2_give_the_same_replies(data_root, tmp_p
     common = ["eval", "vtcbench", "--data-root", str(data_root), "--splits", "Reasoning", "--max-samples", "1",
               "--max-new-tokens", "10", "--min-pixels", "3136"]
     assert main([*common, "--hf-dir", str(hf), "--out", str(tmp_path / "hf-run")]) == 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
                     "-m", "megatron_mmprolong.cli", *common, "--mcore-dir", str(tmp_path / "mcore"), "--cp", "2",
                     "--tokenizer", str(hf), "--dtype", "fp32", "--out", str(tmp_path / "mcore-run")],

@@ -5,7 +5,6 @@ message; build-data refuses a second build into one prefix; training refuses a s
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
