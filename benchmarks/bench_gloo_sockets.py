@@ -21,16 +21,6 @@ import tempfile
 import torch.multiprocessing as mp
 
 
-def _sockets() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-        except OSError:
-            pass
-    return count
-
-
 def _rank(rank: int, world: int, port: int, mode: str, tp: int, cp: int, out: str) -> None:
     import warnings
 
@@ -51,7 +41,7 @@ def _rank(rank: int, world: int, port: int, mode: str, tp: int, cp: int, out: st
         runtime.initialize(ParallelConfig(tensor_parallel=tp, context_parallel=cp), device_backend="fake")
     dist.barrier(group=runtime.host_group())
     with open(os.path.join(out, f"{rank}"), "w") as stream:
-        stream.write(str(_sockets()))
+        stream.write(str(runtime.open_sockets()))
     dist.barrier(group=runtime.host_group())
     runtime.shutdown()
 

@@ -133,6 +133,17 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def open_sockets() -> int:
+    """Sockets this process holds (Linux's /proc): what each gloo group's full mesh costs a rank."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
 def group_backends(use_cuda: bool, device_backend: str | None = None) -> tuple[str, str]:
     """(the default group's backend, every other group's). `device_backend` stands in for NCCL
     (tests and benchmarks on machines without it use torch's "fake" backend)."""

@@ -5,7 +5,6 @@ socket, as NCCL opens none of gloo's), so the GPU layout of groups is built and 
 world group `cpu:gloo,cuda:fake` and every Megatron group on the device backend only. Counting the
 process's sockets (/proc/self/fd) shows what a gloo half on each group cost."""
 
-import os
 import resource
 import subprocess
 import sys
@@ -19,16 +18,6 @@ from megatron_mmprolong.config import ParallelConfig
 from multiprocess import run_ranks
 
 
-def _sockets() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-        except OSError:
-            pass
-    return count
-
-
 def _groups_of_a_gpu_run(layout: dict):
     import torch
     import torch.distributed as dist
@@ -39,14 +28,14 @@ def _groups_of_a_gpu_run(layout: dict):
     world, group_backend = runtime.group_backends(True, "fake")
     dist.init_process_group(world, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
                             world_size=env.world_size)
-    world_only = _sockets()
+    world_only = runtime.open_sockets()
     runtime.initialize(ParallelConfig(**layout), device_backend="fake")
     groups = [g for g in ps._global_process_group_list if g is not None]
     backends = {str(dist.get_backend(g)) for g in groups}
     vision = str(dist.get_backend(runtime.vision_tensor_parallel_group()))
     flag = torch.tensor([dist.get_rank() + 1])
     dist.all_reduce(flag, group=runtime.host_group())  # a host tensor, on the world group's gloo half
-    return dict(world_only=world_only, after=_sockets(), groups=len(groups), backends=backends, vision=vision,
+    return dict(world_only=world_only, after=runtime.open_sockets(), groups=len(groups), backends=backends, vision=vision,
                 sum=int(flag), gloo_dp=ps._DATA_PARALLEL_GROUP_GLOO)
 
 
@@ -65,10 +54,10 @@ def _cpu_run():
     env = runtime.launch_env()
     dist.init_process_group("gloo", init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
                             world_size=env.world_size)
-    world_only = _sockets()
+    world_only = runtime.open_sockets()
     runtime.initialize(ParallelConfig(tensor_parallel=2))
     groups = [g for g in ps._global_process_group_list if g is not None]
-    return dict(world_only=world_only, after=_sockets(), backends={str(dist.get_backend(g)) for g in groups})
+    return dict(world_only=world_only, after=runtime.open_sockets(), backends={str(dist.get_backend(g)) for g in groups})
 
 
 def test_without_cuda_every_group_is_gloo_and_the_count_sees_them():
